@@ -1,0 +1,410 @@
+"""``creditgate``: serve, dev, migrate, mock-upstream, and the operator commands.
+
+Every command takes ``--json`` and then prints exactly one JSON object on
+stdout. Exit 0 on success (and on an identical idempotent replay), 1 on an
+error (``{"error": {code, message}}``), 2 on a usage error. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from creditgate import ledger, migrations
+from creditgate.config import ConfigError, Settings, load_settings
+from creditgate.errors import ApiError
+from creditgate.logs import log, setup_logging
+
+Command = Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+class CliError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
+    from creditgate.http.envelope import dumps
+
+    if args.json:
+        sys.stdout.write(dumps(result).decode() + "\n")
+    else:
+        sys.stdout.write((text if text is not None else dumps(result).decode()) + "\n")
+    sys.stdout.flush()
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as e:
+        raise CliError("CONFIG_ERROR", str(e)) from None
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    if settings.database_url is None:
+        raise CliError("CONFIG_ERROR", "DATABASE_URL is not set")
+    try:
+        return await asyncpg.connect(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise CliError("SERVICE_UNAVAILABLE", f"cannot connect to Postgres: {e}") from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    conn = await _connect(_settings())
+    try:
+        applied = await migrations.migrate(conn)
+    except migrations.MigrationError as e:
+        raise CliError("MIGRATION_ERROR", str(e)) from None
+    finally:
+        await conn.close()
+    return {"applied": applied}
+
+
+async def cmd_accounts_create(args: argparse.Namespace) -> dict[str, Any]:
+    settings = _settings()
+    kind, external_id = ("user", args.user) if args.user else ("org", args.org)
+    if args.tier not in settings.config.tiers:
+        raise CliError("VALIDATION_ERROR", f"no tier named {args.tier!r}")
+    conn = await _connect(settings)
+    try:
+        account = await ledger.ensure_account(conn, kind, external_id, args.tier)
+    finally:
+        await conn.close()
+    out = account.as_json()
+    del out["status"]
+    return out
+
+
+async def cmd_credits_grant(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        amount = ledger.credits_to_micros(args.amount)
+    except ValueError as e:
+        raise CliError("VALIDATION_ERROR", f"AMOUNT: {e}") from None
+    if amount == 0:
+        raise CliError("VALIDATION_ERROR", "AMOUNT: must not be zero")
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        posted = await ledger.post_entry(
+            conn,
+            account_id=account.id,
+            amount=amount,
+            kind="grant" if amount > 0 else "adjustment",
+            idempotency_key=f"cli:{args.idempotency_key or os.urandom(16).hex()}",
+            reason=args.reason,
+        )
+    finally:
+        await conn.close()
+    return {
+        "entryId": str(posted.entry_id),
+        "accountId": str(posted.account_id),
+        "amountMicros": posted.amount,
+        "balanceMicros": posted.balance,
+        "replayed": posted.replayed,
+    }
+
+
+async def cmd_keys_create(args: argparse.Namespace) -> dict[str, Any]:
+    from creditgate.auth import create_api_key
+
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        key = await create_api_key(conn, account.id, args.name)
+    finally:
+        await conn.close()
+    return key.as_json()
+
+
+async def cmd_balance(args: argparse.Namespace) -> dict[str, Any]:
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        bal = await ledger.get_balance(conn, account.id)
+    finally:
+        await conn.close()
+    return bal.as_json()
+
+
+async def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    conn = await _connect(_settings())
+    try:
+        report = await ledger.verify_ledger(conn)
+    finally:
+        await conn.close()
+    if not report.ok:
+        _emit(args, report.as_json())
+        raise SystemExit(1)
+    return report.as_json()
+
+
+# ---------------------------------------------------------------- servers
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from creditgate.http.app import create_app
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    _use_uvloop()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    log.info("serving", extra={"host": host, "port": port})
+    web.run_app(
+        create_app(settings),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        reuse_port=True,
+        shutdown_timeout=30,
+    )
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from creditgate.proxy.mock_upstream import create_mock_app
+
+    setup_logging("warning")
+    _use_uvloop()
+    app = create_mock_app(
+        chunks=args.chunks, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms
+    )
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from creditgate.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    setup_logging(os.environ.get("LOG_LEVEL", "info"))
+    data_dir = Path(args.data_dir).resolve()
+    env = dict(os.environ)
+    stops: list[Callable[[], None]] = []
+    try:
+        if not env.get("DATABASE_URL"):
+            pg = EmbeddedPostgres(data_dir)
+            stops.append(pg.stop)
+            env["DATABASE_URL"] = pg.url
+        if not env.get("REDIS_URL"):
+            rd = EmbeddedRedis(data_dir)
+            stops.append(rd.stop)
+            env["REDIS_URL"] = rd.url
+        _use_uvloop()
+        return asyncio.run(_dev(args, env))
+    finally:
+        for stop in reversed(stops):
+            stop()
+
+
+async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from aiohttp import web
+
+    from creditgate.auth import create_api_key
+    from creditgate.http.app import create_app
+    from creditgate.proxy.mock_upstream import create_mock_app
+
+    runners: list[web.AppRunner] = []
+    try:
+        if not env.get("UPSTREAM_BASE_URL"):
+            mock = web.AppRunner(create_mock_app(), access_log=None)
+            await mock.setup()
+            runners.append(mock)
+            site = web.TCPSite(mock, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
+        try:
+            settings = load_settings(env)
+        except ConfigError as e:
+            raise CliError("CONFIG_ERROR", str(e)) from None
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await migrations.migrate(conn)
+            account = await ledger.ensure_account(conn, "user", "user_demo")
+            await ledger.post_entry(
+                conn,
+                account_id=account.id,
+                amount=100 * ledger.money.MICROS_PER_CREDIT,
+                kind="grant",
+                idempotency_key="dev:demo-grant",
+                reason="creditgate dev demo credits",
+            )
+            # One live demo key at a time: revoke the previous runs' keys.
+            await conn.execute(
+                "UPDATE api_keys SET revoked_at = now()"
+                " WHERE account_id = $1 AND name = 'dev' AND revoked_at IS NULL",
+                account.id,
+            )
+            key = await create_api_key(conn, account.id, "dev")
+        finally:
+            await conn.close()
+
+        app = web.AppRunner(create_app(settings), access_log=None)
+        await app.setup()
+        runners.append(app)
+        await web.TCPSite(app, args.host, args.port).start()
+        url = f"http://{args.host}:{args.port}"
+        info: dict[str, str] = {
+            "url": url,
+            "apiKey": key.key,
+            "accountId": str(account.id),
+            "databaseUrl": env["DATABASE_URL"],
+            "redisUrl": env["REDIS_URL"],
+            "upstreamBaseUrl": env["UPSTREAM_BASE_URL"],
+        }
+        _emit(args, info, _dev_banner(info))
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        return 0
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def _dev_banner(info: dict[str, str]) -> str:
+    return f"""
+creditgate dev is running at {info["url"]}  (Ctrl-C stops it)
+
+  demo account  {info["accountId"]}  (100 credits)
+  API key       {info["apiKey"]}
+
+  curl {info["url"]}/v1/chat/completions \\
+    -H "Authorization: Bearer {info["apiKey"]}" -H "Content-Type: application/json" \\
+    -d '{{"model": "mock-model", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  curl {info["url"]}/api/user/balance -H "Authorization: Bearer {info["apiKey"]}"
+
+For the operator commands in another shell:
+  export DATABASE_URL='{info["databaseUrl"]}'
+  export REDIS_URL='{info["redisUrl"]}'
+"""
+
+
+def _use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="creditgate", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the server (production)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(server=cmd_serve)
+
+    s = sub.add_parser(
+        "dev",
+        parents=[common],
+        help="run everything on this machine: embedded Postgres and Redis, a mock upstream",
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--data-dir", default=".creditgate-dev", help="where embedded data lives")
+    s.set_defaults(server=cmd_dev)
+
+    s = sub.add_parser(
+        "mock-upstream",
+        parents=[common],
+        help="a mock OpenAI-compatible upstream (a dev/test tool, not a provider)",
+        description=(
+            "A mock OpenAI-compatible upstream for development, tests and benchmarks. "
+            "It is not a model provider: it answers deterministic text."
+        ),
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8081)
+    s.add_argument("--chunks", type=int, default=5, help="completion tokens (stream chunks)")
+    s.add_argument("--latency-ms", type=int, default=0, help="delay before the first byte")
+    s.add_argument("--chunk-delay-ms", type=int, default=0, help="delay between chunks")
+    s.set_defaults(server=cmd_mock_upstream)
+
+    s = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
+    s.set_defaults(run=cmd_migrate)
+
+    accounts = sub.add_parser("accounts", help="accounts").add_subparsers(dest="sub", required=True)
+    s = accounts.add_parser("create", parents=[common], help="create (or find) an account")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="Clerk user id")
+    who.add_argument("--org", help="Clerk organization id")
+    s.add_argument("--tier", default="free")
+    s.set_defaults(run=cmd_accounts_create)
+
+    credits = sub.add_parser("credits", help="credits").add_subparsers(dest="sub", required=True)
+    s = credits.add_parser("grant", parents=[common], help="grant (or, negative, adjust) credits")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("amount", help="credits, decimals allowed; negative adjusts down")
+    s.add_argument("--reason", required=True)
+    s.add_argument("--idempotency-key", help="repeat it to make the grant exactly once")
+    s.set_defaults(run=cmd_credits_grant)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    s = keys.add_parser("create", parents=[common], help="create an API key (shown once)")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("--name", default="")
+    s.set_defaults(run=cmd_keys_create)
+
+    s = sub.add_parser("balance", parents=[common], help="an account's balance")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.set_defaults(run=cmd_balance)
+
+    s = sub.add_parser(
+        "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
+    )
+    s.set_defaults(run=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``creditgate`` command."""
+    # argparse reads "-5" as a positional (a negative AMOUNT), not as an option.
+    args = _parser().parse_args(argv)
+    if hasattr(args, "server"):
+        try:
+            return int(args.server(args))
+        except CliError as e:
+            _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
+            return 1
+    setup_logging(os.environ.get("LOG_LEVEL", "warning"))
+    try:
+        result = asyncio.run(args.run(args))
+    except CliError as e:
+        _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
+        return 1
+    except ApiError as e:
+        _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
+        return 1
+    _emit(args, result)
+    return 0

@@ -1,0 +1,342 @@
+"""Settings from the environment and one TOML file (DESIGN.md §8).
+
+Secrets and addresses come from environment variables; models, prices, tiers
+and products from the TOML file named by ``CREDITGATE_CONFIG``. Every problem
+is reported at start as a ``ConfigError`` naming the field, never later as a
+500.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+# Prices are kept as integers of 10⁻⁹ µc per token so cost arithmetic is exact.
+PRICE_SCALE = 10**9
+DEFAULT_TIER = "free"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    base_url: str
+    api_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    upstream: Upstream
+    model: str  # the name the upstream knows the model by
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    input_price: int  # 10⁻⁹ µc per input token (credits per 1M tokens × 10⁹)
+    output_price: int  # 10⁻⁹ µc per output token
+    max_output_tokens: int
+    deployments: tuple[Deployment, ...]
+    timeouts: Timeouts
+    input_price_text: str  # as written in the config, for /v1/models
+    output_price_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_parallel: int
+    messages_per_day: int
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    id: str
+    kind: str  # "pack" | "subscription"
+    credits_micros: int
+    tier: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """What the TOML file describes: upstreams, models, tiers, products."""
+
+    models: Mapping[str, Model]
+    tiers: Mapping[str, Tier]
+    products: Mapping[str, Product] = field(default_factory=dict)
+    estimate_bytes_per_token: int = 3
+    hold_ttl_seconds: int = 900
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a creditgate process needs, read once at start."""
+
+    config: Config
+    database_url: str | None
+    redis_url: str | None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: str | None = None
+    metrics_token: str | None = None
+    log_level: str = "info"
+    clerk_jwks_url: str | None = None
+    clerk_issuer: str | None = None
+    clerk_authorized_parties: tuple[str, ...] = ()
+    clerk_webhook_secret: str | None = None
+    polar_access_token: str | None = None
+    polar_environment: str = "sandbox"
+    polar_base_url: str | None = None
+    polar_webhook_secret: str | None = None
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__}")
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if not d.is_finite() or d < 0:
+        raise ConfigError(f"{where}: must be a finite number ≥ 0, got {value}")
+    return d
+
+
+def _price(value: Any, where: str) -> int:
+    scaled = _decimal(value, where) * PRICE_SCALE
+    if scaled != scaled.to_integral_value():
+        raise ConfigError(f"{where}: at most 9 decimal places, got {value}")
+    return int(scaled)
+
+
+def _int(value: Any, where: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}: must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _seconds(value: Any, where: str) -> float:
+    d = _decimal(value, where)
+    if d <= 0:
+        raise ConfigError(f"{where}: must be > 0 seconds, got {value}")
+    return float(d)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (allowed: {sorted(allowed)})")
+
+
+def _url(value: Any, where: str) -> str:
+    url = _str(value, where)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: must be an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
+    """Validate a parsed TOML document (floats as Decimal) into a Config."""
+    _check_keys(
+        raw,
+        {"upstreams", "models", "tiers", "products", "ledger", "proxy", "http"},
+        "config",
+    )
+    upstreams: dict[str, Upstream] = {}
+    for name, up in _table(raw.get("upstreams", {}), "upstreams").items():
+        where = f"upstreams.{name}"
+        up = _table(up, where)
+        _check_keys(up, {"base_url", "api_key_env"}, where)
+        base_url = up.get("base_url")
+        if name == "main" and env.get("UPSTREAM_BASE_URL"):
+            base_url = env["UPSTREAM_BASE_URL"]  # the documented override
+        key_env = up.get("api_key_env")
+        api_key = env.get(_str(key_env, f"{where}.api_key_env")) if key_env else None
+        upstreams[name] = Upstream(name, _url(base_url, f"{where}.base_url"), api_key)
+
+    models: dict[str, Model] = {}
+    for name, m in _table(raw.get("models", {}), "models").items():
+        where = f"models.{name}"
+        m = _table(m, where)
+        _check_keys(
+            m,
+            {"input_price", "output_price", "max_output_tokens", "deployments", "timeouts"},
+            where,
+        )
+        for required in ("input_price", "output_price", "max_output_tokens", "deployments"):
+            if required not in m:
+                raise ConfigError(f"{where}.{required}: missing")
+        deployments = []
+        if not isinstance(m["deployments"], list) or not m["deployments"]:
+            raise ConfigError(f"{where}.deployments: expected a non-empty list")
+        for i, d in enumerate(m["deployments"]):
+            dwhere = f"{where}.deployments[{i}]"
+            d = _table(d, dwhere)
+            _check_keys(d, {"upstream", "model"}, dwhere)
+            up_name = _str(d.get("upstream"), f"{dwhere}.upstream")
+            if up_name not in upstreams:
+                raise ConfigError(f"{dwhere}.upstream: no upstream named {up_name!r}")
+            deployments.append(
+                Deployment(upstreams[up_name], _str(d.get("model"), f"{dwhere}.model"))
+            )
+        t = _table(m.get("timeouts", {}), f"{where}.timeouts")
+        _check_keys(t, {"connect", "first_byte", "idle", "total"}, f"{where}.timeouts")
+        timeouts = Timeouts(**{k: _seconds(v, f"{where}.timeouts.{k}") for k, v in t.items()})
+        models[name] = Model(
+            name=name,
+            input_price=_price(m["input_price"], f"{where}.input_price"),
+            output_price=_price(m["output_price"], f"{where}.output_price"),
+            max_output_tokens=_int(m["max_output_tokens"], f"{where}.max_output_tokens", minimum=1),
+            deployments=tuple(deployments),
+            timeouts=timeouts,
+            input_price_text=str(m["input_price"]),
+            output_price_text=str(m["output_price"]),
+        )
+    if not models:
+        raise ConfigError("models: at least one model is required")
+
+    tiers: dict[str, Tier] = {}
+    tier_fields = ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day")
+    for name, t in _table(raw.get("tiers", {}), "tiers").items():
+        where = f"tiers.{name}"
+        t = _table(t, where)
+        _check_keys(t, set(tier_fields), where)
+        for f in tier_fields:
+            if f not in t:
+                raise ConfigError(f"{where}.{f}: missing")
+        tiers[name] = Tier(name, *(_int(t[f], f"{where}.{f}", minimum=1) for f in tier_fields))
+    if DEFAULT_TIER not in tiers:
+        raise ConfigError(f"tiers.{DEFAULT_TIER}: the default tier must be defined")
+
+    products: dict[str, Product] = {}
+    for pid, p in _table(raw.get("products", {}), "products").items():
+        where = f"products.{pid}"
+        p = _table(p, where)
+        _check_keys(p, {"kind", "credits", "tier"}, where)
+        kind = _str(p.get("kind"), f"{where}.kind")
+        if kind not in ("pack", "subscription"):
+            raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {kind!r}")
+        micros = _decimal(p.get("credits", 0), f"{where}.credits") * 1_000_000
+        if micros != micros.to_integral_value():
+            raise ConfigError(f"{where}.credits: at most 6 decimal places")
+        tier = p.get("tier")
+        if tier is not None and tier not in tiers:
+            raise ConfigError(f"{where}.tier: no tier named {tier!r}")
+        products[pid] = Product(pid, kind, int(micros), tier)
+
+    ledger = _table(raw.get("ledger", {}), "ledger")
+    _check_keys(ledger, {"hold_ttl_seconds"}, "ledger")
+    proxy = _table(raw.get("proxy", {}), "proxy")
+    _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
+    http = _table(raw.get("http", {}), "http")
+    _check_keys(http, {"max_body_bytes"}, "http")
+    config = Config(
+        models=models,
+        tiers=tiers,
+        products=products,
+        estimate_bytes_per_token=_int(
+            proxy.get("estimate_bytes_per_token", 3), "proxy.estimate_bytes_per_token", minimum=1
+        ),
+        hold_ttl_seconds=_int(
+            ledger.get("hold_ttl_seconds", 900), "ledger.hold_ttl_seconds", minimum=10
+        ),
+        max_body_bytes=_int(
+            http.get("max_body_bytes", 1024 * 1024), "http.max_body_bytes", minimum=1
+        ),
+    )
+    longest = max(m.timeouts.total for m in models.values())
+    if config.hold_ttl_seconds <= longest:
+        # A hold must outlive the longest call, or a live stream could lose its
+        # reservation to the sweeper.
+        raise ConfigError(
+            f"ledger.hold_ttl_seconds: must exceed the longest model timeouts.total ({longest}s)"
+        )
+    return config
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
+    """Read the TOML file at ``path`` (or the built-in dev config when None)."""
+    try:
+        if path is None:
+            text = resources.files("creditgate").joinpath("dev.toml").read_text("utf-8")
+        else:
+            text = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(f"CREDITGATE_CONFIG: cannot read {path}: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            f"CREDITGATE_CONFIG: {path or 'dev.toml'} is not valid TOML: {e}"
+        ) from None
+    return parse_config(raw, env)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from the environment (``os.environ`` by default)."""
+    env = os.environ if env is None else env
+    port_text = env.get("CREDITGATE_PORT", "8080")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"CREDITGATE_PORT: expected a port number, got {port_text!r}")
+    polar_env = env.get("POLAR_ENVIRONMENT", "sandbox")
+    if polar_env not in ("sandbox", "production"):
+        raise ConfigError(f"POLAR_ENVIRONMENT: 'sandbox' or 'production', got {polar_env!r}")
+    log_level = env.get("LOG_LEVEL", "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"LOG_LEVEL: debug, info, warning or error, got {log_level!r}")
+    parties = tuple(p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p)
+    return Settings(
+        config=load_config(env.get("CREDITGATE_CONFIG") or None, env),
+        database_url=env.get("DATABASE_URL") or None,
+        redis_url=env.get("REDIS_URL") or None,
+        host=env.get("CREDITGATE_HOST", "127.0.0.1"),
+        port=int(port_text),
+        admin_token=env.get("ADMIN_TOKEN") or None,
+        metrics_token=env.get("METRICS_TOKEN") or None,
+        log_level=log_level,
+        clerk_jwks_url=env.get("CLERK_JWKS_URL") or None,
+        clerk_issuer=env.get("CLERK_ISSUER") or None,
+        clerk_authorized_parties=parties,
+        clerk_webhook_secret=env.get("CLERK_WEBHOOK_SECRET") or None,
+        polar_access_token=env.get("POLAR_ACCESS_TOKEN") or None,
+        polar_environment=polar_env,
+        polar_base_url=env.get("POLAR_BASE_URL") or None,
+        polar_webhook_secret=env.get("POLAR_WEBHOOK_SECRET") or None,
+    )

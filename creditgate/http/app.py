@@ -1,0 +1,104 @@
+"""The app factory: routes, middleware, and the resources a process shares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from creditgate import ledger, migrations
+from creditgate.auth import ApiKeyAuth
+from creditgate.config import Settings
+from creditgate.http import health, user
+from creditgate.http.metrics import HOLDS_EXPIRED, metrics_route
+from creditgate.http.middlewares import add_id_headers, envelope_middleware
+from creditgate.http.state import STATE, State
+from creditgate.logs import log
+from creditgate.proxy import routes as proxy
+from creditgate.proxy.upstream import UpstreamClient
+from creditgate.throttle import Throttle
+
+
+def create_app(settings: Settings) -> web.Application:
+    """A creditgate app for ``settings``; its resources open when it starts."""
+    app = web.Application(
+        client_max_size=settings.config.max_body_bytes,
+        middlewares=[envelope_middleware],
+    )
+    app[STATE] = State(settings)
+    app.on_response_prepare.append(add_id_headers)
+    app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_hold_sweeper)
+    r = app.router
+    r.add_post("/v1/chat/completions", proxy.chat_completions)
+    r.add_post("/api/chat", proxy.chat_completions)
+    r.add_get("/v1/models", proxy.list_models)
+    r.add_get("/api/user/balance", user.balance)
+    r.add_get("/health", health.health)
+    r.add_get("/ready", health.ready)
+    r.add_get("/metrics", metrics_route)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    st = app[STATE]
+    s = st.settings
+    if s.database_url is None or s.redis_url is None:
+        raise RuntimeError("DATABASE_URL and REDIS_URL are required (or use `creditgate dev`)")
+    st.db = await asyncpg.create_pool(
+        s.database_url,
+        min_size=1,
+        max_size=20,
+        server_settings={"application_name": "creditgate"},
+    )
+    async with st.db.acquire() as conn:
+        # Refuses to start on an edited applied migration; pending ones only
+        # make /ready answer 503 until `creditgate migrate` has run.
+        todo = await migrations.pending(conn)
+    if todo:
+        log.warning("migrations pending; run `creditgate migrate`", extra={"pending": todo})
+    st.redis = aioredis.from_url(s.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        skip_auto_headers=("User-Agent",),
+    )
+    st.upstream = UpstreamClient(session)
+    st.throttle = Throttle(st.redis, lease_ttl_ms=s.config.hold_ttl_seconds * 1000)
+    st.keys = ApiKeyAuth(st.db)
+    try:
+        yield
+    finally:
+        await session.close()
+        await st.redis.aclose()
+        await st.db.close()
+
+
+async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Release holds a crashed process left behind, in every process, safely."""
+    st = app[STATE]
+    interval = max(1.0, min(30.0, st.settings.config.hold_ttl_seconds / 10))
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                expired = await ledger.sweep_expired_holds(st.db)
+            except Exception:
+                log.warning("hold sweep failed", exc_info=True)
+                continue
+            if expired:
+                HOLDS_EXPIRED.inc(expired)
+                log.info("expired holds released", extra={"count": expired})
+
+    task = asyncio.create_task(sweep_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

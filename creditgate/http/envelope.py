@@ -1,0 +1,79 @@
+"""JSON bodies: the ``{data, correlationId}`` envelope and the error envelope."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from creditgate.errors import ApiError, ValidationError
+from creditgate.http.ids import CORRELATION_ID
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # Credits are exact decimals; emit their text, never a rounded float.
+        return orjson.Fragment(str(value).encode())
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise to JSON bytes (Decimals exactly)."""
+    return orjson.dumps(value, default=_default)
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response of ``body`` as is (the OpenAI-compatible routes)."""
+    return web.Response(
+        body=dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def data_response(request: web.Request, data: Any, *, status: int = 200) -> web.Response:
+    """``{"data": …, "correlationId": …}`` (creditgate's own JSON routes)."""
+    return json_response({"data": data, "correlationId": request[CORRELATION_ID]}, status=status)
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    """``{"error": {code, message, type, details?}, "correlationId": …}``."""
+    return json_response(
+        {"error": err.body(), "correlationId": request.get(CORRELATION_ID)},
+        status=err.status,
+        headers=err.headers,
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body parsed as JSON; ValidationError (400) if it is not.
+
+    Reading honours the app's body limit on bytes actually read, so a chunked
+    body without Content-Length is refused just the same (413).
+    """
+    raw = await request.read()
+    if not raw:
+        raise ValidationError(
+            "The request body is empty; send a JSON object.",
+            details=[{"path": "", "message": "body is required"}],
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ValidationError(
+            "The request body is not valid JSON.",
+            details=[{"path": "", "message": str(e)}],
+        ) from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (400 for any other JSON value)."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ValidationError(
+            "The request body must be a JSON object.",
+            details=[{"path": "", "message": f"expected an object, got {type(body).__name__}"}],
+        )
+    return body

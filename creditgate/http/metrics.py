@@ -1,0 +1,100 @@
+"""Prometheus metrics: the catalogue, and the ``/metrics`` route.
+
+Names are prefixed ``creditgate_``; labels are bounded (route templates,
+models from config, outcomes) — never a user, key or account id.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from creditgate.errors import Unauthorized
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+
+HTTP_REQUESTS = Counter(
+    "creditgate_http_requests_total",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "creditgate_http_request_duration_seconds",
+    "Time from request to the last byte of the response.",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_REQUESTS = Counter(
+    "creditgate_upstream_requests_total",
+    "Upstream calls by model, deployment and outcome.",
+    ["model", "deployment", "outcome"],
+)
+UPSTREAM_FIRST_BYTE = Histogram(
+    "creditgate_upstream_first_byte_seconds",
+    "Time to the upstream's response headers (time to first token for streams).",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter(
+    "creditgate_tokens_total",
+    "Tokens charged, by model and direction (input/output).",
+    ["model", "direction"],
+)
+CREDITS_CHARGED = Counter(
+    "creditgate_credits_charged_micros_total",
+    "Micro-credits debited for completions, by model.",
+    ["model"],
+)
+THROTTLE_DECISIONS = Counter(
+    "creditgate_throttle_decisions_total",
+    "Throttle decisions by the limit that decided and the result.",
+    ["limit", "result"],
+)
+HOLDS_EXPIRED = Counter(
+    "creditgate_holds_expired_total",
+    "Holds released by the sweeper after their expiry (a process died mid-call).",
+)
+LEDGER_LATENCY = Histogram(
+    "creditgate_ledger_operation_seconds",
+    "Ledger statement latency by operation.",
+    ["operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+REDIS_DEGRADED = Gauge(
+    "creditgate_throttle_degraded",
+    "1 while Redis is unreachable and the throttle runs on its fallback policy.",
+)
+
+
+async def metrics_route(request: web.Request) -> web.Response:
+    """Prometheus exposition; requires ``METRICS_TOKEN`` as a bearer token when set."""
+    from creditgate.http.state import STATE
+
+    token = request.app[STATE].settings.metrics_token
+    if token is not None:
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(supplied.encode(), token.encode()):
+            raise Unauthorized("The metrics endpoint requires its bearer token.")
+    resp = web.Response(body=generate_latest())
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp

@@ -1,0 +1,117 @@
+"""The middleware every request passes: ids, the error envelope, metrics, the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+
+from creditgate.errors import (
+    ApiError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from creditgate.http.envelope import error_response
+from creditgate.http.ids import (
+    ACCOUNT_ID,
+    CORRELATION_ID,
+    REQUEST_ID,
+    RESPONSE_STARTED,
+    pick_id,
+)
+from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from creditgate.logs import log
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The database (or Redis) is unreachable: 503, not 500.
+UNAVAILABLE = (
+    OSError,  # includes ConnectionRefusedError and TimeoutError
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+)
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _as_api_error(request: web.Request, exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        from creditgate.http.state import STATE
+
+        limit = request.app[STATE].settings.config.max_body_bytes
+        return PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"No route {request.method} {request.path}.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(
+            f"{request.method} is not allowed here; use {allowed}.", headers={"Allow": allowed}
+        )
+    if isinstance(exc, UNAVAILABLE):
+        return ServiceUnavailable("A backing service is unavailable; retry shortly.")
+    return InternalError("Internal server error.")
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Ids in, ids out; every error as the envelope; one metric and log line per request."""
+    request[REQUEST_ID] = pick_id(request.headers.get("x-request-id"))
+    request[CORRELATION_ID] = pick_id(
+        request.headers.get("x-correlation-id") or request.headers.get("x-request-id")
+    )
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise  # redirects and the like are not errors
+        err = _as_api_error(request, exc)
+        if err.status >= 500 and not isinstance(exc, ApiError):
+            log.error(
+                "unhandled error" if isinstance(err, InternalError) else "backing service error",
+                exc_info=exc,
+                extra={"request_id": request[REQUEST_ID], "route": _route(request)},
+            )
+        if request.get(RESPONSE_STARTED):
+            raise  # a stream already under way cannot become an error response
+        response = error_response(request, err)
+    route = _route(request)
+    elapsed = time.perf_counter() - started
+    HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+    HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+    log.info(
+        "request",
+        extra={
+            "request_id": request[REQUEST_ID],
+            "correlation_id": request[CORRELATION_ID],
+            "account_id": str(request[ACCOUNT_ID]) if ACCOUNT_ID in request else None,
+            "route": route,
+            "method": request.method,
+            "status": response.status,
+            "duration_ms": round(elapsed * 1000, 3),
+        },
+    )
+    return response
+
+
+async def add_id_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams included, carries both ids."""
+    request[RESPONSE_STARTED] = True
+    if REQUEST_ID in request:
+        response.headers["x-request-id"] = request[REQUEST_ID]
+        response.headers["x-correlation-id"] = request[CORRELATION_ID]

@@ -1,0 +1,28 @@
+"""What a running app holds: settings and the shared clients, made at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from creditgate.auth import ApiKeyAuth
+from creditgate.config import Settings
+from creditgate.proxy.upstream import UpstreamClient
+from creditgate.throttle import Throttle
+
+
+@dataclass(slots=True)
+class State:
+    settings: Settings
+    # Made in the app's startup (http.app._resources):
+    db: asyncpg.Pool = field(init=False)
+    redis: aioredis.Redis = field(init=False)
+    throttle: Throttle = field(init=False)
+    upstream: UpstreamClient = field(init=False)
+    keys: ApiKeyAuth = field(init=False)
+
+
+STATE = web.AppKey("creditgate", State)

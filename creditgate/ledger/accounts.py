@@ -1,0 +1,86 @@
+"""Accounts: one per Clerk user or organization, each with one balance row."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from creditgate.errors import NotFound, ValidationError
+from creditgate.ledger.db import Db
+
+KINDS = ("user", "org")
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: uuid.UUID
+    kind: str
+    external_id: str
+    tier: str
+    status: str
+
+    def as_json(self) -> dict[str, str]:
+        return {
+            "id": str(self.id),
+            "kind": self.kind,
+            "externalId": self.external_id,
+            "tier": self.tier,
+            "status": self.status,
+        }
+
+
+async def ensure_account(db: Db, kind: str, external_id: str, tier: str = "free") -> Account:
+    """The account of this Clerk user/org, created (with its balance row) if new.
+
+    Safe under concurrency: two first requests of a new account create one.
+    """
+    assert kind in KINDS, kind
+    row = await db.fetchrow(
+        """
+        INSERT INTO accounts (id, kind, external_id, tier) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (kind, external_id) DO NOTHING
+        RETURNING id, kind, external_id, tier, status
+        """,
+        uuid.uuid4(),
+        kind,
+        external_id,
+        tier,
+    )
+    if row is None:
+        row = await db.fetchrow(
+            "SELECT id, kind, external_id, tier, status FROM accounts"
+            " WHERE kind = $1 AND external_id = $2",
+            kind,
+            external_id,
+        )
+    assert row is not None
+    return Account(**dict(row))
+
+
+async def get_account(db: Db, account_id: uuid.UUID) -> Account | None:
+    """The account with this id, or None."""
+    row = await db.fetchrow(
+        "SELECT id, kind, external_id, tier, status FROM accounts WHERE id = $1", account_id
+    )
+    return Account(**dict(row)) if row else None
+
+
+async def resolve_account(db: Db, ref: str) -> Account:
+    """The account named by its id or by its Clerk user/org id; NotFound otherwise."""
+    try:
+        account_id = uuid.UUID(ref)
+    except ValueError:
+        rows = await db.fetch(
+            "SELECT id, kind, external_id, tier, status FROM accounts WHERE external_id = $1", ref
+        )
+        if len(rows) > 1:
+            raise ValidationError(
+                f"{ref!r} names both a user and an org account; use the account id"
+            ) from None
+        if rows:
+            return Account(**dict(rows[0]))
+    else:
+        account = await get_account(db, account_id)
+        if account is not None:
+            return account
+    raise NotFound(f"no account {ref!r}")

@@ -1,0 +1,66 @@
+"""Reading an account's money: balance, reservations, credits granted."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from creditgate.errors import NotFound
+from creditgate.ledger.db import Db
+from creditgate.ledger.money import micros_to_credits
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account_id: uuid.UUID
+    balance: int
+    reserved: int
+    overdraft_limit: int
+    credit_limit: int  # credits granted (all time until subscriptions define a period)
+    tier: str
+    plan: str | None
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+    def as_json(self) -> dict[str, object]:
+        """The balance object of DESIGN.md §9."""
+        out: dict[str, object] = {"accountId": str(self.account_id)}
+        for name, micros in (
+            ("balance", self.balance),
+            ("reserved", self.reserved),
+            ("available", self.available),
+            ("creditLimit", self.credit_limit),
+        ):
+            out[name] = micros_to_credits(micros)
+            out[f"{name}Micros"] = micros
+        out["tier"] = self.tier
+        out["plan"] = self.plan
+        return out
+
+
+async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
+    """The account's balance row and credits granted; NotFound if no account."""
+    row = await db.fetchrow(
+        """
+        SELECT b.balance, b.reserved, b.overdraft_limit, a.tier,
+               (SELECT COALESCE(SUM(e.amount), 0)::bigint FROM ledger_entries e
+                WHERE e.account_id = b.account_id AND e.kind IN ('grant', 'reversal'))
+                   AS credit_limit
+        FROM account_balances b JOIN accounts a ON a.id = b.account_id
+        WHERE b.account_id = $1
+        """,
+        account_id,
+    )
+    if row is None:
+        raise NotFound("no such account")
+    return Balance(
+        account_id,
+        row["balance"],
+        row["reserved"],
+        row["overdraft_limit"],
+        max(0, row["credit_limit"]),
+        row["tier"],
+        None,
+    )

@@ -1,0 +1,261 @@
+"""Holds: the two-phase reservation of one call's worst-case cost.
+
+``reserve_hold`` → ``settle_hold(actual cost)`` or ``release_hold``. A hold ends
+exactly once; the database refuses a second end (trigger) and a second debit
+(unique ``hold_id``). Each function is one SQL statement, so it commits or
+does nothing, and takes the account's balance row lock for the shortest time.
+
+Invariants (checked by ``verify``):
+  * ``reserved`` = SUM(amount of live holds) of the account;
+  * a settled hold has exactly one debit entry, a released one none;
+  * ``balance - reserved >= -overdraft_limit`` (CHECK on the row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from creditgate.errors import Conflict, InsufficientCredits, NotFound
+from creditgate.ledger.db import Db
+from creditgate.ledger.money import micros_to_credits
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: uuid.UUID
+    account_id: uuid.UUID
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a call consumed, as the proxy measured it."""
+
+    input_tokens: int
+    output_tokens: int
+    cost: int  # µc, from proxy.pricing
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    entry_id: uuid.UUID
+    debited: int  # µc actually taken (≤ cost: the overdraft limit caps it)
+    uncollected: int  # cost - debited
+    replayed: bool  # True when the hold had already been settled
+
+
+_RESERVE = """
+WITH b AS (
+    UPDATE account_balances
+    SET reserved = reserved + $3, updated_at = now()
+    WHERE account_id = $2 AND balance - reserved - $3 >= -overdraft_limit
+    RETURNING account_id
+)
+INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
+SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second'
+FROM b
+RETURNING id
+"""
+
+
+async def reserve_hold(
+    db: Db,
+    *,
+    hold_id: uuid.UUID,
+    account_id: uuid.UUID,
+    amount: int,
+    ttl_seconds: int,
+    request_id: str | None = None,
+    model: str | None = None,
+) -> Hold:
+    """Reserve ``amount`` µc of the account's available credits.
+
+    Raises InsufficientCredits (402) when ``amount`` does not fit the available
+    balance plus the overdraft limit. ``hold_id`` is the idempotency key: a
+    repeat returns the existing hold and reserves nothing more.
+    """
+    assert amount >= 0, amount
+    try:
+        got = await db.fetchval(
+            _RESERVE, hold_id, account_id, amount, request_id, model, ttl_seconds
+        )
+    except asyncpg.UniqueViolationError:
+        got = None  # a repeat of this hold id: fall through to the lookup
+    if got is not None:
+        return Hold(hold_id, account_id, amount)
+    row = await db.fetchrow("SELECT account_id, amount FROM holds WHERE id = $1", hold_id)
+    if row is not None:
+        if (row["account_id"], row["amount"]) != (account_id, amount):
+            raise Conflict("hold id reused with a different reservation")
+        return Hold(hold_id, account_id, amount)
+    bal = await db.fetchrow(
+        "SELECT balance - reserved AS available, overdraft_limit FROM account_balances"
+        " WHERE account_id = $1",
+        account_id,
+    )
+    if bal is None:
+        raise NotFound("no such account")
+    raise InsufficientCredits(
+        "Insufficient credits: this request may cost up to "
+        f"{micros_to_credits(amount)} credits, {micros_to_credits(bal['available'])} available.",
+        details={
+            "requiredMicros": amount,
+            "availableMicros": bal["available"],
+            "overdraftLimitMicros": bal["overdraft_limit"],
+        },
+    )
+
+
+def _settle_fingerprint(usage: Usage) -> bytes:
+    text = f"settle|{usage.cost}|{usage.input_tokens}|{usage.output_tokens}|{usage.estimated}"
+    return hashlib.sha256(text.encode()).digest()
+
+
+# End the hold, debit the actual cost (capped so available stays within the
+# overdraft limit), release the rest of the reservation — in one statement.
+# The FOR UPDATE read of the balance row makes the cap and the update see the
+# same row version.
+_SETTLE = """
+WITH h AS (
+    UPDATE holds SET outcome = 'settled', ended_at = now()
+    WHERE id = $1 AND ended_at IS NULL
+    RETURNING account_id, amount, request_id, model
+),
+b AS (
+    SELECT a.account_id, h.amount AS held,
+           LEAST($2::bigint, a.balance - a.reserved + h.amount + a.overdraft_limit) AS debit
+    FROM account_balances a JOIN h ON a.account_id = h.account_id
+    FOR UPDATE OF a
+),
+e AS (
+    INSERT INTO ledger_entries
+        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
+         input_tokens, output_tokens, estimated, uncollected)
+    SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
+           h.model, $5, $6, $7, $2 - b.debit
+    FROM b, h
+    RETURNING account_id, amount
+)
+UPDATE account_balances a
+SET balance = a.balance + e.amount, reserved = a.reserved - b.held, updated_at = now()
+FROM e, b
+WHERE a.account_id = e.account_id
+RETURNING -e.amount AS debited
+"""
+
+# A hold the sweeper expired while its call was still running: the call's
+# usage is real, so it is debited anyway (nothing is reserved any more).
+_LATE_DEBIT = """
+WITH h AS (
+    SELECT account_id, request_id, model FROM holds WHERE id = $1 AND outcome = 'expired'
+),
+b AS (
+    SELECT a.account_id,
+           GREATEST(0, LEAST($2::bigint, a.balance - a.reserved + a.overdraft_limit)) AS debit
+    FROM account_balances a JOIN h ON a.account_id = h.account_id
+    FOR UPDATE OF a
+),
+e AS (
+    INSERT INTO ledger_entries
+        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
+         input_tokens, output_tokens, estimated, uncollected, reason)
+    SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
+           h.model, $5, $6, $7, $2 - b.debit, 'settled after hold expiry'
+    FROM b, h
+    RETURNING account_id, amount
+)
+UPDATE account_balances a
+SET balance = a.balance + e.amount, updated_at = now()
+FROM e
+WHERE a.account_id = e.account_id
+RETURNING -e.amount AS debited
+"""
+
+
+async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
+    """Debit the actual cost of a held call and release the rest of its hold.
+
+    Exactly once: a repeat returns the first settlement and writes nothing.
+    Settling a released hold raises Conflict. A cost above the hold is still
+    debited, as far as the overdraft limit allows; the rest is recorded as
+    ``uncollected`` on the entry.
+    """
+    assert usage.cost >= 0 and usage.input_tokens >= 0 and usage.output_tokens >= 0, usage
+    fingerprint = _settle_fingerprint(usage)
+    entry_id = uuid.uuid4()
+    args = (
+        hold_id,
+        usage.cost,
+        entry_id,
+        fingerprint,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.estimated,
+    )
+    debited = await db.fetchval(_SETTLE, *args)
+    if debited is not None:
+        return Settlement(entry_id, debited, usage.cost - debited, replayed=False)
+
+    for _ in range(2):
+        row = await db.fetchrow(
+            """
+            SELECT h.outcome, e.id, e.amount, e.uncollected
+            FROM holds h LEFT JOIN ledger_entries e ON e.hold_id = h.id
+            WHERE h.id = $1
+            """,
+            hold_id,
+        )
+        if row is None:
+            raise NotFound("no such hold")
+        if row["id"] is not None:  # already debited: the first result
+            return Settlement(row["id"], -row["amount"], row["uncollected"], replayed=True)
+        if row["outcome"] != "expired":
+            raise Conflict(f"hold already ended ({row['outcome']}); it cannot be settled")
+        try:
+            debited = await db.fetchval(_LATE_DEBIT, *args)
+        except asyncpg.UniqueViolationError:
+            continue  # a concurrent late settle won: read its result
+        assert debited is not None
+        return Settlement(entry_id, debited, usage.cost - debited, replayed=False)
+    raise AssertionError("unreachable: a late debit neither wrote nor was found")
+
+
+_RELEASE = """
+WITH h AS (
+    UPDATE holds SET outcome = $2, ended_at = now()
+    WHERE id = $1 AND ended_at IS NULL
+    RETURNING account_id, amount
+)
+UPDATE account_balances a
+SET reserved = a.reserved - h.amount, updated_at = now()
+FROM h
+WHERE a.account_id = h.account_id
+RETURNING a.account_id
+"""
+
+
+async def release_hold(db: Db, hold_id: uuid.UUID, *, expired: bool = False) -> bool:
+    """End a hold without a charge. Returns False if it had already ended."""
+    outcome = "expired" if expired else "released"
+    return await db.fetchval(_RELEASE, hold_id, outcome) is not None
+
+
+async def sweep_expired_holds(db: Db, limit: int = 500) -> int:
+    """Expire holds past their expiry (a crashed process's); returns how many.
+
+    Safe to run in every process at once: each hold ends once, whoever is first.
+    """
+    ids = await db.fetch(
+        "SELECT id FROM holds WHERE ended_at IS NULL AND expires_at < now()"
+        " ORDER BY expires_at LIMIT $1",
+        limit,
+    )
+    ended = 0
+    for r in ids:
+        ended += await release_hold(db, r["id"], expired=True)
+    return ended

@@ -1,0 +1,51 @@
+"""JSON-lines logging on stderr (DESIGN.md §9).
+
+Messages are static strings; everything variable goes in structured fields
+(``extra=``), and only ids, never keys, tokens, prompts, completions or emails.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("creditgate")
+
+# Attributes every LogRecord has; anything else came from ``extra=``.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            # Our messages are static; other libraries' may use %-arguments.
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str = "info") -> None:
+    """Send every logger's records to stderr as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log repeats what our middleware logs, in free text.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""The proxy: OpenAI-compatible chat completions, metered through the ledger."""

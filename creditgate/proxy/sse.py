@@ -1,0 +1,113 @@
+"""Server-sent events: splitting a byte stream into events and reading their data.
+
+The splitter copes with events cut across network reads and with ``\\n``,
+``\\r\\n`` or ``\\r`` line ends; events are passed on byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from creditgate.http.envelope import dumps
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\n|\r")
+DONE = b"[DONE]"
+
+
+class EventSplitter:
+    """Feed bytes, get back complete events (each with its terminating blank line)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        events = []
+        start = 0
+        while True:
+            m = _EVENT_END.search(buf, start)
+            if m is None:
+                break
+            events.append(buf[start : m.end()])
+            start = m.end()
+        self._buf = buf[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """Bytes after the last complete event (a stream cut mid-event)."""
+        return self._buf
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data`` field of an event (lines joined by ``\\n``), or None if it has none."""
+    if b"data:" not in event:
+        return None
+    parts = []
+    for line in _LINE.split(event):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+def sse_event(payload: Any) -> bytes:
+    """One ``data:`` event carrying ``payload`` as JSON."""
+    return b"data: " + dumps(payload) + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class ChunkInfo:
+    usage: dict[str, Any] | None  # the chunk's usage object, when it carries one
+    usage_only: bool  # OpenAI's final usage chunk: no choices, only usage
+    text_bytes: int  # generated text in the chunk (for an estimate without usage)
+    error: dict[str, Any] | None  # an error object the upstream sent mid-stream
+
+
+def inspect_chunk(data: bytes) -> ChunkInfo | None:
+    """What a ``chat.completion.chunk`` carries; None if the data is not a JSON object."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        usage = None
+    choices = obj.get("choices")
+    text = 0
+    if isinstance(choices, list):
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                text += generated_bytes(delta)
+    error = obj.get("error")
+    return ChunkInfo(
+        usage=usage,
+        usage_only=usage is not None and not choices,
+        text_bytes=text,
+        error=error if isinstance(error, dict) else None,
+    )
+
+
+def generated_bytes(message: dict[str, Any]) -> int:
+    """UTF-8 bytes a model generated in a message or delta: content and tool calls."""
+    total = 0
+    content = message.get("content")
+    if isinstance(content, str):
+        total += len(content.encode())
+    for key in ("tool_calls", "function_call", "refusal"):
+        value = message.get(key)
+        if value:
+            total += len(value.encode()) if isinstance(value, str) else len(orjson.dumps(value))
+    return total

@@ -1,0 +1,140 @@
+"""The ``creditgate`` command: JSON output, exit codes, and `dev` from nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Services
+
+
+def run(services: Services, *args: str) -> tuple[int, dict]:
+    env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "creditgate", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) <= 1, proc.stdout  # exactly one JSON object, or nothing on a usage error
+    return proc.returncode, json.loads(lines[0]) if lines else {}
+
+
+def test_operator_commands(services: Services) -> None:
+    user = f"user_{uuid.uuid4().hex}"
+    code, acct = run(services, "accounts", "create", "--user", user, "--tier", "free")
+    assert code == 0 and set(acct) == {"id", "kind", "externalId", "tier"}
+    assert (acct["kind"], acct["externalId"]) == ("user", user)
+
+    key = f"grant-{uuid.uuid4()}"
+    code, grant = run(
+        services, "credits", "grant", user, "12.5", "--reason", "t", "--idempotency-key", key
+    )
+    assert code == 0
+    assert grant["amountMicros"] == 12_500_000 and grant["balanceMicros"] == 12_500_000
+    assert grant["accountId"] == acct["id"]
+    # An identical replay succeeds and writes nothing.
+    code, again = run(
+        services, "credits", "grant", acct["id"], "12.5", "--reason", "t", "--idempotency-key", key
+    )
+    assert code == 0 and again["entryId"] == grant["entryId"]
+    assert again["balanceMicros"] == 12_500_000
+    # The same key with another amount is a conflict.
+    code, err = run(
+        services, "credits", "grant", user, "13", "--reason", "t", "--idempotency-key", key
+    )
+    assert code == 1 and err["error"]["code"] == "CONFLICT"
+    # A negative amount adjusts down.
+    code, adj = run(services, "credits", "grant", user, "-2.5", "--reason", "fix")
+    assert code == 0 and adj["balanceMicros"] == 10_000_000
+
+    code, k = run(services, "keys", "create", user, "--name", "ci")
+    assert code == 0 and k["key"].startswith("cg_") and k["accountId"] == acct["id"]
+    assert k["prefix"] == k["key"][:11]
+
+    code, bal = run(services, "balance", user)
+    assert code == 0 and bal["balanceMicros"] == 10_000_000 and bal["available"] == 10
+
+    code, err = run(services, "balance", "user_nobody")
+    assert code == 1 and err["error"]["code"] == "NOT_FOUND"
+    code, err = run(services, "credits", "grant", user, "0.0000001", "--reason", "x")
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+
+    code, report = run(services, "verify")
+    assert code == 0 and report["ok"] is True
+
+
+def test_usage_error_exits_2(services: Services) -> None:
+    code, out = run(services, "credits", "grant")
+    assert code == 2 and out == {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "UPSTREAM_BASE_URL", "CREDITGATE_CONFIG")
+    }
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "creditgate",
+            "dev",
+            "--json",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "dev"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once everything is up
+        assert line, proc.stderr.read() if proc.stderr else ""
+        info = json.loads(line)
+        headers = {"Authorization": f"Bearer {info['apiKey']}"}
+        with httpx.Client(base_url=info["url"], headers=headers, timeout=10) as http:
+            before = http.get("/api/user/balance").json()["data"]["balanceMicros"]
+            r = http.post(
+                "/v1/chat/completions",
+                json={"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}]},
+            )
+            assert r.status_code == 200, r.text
+            cost = r.json()["usage"]["cost_micros"]
+            after = http.get("/api/user/balance").json()["data"]["balanceMicros"]
+            assert before - after == cost > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    assert code == 0
+    # The embedded Postgres stopped with it.
+    time.sleep(0.5)
+    assert not (tmp_path / "dev" / "pg" / "postmaster.pid").exists()
