@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hmac
+
 from aiohttp import web
 
 from creditgate.auth.api_keys import KEY_PREFIX, ApiKeyAuth, NewKey, create_api_key
 from creditgate.auth.principal import Principal
-from creditgate.errors import Unauthorized
+from creditgate.errors import Forbidden, Unauthorized
 from creditgate.http.ids import ACCOUNT_ID
 
-__all__ = ["ApiKeyAuth", "NewKey", "Principal", "authenticate", "bearer_token", "create_api_key"]
+__all__ = [
+    "ApiKeyAuth",
+    "NewKey",
+    "Principal",
+    "authenticate",
+    "bearer_token",
+    "create_api_key",
+    "require_admin",
+]
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -36,3 +46,16 @@ async def authenticate(request: web.Request, keys: ApiKeyAuth) -> Principal:
         request[ACCOUNT_ID] = principal.account_id
         return principal
     raise Unauthorized("Invalid API key.", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: web.Request, admin_token: str | None) -> None:
+    """Admit an operator presenting ``ADMIN_TOKEN`` as a bearer token.
+
+    401 without a token, 403 with a wrong one (or when no admin token is
+    configured). The comparison is constant-time.
+    """
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Admin routes need 'Authorization: Bearer <ADMIN_TOKEN>'.")
+    if admin_token is None or not hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise Forbidden("These credentials are not allowed to use admin routes.")
