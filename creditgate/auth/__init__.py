@@ -8,7 +8,7 @@ from aiohttp import web
 
 from creditgate.auth.api_keys import KEY_PREFIX, ApiKeyAuth, NewKey, create_api_key
 from creditgate.auth.principal import Principal
-from creditgate.errors import Forbidden, Unauthorized
+from creditgate.errors import Unauthorized
 from creditgate.http.ids import ACCOUNT_ID
 
 __all__ = [
@@ -51,11 +51,12 @@ async def authenticate(request: web.Request, keys: ApiKeyAuth) -> Principal:
 def require_admin(request: web.Request, admin_token: str | None) -> None:
     """Admit an operator presenting ``ADMIN_TOKEN`` as a bearer token.
 
-    401 without a token, 403 with a wrong one (or when no admin token is
-    configured). The comparison is constant-time.
+    401 without a token or with a wrong one (a caller who authenticates some
+    other way but is not an admin gets 403 — the auth issue adds those).
+    The comparison is constant-time.
     """
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("Admin routes need 'Authorization: Bearer <ADMIN_TOKEN>'.")
     if admin_token is None or not hmac.compare_digest(token.encode(), admin_token.encode()):
-        raise Forbidden("These credentials are not allowed to use admin routes.")
+        raise Unauthorized("Invalid admin credentials.")
