@@ -124,7 +124,9 @@ async def cmd_keys_create(args: argparse.Namespace) -> dict[str, Any]:
     conn = await _connect(_settings())
     try:
         account = await ledger.resolve_account(conn, args.account)
-        key = await create_api_key(conn, account.id, args.name)
+        key = await create_api_key(
+            conn, account.id, args.name, scope="admin" if args.admin else "account"
+        )
     finally:
         await conn.close()
     return key.as_json()
@@ -374,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     s = keys.add_parser("create", parents=[common], help="create an API key (shown once)")
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("--name", default="")
+    s.add_argument(
+        "--admin", action="store_true", help="an admin key: may also call the admin routes"
+    )
     s.set_defaults(run=cmd_keys_create)
 
     s = sub.add_parser("balance", parents=[common], help="an account's balance")

@@ -103,6 +103,8 @@ class Settings:
     clerk_jwks_url: str | None = None
     clerk_issuer: str | None = None
     clerk_authorized_parties: tuple[str, ...] = ()
+    # The Clerk organization whose org:admin members are creditgate admins.
+    clerk_admin_org_id: str | None = None
     clerk_webhook_secret: str | None = None
     polar_access_token: str | None = None
     polar_environment: str = "sandbox"
@@ -321,7 +323,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("LOG_LEVEL", "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL: debug, info, warning or error, got {log_level!r}")
-    parties = tuple(p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p)
+    parties = tuple(
+        p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p.strip()
+    )
+    jwks_url = env.get("CLERK_JWKS_URL") or None
+    if jwks_url is not None and not jwks_url.startswith(("http://", "https://")):
+        raise ConfigError(f"CLERK_JWKS_URL: must be an http(s) URL, got {jwks_url!r}")
     return Settings(
         config=load_config(env.get("CREDITGATE_CONFIG") or None, env),
         database_url=env.get("DATABASE_URL") or None,
@@ -331,9 +338,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_token=env.get("ADMIN_TOKEN") or None,
         metrics_token=env.get("METRICS_TOKEN") or None,
         log_level=log_level,
-        clerk_jwks_url=env.get("CLERK_JWKS_URL") or None,
+        clerk_jwks_url=jwks_url,
         clerk_issuer=env.get("CLERK_ISSUER") or None,
         clerk_authorized_parties=parties,
+        clerk_admin_org_id=env.get("CLERK_ADMIN_ORG_ID") or None,
         clerk_webhook_secret=env.get("CLERK_WEBHOOK_SECRET") or None,
         polar_access_token=env.get("POLAR_ACCESS_TOKEN") or None,
         polar_environment=polar_env,

@@ -1,62 +1,79 @@
-"""Authentication: API keys (and Clerk session JWTs) → a Principal."""
+"""Authentication: API keys and Clerk session JWTs → a Principal.
+
+Route handlers call one of:
+
+* ``await authenticate(request)`` — any caller (API key or session);
+* ``await require_session(request)`` — session-only routes (an API key → 403);
+* ``await require_admin(request)`` — admin routes (ADMIN_TOKEN, an admin API
+  key, or ``org:admin`` in the admin organization; anyone else → 403).
+
+401 is "who are you?" (no, malformed, expired, revoked or unverifiable
+credentials); 403 is "not allowed" (closed account, wrong kind of
+credential, no admin role, no org context).
+"""
 
 from __future__ import annotations
 
-import hmac
-
 from aiohttp import web
 
-from creditgate.auth.api_keys import KEY_PREFIX, ApiKeyAuth, NewKey, create_api_key
+from creditgate.auth.api_keys import (
+    KEY_PREFIX,
+    MAX_LIVE_KEYS,
+    ApiKeyAuth,
+    KeyInfo,
+    NewKey,
+    create_api_key,
+    list_api_keys,
+    revoke_api_key,
+)
+from creditgate.auth.authenticator import (
+    AUTH,
+    AdminCaller,
+    Authenticator,
+    bearer_token,
+)
 from creditgate.auth.principal import Principal
-from creditgate.errors import Unauthorized
-from creditgate.http.ids import ACCOUNT_ID
 
 __all__ = [
+    "AUTH",
+    "KEY_PREFIX",
+    "MAX_LIVE_KEYS",
+    "AdminCaller",
     "ApiKeyAuth",
+    "Authenticator",
+    "KeyInfo",
     "NewKey",
     "Principal",
     "authenticate",
     "bearer_token",
     "create_api_key",
+    "list_api_keys",
     "require_admin",
+    "require_session",
+    "revoke_api_key",
 ]
 
 
-def bearer_token(request: web.Request) -> str | None:
-    """The token of ``Authorization: Bearer …``, or None."""
-    header = request.headers.get("Authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+async def authenticate(request: web.Request, keys: object = None) -> Principal:
+    """The caller of ``request`` (API key or Clerk session); 401 / 403 otherwise.
 
-
-async def authenticate(request: web.Request, keys: ApiKeyAuth) -> Principal:
-    """The caller of ``request``: 401 without valid credentials."""
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthorized(
-            "Missing credentials: send 'Authorization: Bearer <API key>'.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if token.startswith(KEY_PREFIX):
-        principal = await keys.authenticate(token)
-        request[ACCOUNT_ID] = principal.account_id
-        return principal
-    raise Unauthorized("Invalid API key.", headers={"WWW-Authenticate": "Bearer"})
-
-
-def require_admin(request: web.Request, admin_token: str | None) -> None:
-    """Admit an operator presenting ``ADMIN_TOKEN`` as a bearer token.
-
-    401 without a token or with a wrong one (a caller who authenticates some
-    other way but is not an admin gets 403 — the auth issue adds those).
-    The comparison is constant-time.
+    ``keys`` is ignored: it keeps callers written against the first
+    skeleton's ``authenticate(request, st.keys)`` working.
     """
-    token = bearer_token(request)
-    if token is None:
-        raise Unauthorized("Admin routes need 'Authorization: Bearer <ADMIN_TOKEN>'.")
-    if admin_token is None or not hmac.compare_digest(token.encode(), admin_token.encode()):
-        raise Unauthorized("Invalid admin credentials.")
+    return await request.app[AUTH].authenticate(request)
+
+
+async def require_session(request: web.Request) -> Principal:
+    """The caller of a session-only route (``/api/keys``, …): an API key is a 403."""
+    return await request.app[AUTH].session(request)
+
+
+async def require_admin(request: web.Request) -> AdminCaller:
+    """Admit an admin (ADMIN_TOKEN, admin API key, or admin-org ``org:admin`` session).
+
+    401 without valid credentials (a wrong ADMIN_TOKEN included); 403 for a
+    caller who authenticates but is not an admin. Must be awaited; it takes
+    only the request (the old ``require_admin(request, admin_token)`` shape
+    fails loudly rather than passing un-awaited).
+    """
+    return await request.app[AUTH].admin(request)

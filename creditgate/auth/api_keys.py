@@ -1,26 +1,37 @@
 """API keys: ``cg_`` + 32 random bytes (URL-safe base64); only the SHA-256 is stored.
 
-Lookups are cached in-process for ``ttl`` seconds, so a revoked or expired key
-stops working everywhere within that time (no cross-process messaging
-needed); the cache also answers repeated bad keys without the database.
+Lookups are cached in-process for ``ttl`` seconds (5 s by default), so a
+revoked or expired key stops working in every process within that time with
+no cross-process messaging (the process that revokes a key forgets it at
+once; an expiry is honoured to the second, the cache entry never outliving
+it). The cache also answers repeated bad keys without the database.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+import asyncpg
+
+from creditgate.auth.last_used import LastUsedRecorder
 from creditgate.auth.principal import Principal
-from creditgate.errors import Forbidden, Unauthorized
+from creditgate.errors import Conflict, Forbidden, Unauthorized
 from creditgate.ledger.db import Db
 
 KEY_PREFIX = "cg_"
 _KEY_LEN = len(KEY_PREFIX) + 43  # 32 bytes in unpadded base64
+MAX_LIVE_KEYS = 20  # per account: not revoked and not expired
+CACHE_TTL_SECONDS = 5.0  # the documented revocation delay across processes
+SCOPES = ("account", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +40,13 @@ class NewKey:
     key: str  # the secret: shown once, never stored
     prefix: str
     account_id: uuid.UUID
+    name: str = ""
+    scope: str = "account"
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
 
     def as_json(self) -> dict[str, str]:
+        """``{id, key, prefix, accountId}`` (the CLI's ``keys create`` output)."""
         return {
             "id": str(self.id),
             "key": self.key,
@@ -39,29 +55,147 @@ class NewKey:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What a key's owner may see of it: never the secret or its hash."""
+
+    id: uuid.UUID
+    prefix: str
+    name: str
+    scope: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's view of a key."""
+        return {
+            "id": str(self.id),
+            "prefix": self.prefix,
+            "name": self.name,
+            "scope": self.scope,
+            "createdAt": _iso(self.created_at),
+            "lastUsedAt": _iso(self.last_used_at),
+            "expiresAt": _iso(self.expires_at),
+            "revokedAt": _iso(self.revoked_at),
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
 def hash_key(key: str) -> bytes:
+    """The SHA-256 a key is stored and looked up by."""
     return hashlib.sha256(key.encode()).digest()
 
 
+@contextlib.asynccontextmanager
+async def _transaction(db: Db) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            yield conn
+    else:
+        async with db.transaction():
+            yield db
+
+
 async def create_api_key(
-    db: Db, account_id: uuid.UUID, name: str = "", expires_at: datetime | None = None
+    db: Db,
+    account_id: uuid.UUID,
+    name: str = "",
+    expires_at: datetime | None = None,
+    *,
+    scope: str = "account",
+    max_live: int = MAX_LIVE_KEYS,
 ) -> NewKey:
-    """Mint a key for the account; the returned secret is the only copy."""
+    """Mint a key for the account; the returned secret is the only copy.
+
+    At most ``max_live`` live (unrevoked, unexpired) keys per account: one
+    more is a Conflict (409). The account row is locked ``FOR NO KEY UPDATE``
+    while counting, so concurrent creations for one account serialise and
+    cannot overshoot, while the ledger's writes (which only take ``KEY
+    SHARE`` locks on the account through their foreign keys) are not blocked.
+    """
+    assert scope in SCOPES, scope
     key = KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
     assert len(key) == _KEY_LEN
     key_id = uuid.uuid4()
     prefix = key[: len(KEY_PREFIX) + 8]
-    await db.execute(
-        "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, expires_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+    async with _transaction(db) as conn:
+        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
+        live = await conn.fetchval(
+            "SELECT count(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > now())",
+            account_id,
+        )
+        if live >= max_live:
+            raise Conflict(
+                f"This account already has {max_live} live API keys; revoke one first.",
+                details={"limit": max_live},
+            )
+        created_at = await conn.fetchval(
+            "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, expires_at, scope)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
+            key_id,
+            account_id,
+            hash_key(key),
+            prefix,
+            name,
+            expires_at,
+            scope,
+        )
+    return NewKey(key_id, key, prefix, account_id, name, scope, created_at, expires_at)
+
+
+_KEY_COLUMNS = "id, prefix, name, scope, created_at, last_used_at, expires_at, revoked_at"
+
+
+async def list_api_keys(db: Db, account_id: uuid.UUID, limit: int = 100) -> list[KeyInfo]:
+    """The account's keys that are not revoked (expired ones included), newest first."""
+    rows = await db.fetch(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys"  # noqa: S608 - a constant column list
+        " WHERE account_id = $1 AND revoked_at IS NULL"
+        " ORDER BY created_at DESC, id LIMIT $2",
+        account_id,
+        limit,
+    )
+    return [KeyInfo(**dict(r)) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    info: KeyInfo
+    key_hash: bytes  # to forget the key in this process's cache at once
+
+
+async def revoke_api_key(db: Db, account_id: uuid.UUID, key_id: uuid.UUID) -> Revoked | None:
+    """Revoke the account's key ``key_id``; None if the account has no such key.
+
+    Scoped by account: another account's key id is "no such key". Revoking a
+    revoked key again changes nothing and answers the same.
+    """
+    row = await db.fetchrow(
+        f"""
+        WITH revoked AS (
+            UPDATE api_keys SET revoked_at = now()
+            WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL
+            RETURNING {_KEY_COLUMNS}, key_hash
+        )
+        SELECT * FROM revoked
+        UNION ALL
+        SELECT {_KEY_COLUMNS}, key_hash FROM api_keys
+        WHERE id = $1 AND account_id = $2 AND revoked_at IS NOT NULL
+        """,  # noqa: S608 - a constant column list
         key_id,
         account_id,
-        hash_key(key),
-        prefix,
-        name,
-        expires_at,
     )
-    return NewKey(key_id, key, prefix, account_id)
+    if row is None:
+        return None
+    fields = dict(row)
+    key_hash = fields.pop("key_hash")
+    return Revoked(KeyInfo(**fields), key_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +208,12 @@ class _Cached:
 class ApiKeyAuth:
     """Turns a bearer API key into a Principal, with a short in-process cache."""
 
-    def __init__(self, db: Db, ttl: float = 5.0, max_entries: int = 50_000) -> None:
+    def __init__(self, db: Db, ttl: float = CACHE_TTL_SECONDS, max_entries: int = 50_000) -> None:
         self._db = db
         self._ttl = ttl
         self._max = max_entries
         self._cache: dict[bytes, _Cached] = {}
+        self.last_used = LastUsedRecorder(db)
 
     async def authenticate(self, key: str) -> Principal:
         """The principal of a live key; Unauthorized (401) or Forbidden (403) otherwise."""
@@ -93,14 +228,20 @@ class ApiKeyAuth:
             raise Forbidden("This account is closed.")
         if hit.principal is None:
             raise Unauthorized("Invalid, revoked or expired API key.")
+        assert hit.principal.key_id is not None
+        self.last_used.note(hit.principal.key_id, now)
         return hit.principal
+
+    def forget(self, key_hash: bytes) -> None:
+        """Drop a key from this process's cache (after revoking it here)."""
+        self._cache.pop(key_hash, None)
 
     async def _lookup(self, digest: bytes, now: float) -> _Cached:
         # The lookup is by the hash itself (a unique index); no secret is ever
         # compared byte by byte, so there is nothing to time.
         row = await self._db.fetchrow(
             """
-            SELECT k.id, k.account_id, a.tier, a.status,
+            SELECT k.id, k.account_id, k.scope, a.tier, a.status,
                    (k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()))
                        AS live,
                    EXTRACT(EPOCH FROM k.expires_at - now()) AS expires_in
@@ -120,6 +261,7 @@ class ApiKeyAuth:
                 tier=row["tier"],
                 via="api_key",
                 key_id=row["id"],
+                admin=row["scope"] == "admin",
             )
             entry = _Cached(until, principal, closed=row["status"] == "closed")
         if len(self._cache) >= self._max:

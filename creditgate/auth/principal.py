@@ -8,11 +8,19 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """An authenticated caller.
+
+    ``account_id`` is the account every query and charge is scoped to: the
+    key's account for an API key; for a Clerk session, the active
+    organization's account when one is active, otherwise the user's.
+    """
+
     account_id: uuid.UUID
     tier: str
     via: str  # "api_key" | "session"
     key_id: uuid.UUID | None = None
-    user_id: str | None = None
-    org_id: str | None = None
-    org_role: str | None = None
+    user_id: str | None = None  # Clerk user id (sessions only)
+    org_id: str | None = None  # the session's active Clerk organization
+    org_role: str | None = None  # normalised with the "org:" prefix, e.g. "org:admin"
     permissions: frozenset[str] = field(default_factory=frozenset)
+    admin: bool = False  # may call the admin routes (admin key, or admin of the admin org)

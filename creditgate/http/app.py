@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from creditgate import ledger, migrations
-from creditgate.auth import ApiKeyAuth
+from creditgate.auth import AUTH, Authenticator
 from creditgate.config import Settings
-from creditgate.http import health, user
+from creditgate.http import health, keys, orgs, user
 from creditgate.http.metrics import HOLDS_EXPIRED, metrics_route
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.state import STATE, State
@@ -31,6 +31,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[envelope_middleware],
     )
     app[STATE] = State(settings)
+    app[AUTH] = Authenticator(settings)
     app.on_response_prepare.append(add_id_headers)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_hold_sweeper)
@@ -39,6 +40,10 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post("/api/chat", proxy.chat_completions)
     r.add_get("/v1/models", proxy.list_models)
     r.add_get("/api/user/balance", user.balance)
+    r.add_post("/api/keys", keys.create_key)
+    r.add_get("/api/keys", keys.list_keys)
+    r.add_delete("/api/keys/{id}", keys.revoke_key)
+    r.add_post("/api/orgs/create", orgs.create_org)
     r.add_get("/health", health.health)
     r.add_get("/ready", health.ready)
     r.add_get("/metrics", metrics_route)
@@ -69,10 +74,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     st.upstream = UpstreamClient(session)
     st.throttle = Throttle(st.redis, lease_ttl_ms=s.config.hold_ttl_seconds * 1000)
-    st.keys = ApiKeyAuth(st.db)
+    auth = app[AUTH]
+    await auth.start(st.db)
+    st.keys = auth.keys
     try:
         yield
     finally:
+        await auth.stop()
         await session.close()
         await st.redis.aclose()
         await st.db.close()

@@ -13,6 +13,6 @@ from creditgate.http.state import STATE
 async def balance(request: web.Request) -> web.Response:
     """The balance object of DESIGN.md §9 for the caller's account."""
     st = request.app[STATE]
-    principal = await authenticate(request, st.keys)
+    principal = await authenticate(request)
     bal = await ledger.get_balance(st.db, principal.account_id)
     return data_response(request, bal.as_json())

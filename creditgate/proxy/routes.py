@@ -124,7 +124,7 @@ def _count(value: Any) -> bool:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI-compatible chat completion, streaming or not, charged to the caller."""
     st = request.app[STATE]
-    principal = await authenticate(request, st.keys)
+    principal = await authenticate(request)
     config = st.settings.config
     chat = parse_chat_request(
         await read_json_object(request), config.models, config.estimate_bytes_per_token
@@ -268,7 +268,7 @@ async def _stream(
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the models this deployment serves, with their prices."""
     st = request.app[STATE]
-    await authenticate(request, st.keys)
+    await authenticate(request)
     data = [
         {
             "id": m.name,

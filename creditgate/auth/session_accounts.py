@@ -1,0 +1,50 @@
+"""The account a Clerk session acts for, created on its first authenticated use."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from creditgate.ledger import Account, ensure_account
+from creditgate.ledger.db import Db
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    until: float
+    account: Account
+
+
+class SessionAccounts:
+    """``(kind, Clerk id)`` → Account, cached in-process for ``ttl`` seconds.
+
+    A miss reads the account and creates it (with its balance row) only when
+    it does not exist yet — ``ensure_account`` is race-free, so two first
+    requests of a new user, in one process or many, make one account. The
+    cache bounds how long a tier change or a closed account takes to show:
+    ``ttl`` seconds, the same as API keys.
+    """
+
+    def __init__(self, db: Db, ttl: float = 5.0, max_entries: int = 50_000) -> None:
+        self._db = db
+        self._ttl = ttl
+        self._max = max_entries
+        self._cache: dict[tuple[str, str], _Cached] = {}
+
+    async def get(self, kind: str, external_id: str) -> Account:
+        """The account of this Clerk user (``kind='user'``) or organization (``'org'``)."""
+        now = time.monotonic()
+        hit = self._cache.get((kind, external_id))
+        if hit is not None and hit.until >= now:
+            return hit.account
+        row = await self._db.fetchrow(
+            "SELECT id, kind, external_id, tier, status FROM accounts"
+            " WHERE kind = $1 AND external_id = $2",
+            kind,
+            external_id,
+        )
+        account = Account(**dict(row)) if row else await ensure_account(self._db, kind, external_id)
+        if len(self._cache) >= self._max:
+            self._cache.clear()  # bounded; a refill costs one query per account
+        self._cache[(kind, external_id)] = _Cached(now + self._ttl, account)
+        return account
