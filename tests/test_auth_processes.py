@@ -1,0 +1,154 @@
+"""Revoked and expired API keys stop working in every server process, within the documented delay.
+
+Two real ``creditgate serve`` processes share Postgres; each caches key
+lookups for 5 s (``CACHE_TTL_SECONDS``). Revoking through one process must
+make the key fail there at once and in the other within that TTL; an expired
+key fails everywhere from its expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+
+from creditgate.auth.api_keys import CACHE_TTL_SECONDS
+from tests.conftest import TEST_CONFIG, Services
+from tests.fake_clerk import ISSUER, PARTY, FakeClerk
+
+MARGIN = 2.0  # scheduling slack on a shared 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def clerk() -> AsyncIterator[FakeClerk]:
+    fake = FakeClerk()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+def servers(
+    services: Services, upstream: TestServer, clerk: FakeClerk, tmp_path: Path
+) -> Iterator[list[str]]:
+    """Two ``creditgate serve`` processes; their base URLs."""
+    config = tmp_path / "creditgate.toml"
+    config.write_text(TEST_CONFIG.format(upstream=upstream.make_url("/v1")))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "CREDITGATE_"))},
+        "DATABASE_URL": services.database_url,
+        "REDIS_URL": services.redis_url,
+        "CREDITGATE_CONFIG": str(config),
+        "CLERK_JWKS_URL": clerk.url,
+        "CLERK_ISSUER": ISSUER,
+        "CLERK_AUTHORIZED_PARTIES": PARTY,
+        "LOG_LEVEL": "warning",
+    }
+    procs, urls = [], []
+    try:
+        for i in range(2):
+            port = _free_port()
+            log = (tmp_path / f"server{i}.log").open("w")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "creditgate", "serve", "--port", str(port)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+async def _wait_up(http: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            async with http.get(f"{url}/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} did not start")
+
+
+async def _status(http: aiohttp.ClientSession, url: str, key: str) -> int:
+    async with http.get(
+        f"{url}/api/user/balance", headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        return resp.status
+
+
+async def _refused_within(
+    http: aiohttp.ClientSession, url: str, key: str, deadline: float
+) -> float:
+    """Poll until the key is refused (401); the time it took. Fails past ``deadline``."""
+    started = time.monotonic()
+    while True:
+        status = await _status(http, url, key)
+        if status == 401:
+            return time.monotonic() - started
+        assert status == 200, status
+        assert time.monotonic() < deadline, f"{url} still accepts the key"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_revoked_and_expired_keys_fail_in_every_process(
+    servers: list[str], clerk: FakeClerk, db: asyncpg.Pool
+) -> None:
+    a, b = servers
+    session = {"Authorization": f"Bearer {clerk.token()}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        await asyncio.gather(_wait_up(http, a), _wait_up(http, b))
+        expires = datetime.now(UTC) + timedelta(seconds=3)
+        made = []
+        for body in ({"name": "revoked"}, {"name": "expiring", "expiresAt": expires.isoformat()}):
+            async with http.post(f"{a}/api/keys", json=body, headers=session) as resp:
+                assert resp.status == 201, await resp.text()
+                made.append((await resp.json())["data"])
+        revoked, expiring = made
+        # Both processes accept both keys, and now hold them in their caches.
+        for url in (a, b):
+            for key in (revoked["key"], expiring["key"]):
+                assert await _status(http, url, key) == 200
+
+        async with http.delete(f"{a}/api/keys/{revoked['id']}", headers=session) as resp:
+            assert resp.status == 200
+        revoked_at = time.monotonic()
+        assert await _status(http, a, revoked["key"]) == 401  # at once where it was revoked
+        await _refused_within(http, b, revoked["key"], revoked_at + CACHE_TTL_SECONDS + MARGIN)
+
+        expiry = time.monotonic() + (expires - datetime.now(UTC)).total_seconds()
+        for url in (a, b):
+            await _refused_within(http, url, expiring["key"], expiry + MARGIN)
