@@ -404,3 +404,14 @@ def test_v2_and_v1_claims_give_one_shape() -> None:
     assert v2.org_permissions == {"org:billing:read", "org:billing:manage", "org:keys:read"}
     assert session_claims({"sub": "user_1", "v": 2}).org_id is None
     assert session_claims({"sub": "user_1", "v": 2, "o": {"slg": "x"}}).org_id is None
+
+
+async def test_a_remembered_token_never_outlives_its_expiry(
+    cgc: TestClient, db: asyncpg.Pool, clerk: FakeClerk
+) -> None:
+    # Expired 3-4 s ago (whole seconds): inside the 5 s leeway for 1-2 s more.
+    token = clerk.token(exp_in=-3)
+    assert (await cgc.get("/api/user/balance", headers=bearer(token))).status == 200
+    await asyncio.sleep(2.5)  # now past exp + leeway: the remembered verification is void
+    resp = await cgc.get("/api/user/balance", headers=bearer(token))
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "UNAUTHORIZED"

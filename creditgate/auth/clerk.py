@@ -14,6 +14,7 @@ the top-level ``fea``) or v1 claims (``org_id``, ``org_role``,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,10 @@ from creditgate.auth.jwks import JwksKeys
 from creditgate.errors import Unauthorized
 
 LEEWAY_SECONDS = 5
+# A verified token is remembered (by its exact text) this long at most, and
+# never past its own exp: a front end sends the same token for about a
+# minute, and RS256 verification is most of what a session costs per request.
+VERIFIED_TTL_SECONDS = 30.0
 _MAX_ID_LEN = 255  # accounts.external_id's limit
 
 
@@ -126,10 +131,13 @@ class ClerkSessions:
         *,
         issuer: str | None = None,
         authorized_parties: tuple[str, ...] = (),
+        max_verified: int = 10_000,
     ) -> None:
         self.keys = keys
         self._issuer = issuer
         self._parties = frozenset(authorized_parties)
+        self._verified: dict[str, tuple[float, SessionClaims]] = {}
+        self._max_verified = max_verified
 
     async def verify(self, token: str) -> SessionClaims:
         """The claims of a valid session token; Unauthorized (401) otherwise.
@@ -137,6 +145,17 @@ class ClerkSessions:
         ServiceUnavailable (503) when Clerk's keys cannot be fetched and the
         token's key is not already known.
         """
+        now = time.time()
+        hit = self._verified.get(token)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        claims, exp = await self._verify(token)
+        if len(self._verified) >= self._max_verified:
+            self._verified.clear()  # bounded; a refill costs one verification per token
+        self._verified[token] = (min(exp + LEEWAY_SECONDS, now + VERIFIED_TTL_SECONDS), claims)
+        return claims
+
+    async def _verify(self, token: str) -> tuple[SessionClaims, float]:
         try:
             header = jwt.get_unverified_header(token)
         except PyJWTError:
@@ -174,4 +193,4 @@ class ClerkSessions:
         if claims.get("sts") == "pending":
             # Clerk's SDKs treat a session with pending tasks as signed out.
             raise _unauthorized("The session has pending tasks; finish signing in first.")
-        return session_claims(claims)
+        return session_claims(claims), float(claims["exp"])
