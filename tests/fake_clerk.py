@@ -45,6 +45,7 @@ class FakeClerk:
         self.published: list[str] = ["kid-1"]  # kids served in the JWKS
         self.fetches = 0
         self.down = False
+        self.garbage = False  # answer 200 with something that is not a JWKS
         self.server: TestServer | None = None
 
     # ------------------------------------------------------------ the server
@@ -58,6 +59,8 @@ class FakeClerk:
         self.fetches += 1
         if self.down:
             return web.Response(status=503, text="unavailable")
+        if self.garbage:
+            return web.Response(text="<html>maintenance</html>", content_type="text/html")
         return web.json_response({"keys": [self.jwk(kid) for kid in self.published]})
 
     async def start(self) -> str:

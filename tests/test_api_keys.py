@@ -272,3 +272,46 @@ async def test_last_used_recorder_notes_once_per_interval(db: asyncpg.Pool) -> N
     await recorder.flush()  # an unknown id: the statement matches no row
     recorder.note(key, now=1061.0)
     assert recorder.pending == 1
+
+
+def test_cli_makes_admin_keys_and_obeys_the_limit(services: Services) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
+    user = f"user_{uuid.uuid4().hex}"
+
+    def cli(*args: str) -> tuple[int, dict[str, Any]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "creditgate", *args, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return proc.returncode, json.loads(proc.stdout)
+
+    assert cli("accounts", "create", "--user", user)[0] == 0
+    code, made = cli("keys", "create", user, "--name", "ops", "--admin")
+    assert code == 0 and made["key"].startswith("cg_")
+
+    async def check() -> None:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            scope = await conn.fetchval(
+                "SELECT scope FROM api_keys WHERE id = $1", uuid.UUID(made["id"])
+            )
+            assert scope == "admin"
+            # Fill the account up to the limit behind the CLI's back.
+            from creditgate.auth import create_api_key
+
+            for i in range(MAX_LIVE_KEYS - 1):
+                await create_api_key(conn, uuid.UUID(made["accountId"]), f"k{i}")
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
+    code, err = cli("keys", "create", user, "--name", "one too many")
+    assert code == 1 and err["error"]["code"] == "CONFLICT"

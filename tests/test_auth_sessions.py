@@ -282,6 +282,17 @@ async def test_jwks_unreachable_without_cached_key_is_503_then_recovers(
         assert (await cg.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
 
 
+async def test_jwks_answering_garbage_is_503_not_500(
+    services: Services, upstream: TestServer, db: asyncpg.Pool, clerk: FakeClerk
+) -> None:
+    clerk.garbage = True
+    settings = make_settings(services, str(upstream.make_url("/v1")), clerk_jwks_url=clerk.url)
+    async with TestClient(TestServer(create_app(settings))) as cg:
+        resp = await cg.get("/api/user/balance", headers=bearer(clerk.token()))
+        assert resp.status == 503, await resp.text()
+        assert (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+
 async def test_jwt_without_clerk_configured_is_401(cg: TestClient, db: asyncpg.Pool) -> None:
     fake = FakeClerk()
     resp = await cg.get("/api/user/balance", headers=bearer(fake.token()))

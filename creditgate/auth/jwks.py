@@ -24,7 +24,6 @@ import math
 import time
 
 from jwt import PyJWK, PyJWKClient
-from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWTError
 
 from creditgate.errors import ServiceUnavailable, Unauthorized
 from creditgate.logs import log
@@ -44,7 +43,10 @@ class JwksKeys:
     ) -> None:
         # PyJWKClient's own caches are off: this class caches, so that the
         # unknown-kid refetch policy and the loop/thread split are explicit.
-        self._client = PyJWKClient(url, cache_jwk_set=False, timeout=timeout)
+        # A User-Agent of our own: some CDNs refuse urllib's default one.
+        self._client = PyJWKClient(
+            url, cache_jwk_set=False, timeout=timeout, headers={"User-Agent": "creditgate"}
+        )
         self._refetch_interval = refetch_interval
         self._max_age = max_age
         self._failure_backoff = failure_backoff
@@ -118,7 +120,7 @@ class JwksKeys:
         started = time.monotonic()
         try:
             found = await asyncio.to_thread(self._client.get_signing_keys, True)
-        except (PyJWKClientConnectionError, PyJWKClientError, PyJWTError) as e:
+        except Exception as e:  # unreachable, not JSON, no usable keys: all "no new keys"
             # An outage keeps the keys already known: tokens they signed still verify.
             self._failed_at = time.monotonic()
             log.warning(
