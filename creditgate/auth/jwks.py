@@ -56,11 +56,6 @@ class JwksKeys:
         self._failed_at = -math.inf  # the last failed fetch
         self._fetching: asyncio.Task[None] | None = None
 
-    @property
-    def kids(self) -> frozenset[str]:
-        """The key ids currently trusted."""
-        return frozenset(self._keys)
-
     def prefetch(self) -> None:
         """Start loading the key set in the background (at start-up)."""
         self._start_fetch()
