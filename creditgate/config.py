@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,9 @@ from typing import Any
 # Prices are kept as integers of 10⁻⁹ µc per token so cost arithmetic is exact.
 PRICE_SCALE = 10**9
 DEFAULT_TIER = "free"
+# Largest requests/tokens per minute the throttle counts exactly (see above).
+MAX_PER_MINUTE = 2**53 // 60_000 // 4
+THROTTLE_POLICIES = ("local", "open", "closed")
 
 
 class ConfigError(Exception):
@@ -69,6 +73,14 @@ class Tier:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """The ``[throttle]`` table: how limits are counted (the limits are the tiers)."""
+
+    day_zone: str = "UTC"  # IANA zone whose midnight resets messages_per_day
+    lease_ttl_seconds: float = 60.0  # a crashed process's parallel slots free after this
+
+
+@dataclass(frozen=True, slots=True)
 class Product:
     id: str
     kind: str  # "pack" | "subscription"
@@ -86,6 +98,7 @@ class Config:
     estimate_bytes_per_token: int = 3
     hold_ttl_seconds: int = 900
     max_body_bytes: int = 1024 * 1024
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,8 @@ class Settings:
     admin_token: str | None = None
     metrics_token: str | None = None
     log_level: str = "info"
+    throttle_on_redis_error: str = "local"  # "local" | "open" | "closed"
+    throttle_redis_timeout_ms: int = 50
     clerk_jwks_url: str | None = None
     clerk_issuer: str | None = None
     clerk_authorized_parties: tuple[str, ...] = ()
@@ -155,6 +170,15 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _zone(value: Any, where: str) -> str:
+    name = _str(value, where)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}: unknown time zone {name!r} (an IANA name)") from None
+    return name
+
+
 def _table(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
@@ -178,7 +202,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     """Validate a parsed TOML document (floats as Decimal) into a Config."""
     _check_keys(
         raw,
-        {"upstreams", "models", "tiers", "products", "ledger", "proxy", "http"},
+        {"upstreams", "models", "tiers", "products", "ledger", "proxy", "http", "throttle"},
         "config",
     )
     upstreams: dict[str, Upstream] = {}
@@ -244,6 +268,10 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             if f not in t:
                 raise ConfigError(f"{where}.{f}: missing")
         tiers[name] = Tier(name, *(_int(t[f], f"{where}.{f}", minimum=1) for f in tier_fields))
+        for f in ("requests_per_minute", "tokens_per_minute"):
+            # The throttle keeps levels as units × 60,000 ms in Lua doubles: exact below 2^53.
+            if t[f] > MAX_PER_MINUTE:
+                raise ConfigError(f"{where}.{f}: at most {MAX_PER_MINUTE}, got {t[f]}")
     if DEFAULT_TIER not in tiers:
         raise ConfigError(f"tiers.{DEFAULT_TIER}: the default tier must be defined")
 
@@ -269,6 +297,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
     http = _table(raw.get("http", {}), "http")
     _check_keys(http, {"max_body_bytes"}, "http")
+    throttle = _table(raw.get("throttle", {}), "throttle")
+    _check_keys(throttle, {"day_zone", "lease_ttl_seconds"}, "throttle")
     config = Config(
         models=models,
         tiers=tiers,
@@ -281,6 +311,12 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         ),
         max_body_bytes=_int(
             http.get("max_body_bytes", 1024 * 1024), "http.max_body_bytes", minimum=1
+        ),
+        throttle=ThrottleConfig(
+            day_zone=_zone(throttle.get("day_zone", "UTC"), "throttle.day_zone"),
+            lease_ttl_seconds=_seconds(
+                throttle.get("lease_ttl_seconds", 60), "throttle.lease_ttl_seconds"
+            ),
         ),
     )
     longest = max(m.timeouts.total for m in models.values())
@@ -323,6 +359,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("LOG_LEVEL", "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL: debug, info, warning or error, got {log_level!r}")
+    policy = env.get("THROTTLE_ON_REDIS_ERROR", "local").lower()
+    if policy not in THROTTLE_POLICIES:
+        raise ConfigError(f"THROTTLE_ON_REDIS_ERROR: local, open or closed, got {policy!r}")
+    budget_text = env.get("THROTTLE_REDIS_TIMEOUT_MS", "50")
+    if not budget_text.isdigit() or not 1 <= int(budget_text) <= 10_000:
+        raise ConfigError(
+            f"THROTTLE_REDIS_TIMEOUT_MS: milliseconds from 1 to 10000, got {budget_text!r}"
+        )
     parties = tuple(
         p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p.strip()
     )
@@ -338,6 +382,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_token=env.get("ADMIN_TOKEN") or None,
         metrics_token=env.get("METRICS_TOKEN") or None,
         log_level=log_level,
+        throttle_on_redis_error=policy,
+        throttle_redis_timeout_ms=int(budget_text),
         clerk_jwks_url=jwks_url,
         clerk_issuer=env.get("CLERK_ISSUER") or None,
         clerk_authorized_parties=parties,

@@ -10,6 +10,8 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from creditgate import ledger, migrations
 from creditgate.auth import AUTH, Authenticator
@@ -21,7 +23,8 @@ from creditgate.http.state import STATE, State
 from creditgate.logs import log
 from creditgate.proxy import routes as proxy
 from creditgate.proxy.upstream import UpstreamClient
-from creditgate.throttle import Throttle
+from creditgate.throttle import DayZone, LimitsCache, Throttle
+from creditgate.throttle import admin as throttle_admin
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -47,6 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/health", health.health)
     r.add_get("/ready", health.ready)
     r.add_get("/metrics", metrics_route)
+    throttle_admin.add_routes(r)
     return app
 
 
@@ -73,7 +77,26 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent",),
     )
     st.upstream = UpstreamClient(session)
-    st.throttle = Throttle(st.redis, lease_ttl_ms=s.config.hold_ttl_seconds * 1000)
+    # The throttle's own client: no retries, and sockets that give up within its
+    # time budget, so a hung Redis costs a request at most that budget.
+    budget = s.throttle_redis_timeout_ms / 1000
+    throttle_redis = aioredis.from_url(
+        s.redis_url,
+        socket_timeout=budget,
+        socket_connect_timeout=budget,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    lease_ttl_ms = int(s.config.throttle.lease_ttl_seconds * 1000)
+    st.throttle = Throttle(
+        throttle_redis,
+        policy=s.throttle_on_redis_error,
+        timeout_ms=s.throttle_redis_timeout_ms,
+        lease_ttl_ms=lease_ttl_ms,
+        day_zone=DayZone(s.config.throttle.day_zone),
+    )
+    await st.throttle.start()
+    st.limits = LimitsCache(st.db, s.config, lease_ttl_ms=lease_ttl_ms)
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys
@@ -81,6 +104,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await auth.stop()
+        await st.throttle.aclose()
+        await throttle_redis.aclose()
         await session.close()
         await st.redis.aclose()
         await st.db.close()

@@ -11,7 +11,7 @@ from aiohttp import web
 from creditgate.auth import ApiKeyAuth
 from creditgate.config import Settings
 from creditgate.proxy.upstream import UpstreamClient
-from creditgate.throttle import Throttle
+from creditgate.throttle import LimitsCache, Throttle
 
 
 @dataclass(slots=True)
@@ -21,6 +21,7 @@ class State:
     db: asyncpg.Pool = field(init=False)
     redis: aioredis.Redis = field(init=False)
     throttle: Throttle = field(init=False)
+    limits: LimitsCache = field(init=False)
     upstream: UpstreamClient = field(init=False)
     keys: ApiKeyAuth = field(init=False)
 

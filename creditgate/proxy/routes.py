@@ -38,6 +38,7 @@ from creditgate.proxy.sse import (
     sse_event,
 )
 from creditgate.proxy.upstream import UpstreamCall
+from creditgate.throttle import Admission
 
 # Failures reading from the upstream once its 200 has arrived.
 _UPSTREAM_READ_ERRORS = (aiohttp.ClientError, TimeoutError)
@@ -55,6 +56,7 @@ class _Call:
 
     st: State
     chat: ChatRequest
+    admission: Admission
     hold: ledger.Hold
     request_id: str
     settling: bool = False
@@ -77,10 +79,15 @@ class _Call:
         self.tokens = in_tok + out_tok
         started = time.perf_counter()
         # Shielded: once begun, a settlement completes even if the request is cancelled.
-        settlement = await asyncio.shield(
-            ledger.settle_hold(
-                self.st.db, self.hold.id, ledger.Usage(in_tok, out_tok, cost, not exact)
-            )
+        # The throttle is corrected (and the lease returned) at the same time, so
+        # both are done before the last byte and neither waits for the other.
+        settlement, _ = await asyncio.gather(
+            asyncio.shield(
+                ledger.settle_hold(
+                    self.st.db, self.hold.id, ledger.Usage(in_tok, out_tok, cost, not exact)
+                )
+            ),
+            self.st.throttle.finish(self.admission, self.tokens),
         )
         LEDGER_LATENCY.labels("settle").observe(time.perf_counter() - started)
         TOKENS.labels(chat.model.name, "input").inc(in_tok)
@@ -129,8 +136,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(
         await read_json_object(request), config.models, config.estimate_bytes_per_token
     )
-    tier = config.tiers.get(principal.tier) or config.tiers["free"]
-    admission = await st.throttle.admit(principal.account_id, tier, chat.worst_case_tokens)
+    limits = await st.limits.get(principal.account_id, principal.key_id)
+    admission = await st.throttle.admit(
+        limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
+    )
     call: _Call | None = None
     try:
         started = time.perf_counter()
@@ -146,7 +155,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             model=chat.model.name,
         )
         LEDGER_LATENCY.labels("reserve").observe(time.perf_counter() - started)
-        call = _Call(st, chat, hold, request[REQUEST_ID])
+        call = _Call(st, chat, admission, hold, request[REQUEST_ID])
         try:
             upstream = await st.upstream.open(chat.model, chat.upstream_body)
             headers = {
@@ -160,7 +169,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         finally:
             await call.release()  # no-op once settling began
     finally:
-        await st.throttle.finish(admission, call.tokens if call and call.tokens else 0)
+        # A no-op once settling returned it; otherwise the call was never served:
+        # its tokens and its daily message are given back, the lease returned.
+        await st.throttle.finish(admission, call.tokens if call else None)
 
 
 async def _complete(call: _Call, upstream: UpstreamCall, headers: dict[str, str]) -> web.Response:

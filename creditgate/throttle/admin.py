@@ -1,0 +1,55 @@
+"""Operator routes for limit overrides (``ADMIN_TOKEN``).
+
+``GET|PATCH /api/admin/accounts/{account}/limits`` and
+``GET|PATCH /api/admin/keys/{key_id}/limits``. PATCH takes any of
+``requestsPerMinute``, ``tokensPerMinute``, ``maxParallel``, ``messagesPerDay``:
+an integer sets the override, ``null`` clears it (inherit again), a missing
+field is left alone. Every process sees a change within the limits cache's
+time (5 s).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from creditgate import ledger
+from creditgate.auth import require_admin
+from creditgate.errors import NotFound
+from creditgate.http.envelope import data_response, read_json
+from creditgate.http.state import STATE
+from creditgate.throttle.overrides import describe, key_account, parse_changes, set_overrides
+
+
+async def account_limits(request: web.Request) -> web.Response:
+    """The tier, overrides and effective limits of an account; PATCH changes its overrides."""
+    st = request.app[STATE]
+    require_admin(request, st.settings.admin_token)
+    account = await ledger.resolve_account(st.db, request.match_info["account"])
+    if request.method == "PATCH":
+        changes = parse_changes(await read_json(request))
+        await set_overrides(st.db, "accounts", account.id, changes)
+    return data_response(request, await describe(st.db, st.settings.config, account.id))
+
+
+async def key_limits(request: web.Request) -> web.Response:
+    """The same for one API key: its overrides tighten its account's limits."""
+    st = request.app[STATE]
+    require_admin(request, st.settings.admin_token)
+    try:
+        key_id = uuid.UUID(request.match_info["key_id"])
+    except ValueError:
+        raise NotFound(f"no API key {request.match_info['key_id']!r}") from None
+    account_id = await key_account(st.db, key_id)
+    if request.method == "PATCH":
+        changes = parse_changes(await read_json(request))
+        await set_overrides(st.db, "api_keys", key_id, changes)
+    return data_response(request, await describe(st.db, st.settings.config, account_id, key_id))
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """Register the override routes."""
+    for method in ("GET", "PATCH"):
+        router.add_route(method, "/api/admin/accounts/{account}/limits", account_limits)
+        router.add_route(method, "/api/admin/keys/{key_id}/limits", key_limits)

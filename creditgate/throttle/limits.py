@@ -1,0 +1,124 @@
+"""The limits one request is held to: its tier, its account's and its key's overrides.
+
+Resolution, per limit: the account's override if set, else the tier's value;
+then a key override applies only where it is *stricter* than the account's
+value. A stricter key gets buckets of its own, checked together with (never
+instead of) the account's, so a key can never be looser than its account: its
+requests always also count against the account.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from creditgate.config import MAX_PER_MINUTE, Tier
+
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day")
+# The same names in the camelCase of creditgate's JSON routes.
+JSON_NAMES = dict(
+    zip(
+        LIMIT_NAMES,
+        ("requestsPerMinute", "tokensPerMinute", "maxParallel", "messagesPerDay"),
+        strict=True,
+    )
+)
+MAX_VALUE = {
+    "requests_per_minute": MAX_PER_MINUTE,
+    "tokens_per_minute": MAX_PER_MINUTE,
+    "max_parallel": 1_000_000,
+    "messages_per_day": 2**31 - 1,
+}
+MINUTE_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Operator-set limits of an account or an API key; None inherits."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_parallel: int | None = None
+    messages_per_day: int | None = None
+
+    def get(self, name: str) -> int | None:
+        value: int | None = getattr(self, name)
+        return value
+
+    def as_json(self) -> dict[str, int | None]:
+        return {JSON_NAMES[f.name]: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: Any, prefix: str = "") -> Overrides:
+        """From a database row whose columns are the limit names (with ``prefix``)."""
+        return cls(*(row[prefix + name] for name in LIMIT_NAMES))
+
+
+NO_OVERRIDES = Overrides()
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One limit as the throttle script sees it: a Redis key and its parameters."""
+
+    name: str  # one of LIMIT_NAMES
+    scope: str  # "account" | "key"
+    key: str
+    kind: str  # "b" bucket, "p" parallel leases, "d" day counter
+    limit: int
+    param: int  # bucket: refill period ms; leases: lease ttl ms; day: unused
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The resolved limits of (account, key): what the throttle checks and takes."""
+
+    account_id: uuid.UUID
+    key_id: uuid.UUID | None
+    tier: str
+    account: Tier  # the account's values (tier with the account's overrides)
+    key: Overrides  # the key's values that are stricter than the account's
+    buckets: tuple[Bucket, ...] = field(default=(), compare=False)
+
+    def value(self, name: str) -> int:
+        """The effective value of limit ``name``: the stricter of key and account."""
+        key_value = self.key.get(name)
+        account_value: int = getattr(self.account, name)
+        return account_value if key_value is None else key_value
+
+    def effective_json(self) -> dict[str, int]:
+        return {JSON_NAMES[n]: self.value(n) for n in LIMIT_NAMES}
+
+
+def _first(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def resolve(
+    account_id: uuid.UUID,
+    key_id: uuid.UUID | None,
+    tier: Tier,
+    account: Overrides = NO_OVERRIDES,
+    key: Overrides = NO_OVERRIDES,
+    *,
+    lease_ttl_ms: int,
+) -> Limits:
+    """The limits a request of this account (through this key) is held to."""
+    values = {n: _first(account.get(n), getattr(tier, n)) for n in LIMIT_NAMES}
+    account_tier = Tier(tier.name, **values)
+    stricter = {n: v for n in LIMIT_NAMES if (v := key.get(n)) is not None and v < values[n]}
+    key_limits = Overrides(**stricter)
+    # Every key of one account shares the hash tag {account id}: one Cluster slot.
+    tag = f"cg:{{{account_id}}}"
+    kinds = {"requests_per_minute": ("rpm", "b"), "tokens_per_minute": ("tpm", "b")}
+    kinds |= {"max_parallel": ("par", "p"), "messages_per_day": ("day", "d")}
+
+    def bucket(name: str, scope: str, prefix: str, limit: int) -> Bucket:
+        suffix, kind = kinds[name]
+        param = MINUTE_MS if kind == "b" else lease_ttl_ms if kind == "p" else 0
+        return Bucket(name, scope, f"{prefix}:{suffix}", kind, limit, param)
+
+    buckets = [bucket(n, "account", tag, values[n]) for n in LIMIT_NAMES]
+    buckets += [bucket(n, "key", f"{tag}:k:{key_id}", v) for n, v in stricter.items()]
+    return Limits(account_id, key_id, tier.name, account_tier, key_limits, tuple(buckets))
