@@ -154,6 +154,50 @@ async def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     return report.as_json()
 
 
+async def cmd_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """``limits show|set ACCOUNT [--key KEY_ID]``: an account's or key's throttle limits."""
+    import uuid
+
+    from creditgate.throttle import overrides
+
+    changes: dict[str, int | None] = {}
+    for name in ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = None if value == "none" else _positive(name, value)
+    if args.sub == "set" and not changes:
+        raise CliError("VALIDATION_ERROR", "name at least one limit to set (or 'none' to clear)")
+    settings = _settings()
+    key_id = None
+    if args.key:
+        try:
+            key_id = uuid.UUID(args.key)
+        except ValueError:
+            raise CliError("VALIDATION_ERROR", f"--key: {args.key!r} is not a key id") from None
+    conn = await _connect(settings)
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        if key_id is not None and await overrides.key_account(conn, key_id) != account.id:
+            raise CliError("NOT_FOUND", f"no API key {key_id} on account {account.id}")
+        if changes:
+            table, row = ("api_keys", key_id) if key_id else ("accounts", account.id)
+            await overrides.set_overrides(conn, table, row, changes)
+        return await overrides.describe(conn, settings.config, account.id, key_id)
+    finally:
+        await conn.close()
+
+
+def _positive(name: str, text: str) -> int:
+    from creditgate.throttle.limits import MAX_VALUE
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_VALUE[name]:
+        flag = "--" + name.replace("_", "-")
+        raise CliError(
+            "VALIDATION_ERROR", f"{flag}: an integer from 1 to {MAX_VALUE[name]}, or 'none'"
+        )
+    return int(text)
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -380,6 +424,23 @@ def _parser() -> argparse.ArgumentParser:
         "--admin", action="store_true", help="an admin key: may also call the admin routes"
     )
     s.set_defaults(run=cmd_keys_create)
+
+    limits = sub.add_parser("limits", help="throttle limits of an account or API key")
+    limits_sub = limits.add_subparsers(dest="sub", required=True)
+    s = limits_sub.add_parser("show", parents=[common], help="tier, overrides, effective limits")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("--key", help="an API key id of the account: its limits instead")
+    s.set_defaults(run=cmd_limits)
+    s = limits_sub.add_parser(
+        "set",
+        parents=[common],
+        help="override limits ('none' clears one); a key's can only tighten its account's",
+    )
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("--key", help="an API key id of the account: override the key's limits")
+    for flag in ("requests-per-minute", "tokens-per-minute", "max-parallel", "messages-per-day"):
+        s.add_argument(f"--{flag}", metavar="N|none")
+    s.set_defaults(run=cmd_limits)
 
     s = sub.add_parser("balance", parents=[common], help="an account's balance")
     s.add_argument("account", help="account id or Clerk user/org id")
