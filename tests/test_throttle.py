@@ -17,6 +17,7 @@ from creditgate.config import Tier
 from creditgate.errors import RateLimited
 from creditgate.throttle import DayZone, Overrides, Throttle, resolve
 from creditgate.throttle.local import LocalStore
+from creditgate.throttle.resp import RedisPipe
 from tests.conftest import Services
 from tests.throttle_support import MESSAGES, app_client, make_settings
 
@@ -28,13 +29,15 @@ def tier(rpm: int = 100_000, tpm: int = 10**8, par: int = 1000, day: int = 10**6
 
 
 @pytest.fixture
-async def throttle(redis: aioredis.Redis) -> AsyncIterator[Throttle]:
-    t = Throttle(redis, policy="closed", timeout_ms=2000)
+async def throttle(services: Services) -> AsyncIterator[Throttle]:
+    pipe = RedisPipe(services.redis_url)
+    t = Throttle(pipe, policy="closed", timeout_ms=2000)
     await t.start()
     try:
         yield t
     finally:
         await t.aclose()
+        await pipe.aclose()
 
 
 @pytest.fixture
@@ -48,9 +51,9 @@ def chat(**extra: object) -> dict[str, object]:
     return {"model": "mock-model", "messages": MESSAGES, **extra}
 
 
-async def level(redis: aioredis.Redis, account_id: uuid.UUID, name: str) -> float:
-    """A token bucket's stored level, in units (it is stored × 60,000)."""
-    raw = await redis.hget(f"cg:{{{account_id}}}:{name}", "l")
+async def level(redis: aioredis.Redis, account_id: uuid.UUID, field: str = "tl") -> float:
+    """A bucket's stored level in units (stored × 60,000): tokens "tl", requests "rl"."""
+    raw = await redis.hget(f"cg:{{{account_id}}}", field)
     assert raw is not None
     return int(raw) / 60_000
 
@@ -62,13 +65,13 @@ async def test_all_or_nothing_and_the_longest_wait_decides(
     throttle: Throttle, redis: aioredis.Redis
 ) -> None:
     acct = uuid.uuid4()
-    limits = resolve(acct, None, tier(rpm=60, tpm=6000), lease_ttl_ms=60_000)
+    limits = resolve(acct, None, tier(rpm=60, tpm=6000))
     big = await throttle.admit(limits, 6000)  # a whole minute's tokens
     await throttle.finish(big, 6000)
     for _ in range(59):  # and the rest of the minute's requests
         a = await throttle.admit(limits, 0)
         await throttle.finish(a, 0)
-    day_before = await redis.hgetall(f"cg:{{{acct}}}:day")
+    day_before = (await redis.hgetall(f"cg:{{{acct}}}"))[b"n"]
 
     with pytest.raises(RateLimited) as refused:
         await throttle.admit(limits, 150)
@@ -78,7 +81,7 @@ async def test_all_or_nothing_and_the_longest_wait_decides(
     assert refused.value.headers["Retry-After"] == "2"
     assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
     # Nothing was taken: not the day's message, not a lease.
-    assert await redis.hgetall(f"cg:{{{acct}}}:day") == day_before
+    assert (await redis.hgetall(f"cg:{{{acct}}}"))[b"n"] == day_before == b"60"
     assert await redis.zcard(f"cg:{{{acct}}}:par") == 0
 
     await asyncio.sleep(2)  # wait exactly what it said, then it succeeds
@@ -93,27 +96,41 @@ async def test_keys_share_a_hash_tag_and_expire_when_idle(
     limits = resolve(
         acct,
         key,
-        tier(rpm=100, tpm=1000),
+        tier(rpm=100, tpm=1000, day=10**6),
         key=Overrides(requests_per_minute=5, max_parallel=3),
-        lease_ttl_ms=30_000,
     )
     a = await throttle.admit(limits, 10)
-    names = [b.key for b in limits.buckets]
-    assert len(names) == 6 and all(n.startswith(f"cg:{{{acct}}}:") for n in names)
-    for name in names:
-        ttl = await redis.pttl(name)
-        assert ttl > 0, name  # nothing lives forever
-    # A bucket's key lives until it would be full again (+1 s): 1 request at
-    # 100/min refills in 0.6 s; the day counter lives until the day ends.
-    assert await redis.pttl(f"cg:{{{acct}}}:rpm") <= 1600
-    assert await redis.pttl(f"cg:{{{acct}}}:par") <= 31_000
+    assert limits.keys == (
+        f"cg:{{{acct}}}",
+        f"cg:{{{acct}}}:par",
+        f"cg:{{{acct}}}:k:{key}",
+        f"cg:{{{acct}}}:k:{key}:par",
+    )
+    for name in limits.keys:
+        assert await redis.pttl(name) > 0, name  # nothing lives forever
+    # A hash lives while a message is counted today; the lease set, a lease's life.
+    assert await redis.pttl(f"cg:{{{acct}}}:par") <= 61_000
+    assert await redis.hgetall(f"cg:{{{acct}}}:k:{key}") == {
+        b"rl": b"%d" % (4 * 60_000),
+        b"rt": (await redis.hget(f"cg:{{{acct}}}:k:{key}", "rt")),
+    }  # the key's hash holds only what the key limits (requests)
     await throttle.finish(a, 10)
     assert await redis.zcard(f"cg:{{{acct}}}:par") == 0
     assert await redis.zcard(f"cg:{{{acct}}}:k:{key}:par") == 0
 
 
+async def test_idle_buckets_expire_once_full(throttle: Throttle, redis: aioredis.Redis) -> None:
+    acct = uuid.uuid4()
+    limits = resolve(acct, None, Tier("t", 100, 1000, 1000, 10**6))
+    # Without a daily count the hash lives until its buckets are full (+1 s):
+    # 10 tokens at 1000/min refill in 0.6 s.
+    call = throttle._call(limits, "a", 1, 10, "", 0)
+    assert (await throttle._call_redis(call) or [0])[0] == 1
+    assert 0 < await redis.pttl(f"cg:{{{acct}}}") <= 1600
+
+
 async def test_too_large_prompt_is_refused_without_a_wait(throttle: Throttle) -> None:
-    limits = resolve(uuid.uuid4(), None, tier(tpm=100), lease_ttl_ms=60_000)
+    limits = resolve(uuid.uuid4(), None, tier(tpm=100))
     with pytest.raises(RateLimited) as refused:
         await throttle.admit(limits, 400, required_tokens=300)
     assert refused.value.details == {"limit": "tokens_per_minute", "retryAfter": None}
@@ -132,30 +149,30 @@ async def test_local_store_decides_like_the_script(throttle: Throttle) -> None:
         uuid.uuid4(),
         tier(rpm=6, tpm=600, par=2, day=4),
         key=Overrides(tokens_per_minute=300),
-        lease_ttl_ms=60_000,
     )
     local = LocalStore()
-    steps: list[tuple[str, dict[str, object]]] = [
-        ("a", {"tokens_per_minute": 200, "max_parallel": "l1"}),
-        ("a", {"tokens_per_minute": 200, "max_parallel": "l2"}),  # key bucket: 100 left
-        ("a", {"tokens_per_minute": 50, "max_parallel": "l3"}),  # parallel: 2 in flight
-        ("r", {"tokens_per_minute": -150, "max_parallel": "l1", "messages_per_day": ""}),
-        ("a", {"tokens_per_minute": 100, "max_parallel": "l4"}),
-        ("q", {"tokens_per_minute": 10, "max_parallel": "x"}),
-        ("a", {"tokens_per_minute": 10, "max_parallel": "l5"}),  # messages_per_day: 4 taken
+    steps: list[tuple[str, int, str, int | str]] = [
+        ("a", 200, "l1", 1),
+        ("a", 200, "l2", 1),  # the key's bucket: 100 left
+        ("a", 50, "l3", 1),  # parallel: 2 in flight
+        ("r", -150, "l1", ""),
+        ("a", 100, "l4", 1),
+        ("q", 10, "x", 1),
+        ("a", 10, "l5", 1),  # messages_per_day: 4 taken
+        ("r", 0, "l4", "day"),  # never served: its message given back
+        ("a", 10, "l6", 1),
     ]
-    for mode, costs in steps:
-        full = {"requests_per_minute": 1, "messages_per_day": 1, **costs}
-        buckets = tuple(
-            b for b in limits.buckets if mode != "r" or b.name != "requests_per_minute"
-        )
-        keys, args = throttle._call(limits, mode, full, buckets)
-        remote = [int(x) for x in await throttle._admit(keys=keys, args=args)]
-        here = local.run(keys, args)
+    for mode, tokens, lease, messages in steps:
+        if messages == "day":
+            messages = throttle.day_zone.day_number()
+        call = throttle._call(limits, mode, 1, tokens, lease, messages)
+        remote = await throttle._call_redis(call)
+        assert remote is not None
+        here = local.run(call.keys, call.args)
         # Same decision, same limit, same counts; waits and resets differ only
         # by the milliseconds between the two calls.
-        assert here[:2] == remote[:2], (mode, costs)
-        assert here[4::2] == remote[4::2], (mode, costs)
+        assert here[:2] == remote[:2], (mode, tokens)
+        assert here[4::2] == remote[4::2], (mode, tokens)
         assert abs(here[2] - remote[2]) <= 50
 
 
@@ -196,7 +213,7 @@ async def test_token_correction_refunds_what_was_not_used(
     # At admission the estimate (prompt + 2000) was taken...
     assert int(resp.headers["x-ratelimit-remaining-tokens"]) < 1000
     # ...and by the last byte the bucket holds back only what was used.
-    after = await level(redis, c.account.id, "tpm")
+    after = await level(redis, c.account.id)
     assert 3000 - usage["total_tokens"] - 1 <= after <= 3000
 
 
@@ -209,7 +226,7 @@ async def test_usage_above_the_estimate_leaves_a_debt(
     assert resp.status == 200
     used = (await resp.json())["usage"]["total_tokens"]
     assert used > 5000
-    debt = await level(redis, c.account.id, "tpm")
+    debt = await level(redis, c.account.id)
     assert debt < 3000 - used + 100 < 0  # in debt by what the estimate missed
 
     resp = await tc.post("/v1/chat/completions", json=chat(max_tokens=1), headers=c.auth)
@@ -217,7 +234,7 @@ async def test_usage_above_the_estimate_leaves_a_debt(
     err = (await resp.json())["error"]
     assert err["details"]["limit"] == "tokens_per_minute"
     # The wait is what the debt (plus this request) takes to refill at 50/s.
-    now_level = await level(redis, c.account.id, "tpm")
+    now_level = await level(redis, c.account.id)
     need = 8 + math.ceil(len(b"Hi") / 3) + 1  # the prompt estimate + max_tokens
     expected = math.ceil((need - now_level) / 50)
     assert abs(int(resp.headers["Retry-After"]) - expected) <= 1
@@ -307,7 +324,7 @@ async def test_messages_per_day_count_in_the_configured_zone(
     midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tz)
     assert abs(int(refused.headers["Retry-After"]) - (midnight - now).total_seconds()) <= 2
     # The day counted is the zone's calendar day, found from Redis's clock.
-    stored = await redis.hgetall(f"cg:{{{c.account.id}}}:day")
+    stored = await redis.hgetall(f"cg:{{{c.account.id}}}")
     assert int(stored[b"d"]) == (now.date() - dt.date(1970, 1, 1)).days
     assert int(stored[b"n"]) == 2
     assert DayZone(zone).day_number() == int(stored[b"d"])

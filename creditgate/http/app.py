@@ -10,8 +10,6 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from creditgate import ledger, migrations
 from creditgate.auth import AUTH, Authenticator
@@ -25,6 +23,7 @@ from creditgate.proxy import routes as proxy
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
+from creditgate.throttle.resp import RedisPipe
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -77,16 +76,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent",),
     )
     st.upstream = UpstreamClient(session)
-    # The throttle's own client: no retries, and sockets that give up within its
-    # time budget, so a hung Redis costs a request at most that budget.
+    # The throttle's own connection: shared by all requests of this process,
+    # pipelined, and waited on at most the time budget.
     budget = s.throttle_redis_timeout_ms / 1000
-    throttle_redis = aioredis.from_url(
-        s.redis_url,
-        socket_timeout=budget,
-        socket_connect_timeout=budget,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+    throttle_redis = RedisPipe(s.redis_url, connect_timeout=max(budget, 0.5))
     lease_ttl_ms = int(s.config.throttle.lease_ttl_seconds * 1000)
     st.throttle = Throttle(
         throttle_redis,
@@ -96,7 +89,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         day_zone=DayZone(s.config.throttle.day_zone),
     )
     await st.throttle.start()
-    st.limits = LimitsCache(st.db, s.config, lease_ttl_ms=lease_ttl_ms)
+    st.limits = LimitsCache(st.db, s.config)
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys

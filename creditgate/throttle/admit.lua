@@ -1,131 +1,206 @@
 -- One throttle decision: check every limit of a request and take from all of
 -- them or from none; or give back what a finished request over-took.
 --
--- KEYS[i]   the key of limit i; every key of one account carries the hash tag
---           {account id}, so the script runs on a single Redis Cluster shard.
--- ARGV[1]   mode: "a" admit (check, then take all or none), "q" query (check,
---           take nothing), "r" return (apply corrections, release leases)
--- ARGV[2]   the day zone's offset from UTC in ms now, ARGV[3] at the day's end
--- ARGV[4..] four per key: kind, limit, param, cost
---   "b"  token bucket: limit units per param ms, refilled continuously.
---        cost: units to take ("a"/"q"), or to take back ("r": a negative
---        correction refunds, capped at the bucket's size; a positive one is a
---        debt that may leave the level negative, so later requests wait)
---   "p"  parallel leases: a sorted set, lease id -> expiry ms; param = the
---        lease time-to-live in ms; cost = the lease id ("r": the lease released)
---   "d"  calendar-day counter (hash: d = day number, n = count) in the day
---        zone; cost = messages to take ("r": the day number of an admission
---        whose message is given back, or "" for none)
+-- A scope is the account, or an API key with limits stricter than its
+-- account's. Each scope has two keys, all under the account's hash tag
+-- {account id} so the script runs on one Redis Cluster shard:
+--   KEYS[2s-1]  hash: rl/rt requests bucket level/time, tl/tt tokens bucket
+--               level/time, d/n calendar day number/messages counted that day
+--   KEYS[2s]    sorted set of parallel leases: lease id -> expiry ms
+--
+-- ARGV[1]  mode: "a" admit (check, then take all or none), "q" query (check,
+--          take nothing), "r" return (correct tokens, release the lease, give
+--          back a never-served request's message)
+-- ARGV[2]  the day zone's offset from UTC in ms now, ARGV[3] at the day's end
+-- ARGV[4]  lease time-to-live ms
+-- ARGV[5]  requests to take           ("r": unused)
+-- ARGV[6]  tokens to take             ("r": the correction: actual - taken; a
+--          negative one refunds, capped at a full bucket; a positive one is a
+--          debt that may leave the level negative, so later requests wait)
+-- ARGV[7]  the lease id ("" for none)
+-- ARGV[8]  messages to take           ("r": the day number of the admission
+--          whose message is given back, or "" for none)
+-- ARGV[8+4(s-1)+1..4]  scope s's limits: requests/min, tokens/min, parallel,
+--          messages/day; 0 = not limited in this scope
 --
 -- Time is the Redis server's (TIME), never a caller's clock, so every process
--- agrees. Arithmetic is integral: a bucket's level is stored scaled by its
--- period (units x period_ms), so the refill is elapsed_ms x limit exactly.
--- Lua numbers are doubles: exact up to 2^53, which config validation keeps
--- every scaled level below.
+-- agrees. Buckets refill continuously; a level is kept scaled by the period
+-- (units x 60,000 ms) so the refill, elapsed_ms x limit, is an exact integer.
+-- Lua numbers are doubles: exact below 2^53, which config validation ensures.
 --
--- Returns {allowed, deciding key index (0 = none), retry_after_ms, day number,
---          then per key: remaining, reset_ms (time until full / day end)}
+-- Returns {allowed, deciding limit (4(s-1)+k, k = 1 requests, 2 tokens,
+--   3 parallel, 4 messages; 0 = none), retry_after_ms, day number, then per
+--   scope: requests remaining, requests reset ms, tokens remaining, tokens
+--   reset ms, parallel remaining, messages remaining (-1 where not limited)};
+--   mode "r" returns {1, 0, 0, day number}.
 
+local PERIOD = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mode = ARGV[1]
-local offset = tonumber(ARGV[2])
-local offset_end = tonumber(ARGV[3])
-local day_ms = 86400000
-local day = math.floor((now + offset) / day_ms)
-local day_end = (day + 1) * day_ms - offset_end
-local n = #KEYS
+local offset, offset_end = tonumber(ARGV[2]), tonumber(ARGV[3])
+local day = math.floor((now + offset) / 86400000)
+local day_end = (day + 1) * 86400000 - offset_end
+local lease_ttl = tonumber(ARGV[4])
+local lease = ARGV[7]
+local scopes = #KEYS / 2
 
-local state = {}
+-- A bucket's level now: refilled since it was last written, at most full.
+local function level_of(level, last, limit)
+  level, last = tonumber(level), tonumber(last)
+  local cap = limit * PERIOD
+  if level == nil then return cap end
+  if now > last then level = math.min(cap, level + (now - last) * limit) end
+  return level
+end
+
+-- Until when a scope's hash is needed: its buckets refilled, its day over.
+local function keep_ms(rl, rpm, tl, tpm, count)
+  local ms = 0
+  if rpm > 0 then ms = math.max(ms, math.ceil((rpm * PERIOD - rl) / rpm)) end
+  if tpm > 0 then ms = math.max(ms, math.ceil((tpm * PERIOD - tl) / tpm)) end
+  if count > 0 then ms = math.max(ms, day_end - now + 60000) end
+  return ms + 1000
+end
+
+local function limits_of(s)
+  local base = 8 + 4 * (s - 1)
+  return tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
+         tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+end
+
+if mode == 'r' then
+  local correction = tonumber(ARGV[6])
+  local give_back = ARGV[8] ~= '' and tonumber(ARGV[8]) == day
+  for s = 1, scopes do
+    local hash, leases = KEYS[2 * s - 1], KEYS[2 * s]
+    local rpm, tpm, par, per_day = limits_of(s)
+    if (tpm > 0 and correction ~= 0) or (per_day > 0 and give_back) then
+      local h = redis.call('HMGET', hash, 'rl', 'rt', 'tl', 'tt', 'd', 'n')
+      local rl = rpm > 0 and level_of(h[1], h[2], rpm) or 0
+      local tl = tpm > 0 and level_of(h[3], h[4], tpm) or 0
+      local count = tonumber(h[5]) == day and tonumber(h[6]) or 0
+      local fields = {}
+      if tpm > 0 and correction ~= 0 then
+        tl = math.min(tpm * PERIOD, tl - correction * PERIOD)
+        fields = {'tl', string.format('%d', tl), 'tt', string.format('%d', now)}
+      end
+      if per_day > 0 and give_back and count > 0 then
+        count = count - 1
+        fields[#fields + 1] = 'n'
+        fields[#fields + 1] = count
+      end
+      if #fields > 0 then
+        redis.call('HSET', hash, unpack(fields))
+        redis.call('PEXPIRE', hash, keep_ms(rl, rpm, tl, tpm, count))
+      end
+    end
+    if par > 0 and lease ~= '' then redis.call('ZREM', leases, lease) end
+  end
+  return {1, 0, 0, day}
+end
+
+local need_requests = tonumber(ARGV[5]) * PERIOD
+local need_tokens = tonumber(ARGV[6]) * PERIOD
+local need_messages = tonumber(ARGV[8])
 local allowed, deciding, retry = 1, 0, 0
+local state = {}
 
 -- A refusal's wait is the longest over every exhausted limit, so that a retry
 -- after it finds all of them ready (if nothing else arrived meanwhile).
-local function refuse(i, wait)
+local function refuse(index, wait)
   allowed = 0
-  if deciding == 0 or wait > retry then deciding, retry = i, wait end
+  if deciding == 0 or wait > retry then deciding, retry = index, wait end
 end
 
-for i = 1, n do
-  local kind = ARGV[4 * i]
-  local limit = tonumber(ARGV[4 * i + 1])
-  local param = tonumber(ARGV[4 * i + 2])
-  local cost = ARGV[4 * i + 3]
-  local s = {kind = kind, limit = limit, param = param}
-  if kind == 'b' then
-    local cap = limit * param
-    local h = redis.call('HMGET', KEYS[i], 'l', 't')
-    local level, last = tonumber(h[1]), tonumber(h[2])
-    if level == nil then level, last = cap, now end
-    if now > last then level = math.min(cap, level + (now - last) * limit) end
-    s.level, s.cap, s.cost = level, cap, tonumber(cost) * param
-    if mode ~= 'r' and s.cost > 0 and level < s.cost then
-      refuse(i, math.ceil((s.cost - level) / limit))
+for s = 1, scopes do
+  local rpm, tpm, par, per_day = limits_of(s)
+  local h = redis.call('HMGET', KEYS[2 * s - 1], 'rl', 'rt', 'tl', 'tt', 'd', 'n')
+  local st = {rpm = rpm, tpm = tpm, par = par, per_day = per_day, rl = 0, tl = 0, count = 0}
+  local base = 4 * (s - 1)
+  if rpm > 0 then
+    st.rl = level_of(h[1], h[2], rpm)
+    if need_requests > 0 and st.rl < need_requests then
+      refuse(base + 1, math.ceil((need_requests - st.rl) / rpm))
     end
-  elseif kind == 'p' then
-    s.lease = cost
-    s.count = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
-    if mode ~= 'r' and s.count >= limit then
+  end
+  if tpm > 0 then
+    st.tl = level_of(h[3], h[4], tpm)
+    if need_tokens > 0 and st.tl < need_tokens then
+      refuse(base + 2, math.ceil((need_tokens - st.tl) / tpm))
+    end
+  end
+  if par > 0 then
+    st.in_flight = redis.call('ZCOUNT', KEYS[2 * s], '(' .. now, '+inf')
+    if lease ~= '' and st.in_flight >= par then
       -- A slot frees when one of the caller's own requests ends, which no
       -- clock can promise; the earliest lease expiry is only the worst case.
-      refuse(i, 1000)
-    end
-  else -- 'd'
-    local h = redis.call('HMGET', KEYS[i], 'd', 'n')
-    s.count = 0
-    if tonumber(h[1]) == day then s.count = tonumber(h[2]) or 0 end
-    s.cost = cost
-    if mode ~= 'r' and s.count + tonumber(cost) > limit then
-      refuse(i, day_end - now)
+      refuse(base + 3, 1000)
     end
   end
-  state[i] = s
+  if per_day > 0 then
+    if tonumber(h[5]) == day then st.count = tonumber(h[6]) end
+    if need_messages > 0 and st.count + need_messages > per_day then
+      refuse(base + 4, day_end - now)
+    end
+  end
+  state[s] = st
 end
 
-local take = (mode == 'a' and allowed == 1) or mode == 'r'
+local take = mode == 'a' and allowed == 1
 local out = {allowed, deciding, retry, day}
-for i = 1, n do
-  local s, key = state[i], KEYS[i]
-  if s.kind == 'b' then
-    local level = s.level
-    if take and s.cost ~= 0 then
-      level = level - s.cost
-      if level > s.cap then level = s.cap end
-      redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', now))
-      -- An idle bucket's key vanishes once it would be full again: a missing
-      -- key reads as a full bucket, so nothing is lost.
-      redis.call('PEXPIRE', key, math.ceil((s.cap - level) / s.limit) + 1000)
+for s = 1, scopes do
+  local st = state[s]
+  local hash, leases = KEYS[2 * s - 1], KEYS[2 * s]
+  if take then
+    local fields = {}
+    if st.rpm > 0 then
+      st.rl = st.rl - need_requests
+      fields = {'rl', string.format('%d', st.rl), 'rt', string.format('%d', now)}
     end
-    out[#out + 1] = math.floor(math.max(0, level) / s.param)
-    out[#out + 1] = math.ceil((s.cap - level) / s.limit)
-  elseif s.kind == 'p' then
-    local count = s.count
-    if take and s.lease ~= '' then
-      if mode == 'r' then
-        count = count - redis.call('ZREM', key, s.lease)
-      else
-        redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-        redis.call('ZADD', key, now + s.param, s.lease)
-        -- Every lease in the set expires within param ms (renewals included).
-        redis.call('PEXPIRE', key, s.param + 1000)
-        count = count + 1
-      end
+    if st.tpm > 0 then
+      st.tl = st.tl - need_tokens
+      fields[#fields + 1] = 'tl'
+      fields[#fields + 1] = string.format('%d', st.tl)
+      fields[#fields + 1] = 'tt'
+      fields[#fields + 1] = string.format('%d', now)
     end
-    out[#out + 1] = math.max(0, s.limit - count)
-    out[#out + 1] = 0
-  else
-    local count = s.count
-    if mode == 'a' and take and tonumber(s.cost) ~= 0 then
-      count = count + tonumber(s.cost)
-      redis.call('HSET', key, 'd', day, 'n', count)
-      redis.call('PEXPIREAT', key, day_end + 60000)
-    elseif mode == 'r' and s.cost ~= '' and tonumber(s.cost) == day and count > 0 then
-      -- Given back only on the day it was taken.
-      count = count - 1
-      redis.call('HSET', key, 'd', day, 'n', count)
+    if st.per_day > 0 then
+      st.count = st.count + need_messages
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = day
+      fields[#fields + 1] = 'n'
+      fields[#fields + 1] = st.count
     end
-    out[#out + 1] = math.max(0, s.limit - count)
-    out[#out + 1] = day_end - now
+    if #fields > 0 then
+      redis.call('HSET', hash, unpack(fields))
+      -- An idle hash vanishes once nothing in it matters: a missing one reads
+      -- as full buckets and no messages today, so nothing is lost.
+      redis.call('PEXPIRE', hash, keep_ms(st.rl, st.rpm, st.tl, st.tpm, st.count))
+    end
+    if st.par > 0 and lease ~= '' then
+      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+      redis.call('ZADD', leases, now + lease_ttl, lease)
+      -- Every lease in the set expires within lease_ttl (renewals included).
+      redis.call('PEXPIRE', leases, lease_ttl + 1000)
+      st.in_flight = st.in_flight + 1
+    end
   end
+  if st.rpm > 0 then
+    out[#out + 1] = math.floor(math.max(0, st.rl) / PERIOD)
+    out[#out + 1] = math.ceil((st.rpm * PERIOD - st.rl) / st.rpm)
+  else
+    out[#out + 1] = -1
+    out[#out + 1] = 0
+  end
+  if st.tpm > 0 then
+    out[#out + 1] = math.floor(math.max(0, st.tl) / PERIOD)
+    out[#out + 1] = math.ceil((st.tpm * PERIOD - st.tl) / st.tpm)
+  else
+    out[#out + 1] = -1
+    out[#out + 1] = 0
+  end
+  out[#out + 1] = st.par > 0 and math.max(0, st.par - st.in_flight) or -1
+  out[#out + 1] = st.per_day > 0 and math.max(0, st.per_day - st.count) or -1
 end
 return out

@@ -17,27 +17,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from creditgate.errors import RateLimited, ServiceUnavailable
 from creditgate.http.metrics import REDIS_DEGRADED, THROTTLE_DECISIONS
 from creditgate.logs import log
 from creditgate.throttle.day import DayZone
-from creditgate.throttle.limits import Bucket, Limits
+from creditgate.throttle.limits import LIMIT_NAMES, Limits
 from creditgate.throttle.local import LocalStore
+from creditgate.throttle.resp import RedisDown, RedisPipe, RedisReplyError, encode_args
 
-_ADMIT = resources.files(__package__).joinpath("admit.lua").read_text("utf-8")
-_RENEW = resources.files(__package__).joinpath("renew.lua").read_text("utf-8")
-# What "Redis is not answering" looks like: its own errors, sockets, the budget.
-_REDIS_DOWN = (RedisError, OSError, TimeoutError)
 POLICIES = ("local", "open", "closed")
+# Consecutive calls over the time budget that mark Redis as hung (one slow
+# moment only sends that one request to the fallback).
+_TIMEOUTS_TO_DEGRADE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _ScriptCall:
+    """One call of admit.lua: the limits' (pre-encoded) keys and arguments, and the head."""
+
+    limits: Limits
+    head: list[str | int]  # mode … messages: the arguments that change per call
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.limits.keys)
+
+    @property
+    def args(self) -> list[str | int]:
+        return [*self.head, *self.limits.scope_args]
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    text: str
+    sha: str
+
+    @property
+    def evalsha(self) -> bytes:
+        return encode_args(("EVALSHA", self.sha))
+
+    @classmethod
+    def load(cls, name: str) -> _Script:
+        text = resources.files(__package__).joinpath(name).read_text("utf-8")
+        # SHA-1 is how Redis names a script (EVALSHA), not a security measure.
+        return cls(text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
+
+
+_ADMIT = _Script.load("admit.lua")
+_RENEW = _Script.load("renew.lua")
 
 
 def format_duration(ms: int) -> str:
@@ -83,7 +117,7 @@ class Throttle:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisPipe,
         *,
         policy: str = "local",
         timeout_ms: int = 50,
@@ -94,8 +128,6 @@ class Throttle:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._redis = redis
-        self._admit = redis.register_script(_ADMIT)
-        self._renew = redis.register_script(_RENEW)
         self._policy = policy
         self._timeout = timeout_ms / 1000
         self.lease_ttl_ms = lease_ttl_ms
@@ -103,6 +135,7 @@ class Throttle:
         self._probe_interval = probe_interval
         self._local = LocalStore()
         self._healthy = True
+        self._timeouts = 0  # consecutive calls over the budget
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         # Admissions holding a lease, renewed while they run.
@@ -120,7 +153,7 @@ class Throttle:
         try:
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self._load_scripts()
-        except _REDIS_DOWN as exc:
+        except (RedisDown, RedisReplyError, TimeoutError) as exc:
             self._degrade(exc)
         self._keeper = asyncio.create_task(self._keep_leases())
 
@@ -154,14 +187,7 @@ class Throttle:
             )
         tokens = min(tokens, tpm)
         lease_id = uuid.uuid4().hex
-        costs = {
-            "requests_per_minute": 1,
-            "tokens_per_minute": tokens,
-            "max_parallel": lease_id,
-            "messages_per_day": 1,
-        }
-        keys, args = self._call(limits, "a", costs, limits.buckets)
-        out, store = await self._decide(keys, args)
+        out, store = await self._decide(self._call(limits, "a", 1, tokens, lease_id, 1))
         if out is None:  # policy "open"
             THROTTLE_DECISIONS.labels("all", "admitted").inc()
             day = self.day_zone.day_number()
@@ -172,13 +198,13 @@ class Throttle:
             admission = Admission(limits, tokens, lease_id, out[3], store, headers)
             self._live[lease_id] = admission
             return admission
-        bucket = limits.buckets[out[1] - 1]
-        THROTTLE_DECISIONS.labels(bucket.name, "refused").inc()
+        scope, name, value = _deciding(limits, out[1])
+        THROTTLE_DECISIONS.labels(name, "refused").inc()
         retry_after = max(1, math.ceil(out[2] / 1000))
         headers["Retry-After"] = str(retry_after)
         raise RateLimited(
-            _refusal_message(bucket, retry_after),
-            details={"limit": bucket.name, "retryAfter": retry_after},
+            _refusal_message(scope, name, value, retry_after),
+            details={"limit": name, "retryAfter": retry_after},
             headers=headers,
         )
 
@@ -187,21 +213,14 @@ class Throttle:
         tpm = limits.value("tokens_per_minute")
         if required_tokens > tpm:
             return Check(False, "tokens_per_minute", None, _limit_headers(limits))
-        costs = {
-            "requests_per_minute": 1,
-            "tokens_per_minute": min(tokens, tpm),
-            "max_parallel": "x",
-            "messages_per_day": 1,
-        }
-        keys, args = self._call(limits, "q", costs, limits.buckets)
-        out, _ = await self._decide(keys, args)
+        out, _ = await self._decide(self._call(limits, "q", 1, min(tokens, tpm), "x", 1))
         if out is None:
             return Check(True, None, None, _limit_headers(limits))
         if out[0]:
             return Check(True, None, None, _headers(limits, out))
         return Check(
             False,
-            limits.buckets[out[1] - 1].name,
+            _deciding(limits, out[1])[1],
             max(1, math.ceil(out[2] / 1000)),
             _headers(limits, out),
         )
@@ -219,23 +238,20 @@ class Throttle:
         self._live.pop(admission.lease_id, None)
         if admission.store == "open":
             return
-        costs: dict[str, int | str] = {
-            "tokens_per_minute": (actual_tokens or 0) - admission.tokens,
-            "max_parallel": admission.lease_id,
-            "messages_per_day": admission.day if actual_tokens is None else "",
-        }
-        buckets = tuple(b for b in admission.limits.buckets if b.name != "requests_per_minute")
-        keys, args = self._call(admission.limits, "r", costs, buckets)
+        call = self._call(
+            admission.limits,
+            "r",
+            0,
+            (actual_tokens or 0) - admission.tokens,
+            admission.lease_id,
+            admission.day if actual_tokens is None else "",
+        )
         if admission.store == "local":
-            self._local.run(keys, args)
+            self._local.run(call.keys, call.args)
             return
-        if not self._healthy:
-            return  # Redis is away: the lease expires by itself
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._admit(keys=keys, args=args)
-        except _REDIS_DOWN as exc:
-            self._degrade(exc)
+        if self._healthy:
+            # On failure the lease expires by itself; the correction is lost.
+            await self._call_redis(call)
 
     # ------------------------------------------------------------ internals
 
@@ -243,31 +259,67 @@ class Throttle:
         self,
         limits: Limits,
         mode: str,
-        costs: dict[str, Any],
-        buckets: tuple[Bucket, ...],
-    ) -> tuple[list[str], list[str | int]]:
+        requests: int,
+        tokens: int,
+        lease: str,
+        messages: int | str,
+    ) -> _ScriptCall:
+        """The script's keys and arguments (see admit.lua)."""
         offset, offset_end = self.day_zone.offsets_ms()
-        keys: list[str] = []
-        args: list[str | int] = [mode, offset, offset_end]
-        for b in buckets:
-            keys.append(b.key)
-            args += (b.kind, b.limit, b.param, costs[b.name])
-        return keys, args
+        head: list[str | int] = [
+            mode,
+            offset,
+            offset_end,
+            self.lease_ttl_ms,
+            requests,
+            tokens,
+            lease,
+            messages,
+        ]
+        return _ScriptCall(limits, head)
 
-    async def _decide(self, keys: list[str], args: list[str | int]) -> tuple[list[int] | None, str]:
+    async def _decide(self, call: _ScriptCall) -> tuple[list[int] | None, str]:
         if self._healthy:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    out = await self._admit(keys=keys, args=args)
-                return [int(x) for x in out], "redis"
-            except _REDIS_DOWN as exc:
-                self._degrade(exc)
+            out = await self._call_redis(call)
+            if out is not None:
+                return out, "redis"
         if self._policy == "local":
-            return self._local.run(keys, args), "local"
+            return self._local.run(call.keys, call.args), "local"
         if self._policy == "open":
             return None, "open"
         THROTTLE_DECISIONS.labels("redis_unavailable", "refused").inc()
         raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.")
+
+    async def _call_redis(self, call: _ScriptCall) -> list[int] | None:
+        """admit.lua's reply within the time budget, or None (and maybe degraded)."""
+        limits = call.limits
+        body = limits.keys_resp + encode_args(call.head) + limits.scope_args_resp
+        count = len(limits.keys) + len(call.head) + len(limits.scope_args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                out: list[int] = await self._eval(_ADMIT, len(limits.keys), body, count)
+        except TimeoutError as exc:
+            self._timeouts += 1
+            if self._timeouts >= _TIMEOUTS_TO_DEGRADE:
+                self._degrade(exc)
+            return None
+        except (RedisDown, RedisReplyError) as exc:
+            self._degrade(exc)
+            return None
+        self._timeouts = 0
+        return out
+
+    async def _eval(self, script: _Script, numkeys: int, body: bytes, count: int) -> Any:
+        """EVALSHA of ``count`` encoded keys and arguments; loads the script on NOSCRIPT."""
+        encoded = script.evalsha + encode_args((numkeys,)) + body
+        try:
+            return await self._redis.execute_encoded(3 + count, encoded)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # Redis restarted or flushed its scripts: load once, call again.
+        await self._redis.execute("SCRIPT", "LOAD", script.text)
+        return await self._redis.execute_encoded(3 + count, encoded)
 
     def _degrade(self, exc: BaseException) -> None:
         if not self._healthy:
@@ -276,7 +328,7 @@ class Throttle:
         REDIS_DEGRADED.set(1)
         log.warning(
             "throttle degraded: Redis unreachable, applying the fallback policy",
-            extra={"policy": self._policy, "error": type(exc).__name__},
+            extra={"policy": self._policy, "error": type(exc).__name__, "detail": str(exc)[:200]},
         )
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._probe_until_healthy())
@@ -287,17 +339,19 @@ class Throttle:
             try:
                 async with asyncio.timeout(max(self._timeout, 0.2)):
                     await self._load_scripts()
-            except _REDIS_DOWN:
+            except (RedisDown, RedisReplyError, TimeoutError):
+                self._redis.reset()  # a hung connection must not be reused
                 continue
             self._healthy = True
+            self._timeouts = 0
             REDIS_DEGRADED.set(0)
             log.info("throttle recovered: Redis reachable, limits shared again")
             return
 
     async def _load_scripts(self) -> None:
         # Loading is also the probe: a Redis that restarted empty needs them.
-        await self._redis.script_load(_ADMIT)
-        await self._redis.script_load(_RENEW)
+        await self._redis.execute("SCRIPT", "LOAD", _ADMIT.text)
+        await self._redis.execute("SCRIPT", "LOAD", _RENEW.text)
 
     async def _keep_leases(self) -> None:
         """Renew the leases of requests in flight every third of their lifetime."""
@@ -314,38 +368,42 @@ class Throttle:
         remote = [a for a in live if a.store == "redis"]
         for a in live:
             if a.store == "local":
-                self._local.renew(_lease_keys(a.limits), a.lease_id, self.lease_ttl_ms)
+                self._local.renew(a.limits.lease_keys, a.lease_id, self.lease_ttl_ms)
         if not remote or not self._healthy:
             return
+        # Concurrent calls on the shared connection: written as one pipeline.
         try:
             async with asyncio.timeout(max(self._timeout, 1.0)):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for a in remote:
-                        await self._renew(
-                            keys=_lease_keys(a.limits),
-                            args=[a.lease_id, self.lease_ttl_ms],
-                            client=pipe,
+                await asyncio.gather(
+                    *(
+                        self._eval(
+                            _RENEW,
+                            len(a.limits.lease_keys),
+                            encode_args([*a.limits.lease_keys, a.lease_id, self.lease_ttl_ms]),
+                            len(a.limits.lease_keys) + 2,
                         )
-                    await pipe.execute()
-        except _REDIS_DOWN as exc:
+                        for a in remote
+                    )
+                )
+        except (RedisDown, RedisReplyError, TimeoutError) as exc:
             self._degrade(exc)
 
 
-def _lease_keys(limits: Limits) -> list[str]:
-    return [b.key for b in limits.buckets if b.kind == "p"]
+def _deciding(limits: Limits, index: int) -> tuple[str, str, int]:
+    """(scope, limit name, its value) of the script's deciding limit index."""
+    scope = limits.scopes[(index - 1) // 4]
+    k = (index - 1) % 4
+    return scope.name, LIMIT_NAMES[k], scope.values[k]
 
 
-def _refusal_message(bucket: Bucket, retry_after: int) -> str:
-    whose = "this API key's" if bucket.scope == "key" else "your"
-    if bucket.name == "max_parallel":
+def _refusal_message(scope: str, name: str, value: int, retry_after: int) -> str:
+    whose = "this API key's" if scope == "key" else "your"
+    if name == "max_parallel":
         return (
-            f"Too many requests in flight: {whose} limit is {bucket.limit} at a time. "
+            f"Too many requests in flight: {whose} limit is {value} at a time. "
             "Retry when one of them has finished."
         )
-    return (
-        f"Rate limit reached for {whose} {bucket.name} ({bucket.limit}); "
-        f"retry after {retry_after} s."
-    )
+    return f"Rate limit reached for {whose} {name} ({value}); retry after {retry_after} s."
 
 
 def _limit_headers(limits: Limits) -> dict[str, str]:
@@ -356,18 +414,17 @@ def _limit_headers(limits: Limits) -> dict[str, str]:
 
 
 def _headers(limits: Limits, out: list[int]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the tightest bucket of each kind."""
-    best: dict[str, tuple[int, int, int]] = {}
-    for i, b in enumerate(limits.buckets):
-        if b.kind != "b":
-            continue
-        remaining, reset = out[4 + 2 * i], out[5 + 2 * i]
-        if b.name not in best or remaining < best[b.name][1]:
-            best[b.name] = (b.limit, remaining, reset)
-    headers = {}
-    for name, suffix in (("requests_per_minute", "requests"), ("tokens_per_minute", "tokens")):
-        limit, remaining, reset = best[name]
-        headers[f"x-ratelimit-limit-{suffix}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{suffix}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{suffix}"] = format_duration(reset)
+    """OpenAI's x-ratelimit-* headers, from the scope with the least remaining of each."""
+    headers: dict[str, str] = {}
+    for k, suffix in ((0, "requests"), (1, "tokens")):
+        best: tuple[int, int, int] | None = None
+        for i, scope in enumerate(limits.scopes):
+            limit = scope.values[k]
+            remaining, reset = out[4 + 6 * i + 2 * k], out[5 + 6 * i + 2 * k]
+            if limit > 0 and (best is None or remaining < best[1]):
+                best = (limit, remaining, reset)
+        assert best is not None  # the account scope limits both
+        headers[f"x-ratelimit-limit-{suffix}"] = str(best[0])
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(best[1])
+        headers[f"x-ratelimit-reset-{suffix}"] = format_duration(best[2])
     return headers

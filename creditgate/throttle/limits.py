@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from creditgate.config import MAX_PER_MINUTE, Tier
+from creditgate.throttle.resp import encode_args
 
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day")
 # The same names in the camelCase of creditgate's JSON routes.
@@ -30,7 +31,6 @@ MAX_VALUE = {
     "max_parallel": 1_000_000,
     "messages_per_day": 2**31 - 1,
 }
-MINUTE_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +59,13 @@ NO_OVERRIDES = Overrides()
 
 
 @dataclass(frozen=True, slots=True)
-class Bucket:
-    """One limit as the throttle script sees it: a Redis key and its parameters."""
+class Scope:
+    """Whose limits: the account's, or a key's stricter ones; and their Redis keys."""
 
-    name: str  # one of LIMIT_NAMES
-    scope: str  # "account" | "key"
-    key: str
-    kind: str  # "b" bucket, "p" parallel leases, "d" day counter
-    limit: int
-    param: int  # bucket: refill period ms; leases: lease ttl ms; day: unused
+    name: str  # "account" | "key"
+    hash_key: str  # buckets and the day's count (see admit.lua)
+    lease_key: str  # parallel leases
+    values: tuple[int, int, int, int]  # in LIMIT_NAMES order; 0 = not limited here
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +77,12 @@ class Limits:
     tier: str
     account: Tier  # the account's values (tier with the account's overrides)
     key: Overrides  # the key's values that are stricter than the account's
-    buckets: tuple[Bucket, ...] = field(default=(), compare=False)
+    scopes: tuple[Scope, ...] = field(default=(), compare=False)
+    # The script's keys and per-scope limit arguments, built (and encoded) once.
+    keys: tuple[str, ...] = field(default=(), compare=False)
+    scope_args: tuple[int, ...] = field(default=(), compare=False)
+    keys_resp: bytes = field(default=b"", compare=False)
+    scope_args_resp: bytes = field(default=b"", compare=False)
 
     def value(self, name: str) -> int:
         """The effective value of limit ``name``: the stricter of key and account."""
@@ -89,6 +92,10 @@ class Limits:
 
     def effective_json(self) -> dict[str, int]:
         return {JSON_NAMES[n]: self.value(n) for n in LIMIT_NAMES}
+
+    @property
+    def lease_keys(self) -> list[str]:
+        return [s.lease_key for s in self.scopes if s.values[2] > 0]
 
 
 def _first(value: int | None, default: int) -> int:
@@ -101,24 +108,33 @@ def resolve(
     tier: Tier,
     account: Overrides = NO_OVERRIDES,
     key: Overrides = NO_OVERRIDES,
-    *,
-    lease_ttl_ms: int,
 ) -> Limits:
     """The limits a request of this account (through this key) is held to."""
     values = {n: _first(account.get(n), getattr(tier, n)) for n in LIMIT_NAMES}
     account_tier = Tier(tier.name, **values)
     stricter = {n: v for n in LIMIT_NAMES if (v := key.get(n)) is not None and v < values[n]}
-    key_limits = Overrides(**stricter)
     # Every key of one account shares the hash tag {account id}: one Cluster slot.
     tag = f"cg:{{{account_id}}}"
-    kinds = {"requests_per_minute": ("rpm", "b"), "tokens_per_minute": ("tpm", "b")}
-    kinds |= {"max_parallel": ("par", "p"), "messages_per_day": ("day", "d")}
+    scopes = [Scope("account", tag, f"{tag}:par", _values(values))]
+    if stricter:
+        prefix = f"{tag}:k:{key_id}"
+        scopes.append(Scope("key", prefix, f"{prefix}:par", _values(stricter)))
+    keys = tuple(k for s in scopes for k in (s.hash_key, s.lease_key))
+    scope_args = tuple(v for s in scopes for v in s.values)
+    return Limits(
+        account_id,
+        key_id,
+        tier.name,
+        account_tier,
+        Overrides(**stricter),
+        tuple(scopes),
+        keys,
+        scope_args,
+        encode_args(keys),
+        encode_args(scope_args),
+    )
 
-    def bucket(name: str, scope: str, prefix: str, limit: int) -> Bucket:
-        suffix, kind = kinds[name]
-        param = MINUTE_MS if kind == "b" else lease_ttl_ms if kind == "p" else 0
-        return Bucket(name, scope, f"{prefix}:{suffix}", kind, limit, param)
 
-    buckets = [bucket(n, "account", tag, values[n]) for n in LIMIT_NAMES]
-    buckets += [bucket(n, "key", f"{tag}:k:{key_id}", v) for n, v in stricter.items()]
-    return Limits(account_id, key_id, tier.name, account_tier, key_limits, tuple(buckets))
+def _values(by_name: dict[str, int]) -> tuple[int, int, int, int]:
+    a, b, c, d = (by_name.get(n, 0) for n in LIMIT_NAMES)
+    return (a, b, c, d)

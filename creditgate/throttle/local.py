@@ -8,18 +8,24 @@ all, and the ``creditgate_throttle_degraded`` gauge says it is being paid.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
+_PERIOD = 60_000
 _DAY_MS = 86_400_000
 _SWEEP_EVERY = 1024  # decisions between sweeps of idle state
 
 
 @dataclass(slots=True)
-class _Bucket:
-    level: int
-    last: int
+class _Scope:
+    """What admit.lua keeps in a scope's hash (levels scaled by the period)."""
+
+    rl: int | None = None
+    rt: int = 0
+    tl: int | None = None
+    tt: int = 0
+    day: int = -1
+    count: int = 0
     expires: int = 0
 
 
@@ -29,22 +35,23 @@ class _Leases:
     expires: int = 0
 
 
-@dataclass(slots=True)
-class _Day:
-    day: int
-    count: int
-    expires: int = 0
+def _level(level: int | None, last: int, limit: int, now: int) -> int:
+    cap = limit * _PERIOD
+    if level is None:
+        return cap
+    return min(cap, level + (now - last) * limit) if now > last else level
 
 
 class LocalStore:
-    """In-memory buckets, leases and day counters, run like the Redis script."""
+    """In-memory scopes and leases, run like the Redis script."""
 
     def __init__(self) -> None:
-        self._state: dict[str, _Bucket | _Leases | _Day] = {}
+        self._scopes: dict[str, _Scope] = {}
+        self._leases: dict[str, _Leases] = {}
         self._ops = 0
 
     def __len__(self) -> int:
-        return len(self._state)
+        return len(self._scopes) + len(self._leases)
 
     def run(self, keys: list[str], args: list[str | int]) -> list[int]:
         """One decision, with the script's arguments and result (see ``admit.lua``)."""
@@ -54,90 +61,115 @@ class LocalStore:
         if self._ops % _SWEEP_EVERY == 0:
             self._sweep(now)
         mode = str(args[0])
-        offset, offset_end = int(args[1]), int(args[2])
+        offset, offset_end, lease_ttl = int(args[1]), int(args[2]), int(args[3])
         day = (wall + offset) // _DAY_MS
         day_end_in = (day + 1) * _DAY_MS - offset_end - wall
+        lease = str(args[6])
+        limits = [
+            tuple(int(v) for v in args[8 + 4 * i : 12 + 4 * i]) for i in range(len(keys) // 2)
+        ]
+        scopes = [self._scopes.get(keys[2 * i]) or _Scope() for i in range(len(limits))]
+        leases = [self._leases.get(keys[2 * i + 1]) or _Leases() for i in range(len(limits))]
+        for ls in leases:
+            ls.expiry = {k: exp for k, exp in ls.expiry.items() if exp > now}
+
+        if mode == "r":
+            correction = int(args[5])
+            give_back = str(args[7]) != "" and int(args[7]) == day
+            for i, (rpm, tpm, par, per_day) in enumerate(limits):
+                st = scopes[i]
+                if tpm > 0 and correction != 0:
+                    tl = _level(st.tl, st.tt, tpm, now) - correction * _PERIOD
+                    st.tl, st.tt = min(tpm * _PERIOD, tl), now
+                    self._keep(keys[2 * i], st, rpm, tpm, now, day_end_in)
+                if per_day > 0 and give_back and st.day == day and st.count > 0:
+                    st.count -= 1
+                if par > 0 and lease:
+                    leases[i].expiry.pop(lease, None)
+            return [1, 0, 0, day]
+
+        need_req, need_tok = int(args[4]) * _PERIOD, int(args[5]) * _PERIOD
+        need_msg = int(args[7])
         allowed, deciding, retry = 1, 0, 0
-        seen: list[tuple[_Bucket | _Leases | _Day, int]] = []
 
-        for i, key in enumerate(keys):
-            kind, limit, param, cost = args[3 + 4 * i : 7 + 4 * i]
-            limit, param = int(limit), int(param)
-            wait = -1
-            if kind == "b":
-                cap = limit * param
-                b = self._state.get(key)
-                if not isinstance(b, _Bucket) or b.expires <= now:
-                    b = _Bucket(cap, now)
-                if now > b.last:
-                    b.level = min(cap, b.level + (now - b.last) * limit)
-                    b.last = now
-                scaled = int(cost) * param
-                if mode != "r" and scaled > 0 and b.level < scaled:
-                    wait = -(-(scaled - b.level) // limit)
-                seen.append((b, scaled))
-            elif kind == "p":
-                p = self._state.get(key)
-                if not isinstance(p, _Leases):
-                    p = _Leases()
-                p.expiry = {lease: exp for lease, exp in p.expiry.items() if exp > now}
-                if mode != "r" and len(p.expiry) >= limit:
-                    wait = 1000  # a slot frees when one of the caller's requests ends
-                seen.append((p, 0))
-            else:
-                d = self._state.get(key)
-                if not isinstance(d, _Day) or d.day != day:
-                    d = _Day(day, 0)
-                if mode != "r" and d.count + int(cost) > limit:
-                    wait = day_end_in
-                seen.append((d, 0))
-            if wait >= 0:
-                allowed = 0
-                if deciding == 0 or wait > retry:
-                    deciding, retry = i + 1, wait
+        def refuse(index: int, wait: int) -> None:
+            nonlocal allowed, deciding, retry
+            allowed = 0
+            if deciding == 0 or wait > retry:
+                deciding, retry = index, wait
 
-        take = (mode == "a" and allowed == 1) or mode == "r"
+        levels: list[tuple[int, int, int]] = []
+        for i, (rpm, tpm, par, per_day) in enumerate(limits):
+            st, base = scopes[i], 4 * i
+            rl = _level(st.rl, st.rt, rpm, now) if rpm > 0 else 0
+            tl = _level(st.tl, st.tt, tpm, now) if tpm > 0 else 0
+            count = st.count if st.day == day else 0
+            if rpm > 0 and need_req > 0 and rl < need_req:
+                refuse(base + 1, -(-(need_req - rl) // rpm))
+            if tpm > 0 and need_tok > 0 and tl < need_tok:
+                refuse(base + 2, -(-(need_tok - tl) // tpm))
+            if par > 0 and lease and len(leases[i].expiry) >= par:
+                refuse(base + 3, 1000)
+            if per_day > 0 and need_msg > 0 and count + need_msg > per_day:
+                refuse(base + 4, day_end_in)
+            levels.append((rl, tl, count))
+
+        take = mode == "a" and allowed == 1
         out = [allowed, deciding, retry, day]
-        for i, key in enumerate(keys):
-            _, limit_s, param_s, cost = args[3 + 4 * i : 7 + 4 * i]
-            limit, param = int(limit_s), int(param_s)
-            state, scaled = seen[i]
-            if isinstance(state, _Bucket):
-                cap = limit * param
-                if take and scaled != 0:
-                    state.level = min(cap, state.level - scaled)
-                    state.expires = now + math.ceil((cap - state.level) / limit) + 1000
-                    self._state[key] = state
-                out += [max(0, state.level) // param, -(-(cap - state.level) // limit)]
-            elif isinstance(state, _Leases):
-                lease = str(cost)
-                if take and lease:
-                    if mode == "r":
-                        state.expiry.pop(lease, None)
-                    else:
-                        state.expiry[lease] = now + param
-                        state.expires = now + param + 1000
-                        self._state[key] = state
-                out += [max(0, limit - len(state.expiry)), 0]
-            else:
-                if mode == "a" and take and int(cost):
-                    state.count += int(cost)
-                    state.expires = now + day_end_in + 60_000
-                    self._state[key] = state
-                elif mode == "r" and str(cost) != "" and int(cost) == day and state.count > 0:
-                    state.count -= 1
-                out += [max(0, limit - state.count), day_end_in]
+        for i, (rpm, tpm, par, per_day) in enumerate(limits):
+            rl, tl, count = levels[i]
+            st, ls = scopes[i], leases[i]
+            if take:
+                if rpm > 0:
+                    rl -= need_req
+                    st.rl, st.rt = rl, now
+                if tpm > 0:
+                    tl -= need_tok
+                    st.tl, st.tt = tl, now
+                if per_day > 0:
+                    count += need_msg
+                    st.day, st.count = day, count
+                self._keep(keys[2 * i], st, rpm, tpm, now, day_end_in)
+                if par > 0 and lease:
+                    ls.expiry[lease] = now + lease_ttl
+                    ls.expires = now + lease_ttl + 1000
+                    self._leases[keys[2 * i + 1]] = ls
+            out += (
+                [rl // _PERIOD if rl > 0 else 0, -(-(rpm * _PERIOD - rl) // rpm)]
+                if rpm
+                else [-1, 0]
+            )
+            out += (
+                [tl // _PERIOD if tl > 0 else 0, -(-(tpm * _PERIOD - tl) // tpm)]
+                if tpm
+                else [-1, 0]
+            )
+            out.append(max(0, par - len(ls.expiry)) if par else -1)
+            out.append(max(0, per_day - count) if per_day else -1)
         return out
 
-    def _sweep(self, now: int) -> None:
-        for key in [k for k, s in self._state.items() if s.expires <= now]:
-            del self._state[key]
+    def _keep(self, key: str, st: _Scope, rpm: int, tpm: int, now: int, day_end_in: int) -> None:
+        ms = 0
+        if rpm > 0 and st.rl is not None:
+            ms = max(ms, -(-(rpm * _PERIOD - st.rl) // rpm))
+        if tpm > 0 and st.tl is not None:
+            ms = max(ms, -(-(tpm * _PERIOD - st.tl) // tpm))
+        if st.count > 0:
+            ms = max(ms, day_end_in + 60_000)
+        st.expires = now + ms + 1000
+        self._scopes[key] = st
 
     def renew(self, keys: list[str], lease: str, ttl_ms: int) -> None:
         """Extend a live lease of a request still in flight (see ``renew.lua``)."""
         now = time.monotonic_ns() // 1_000_000
         for key in keys:
-            p = self._state.get(key)
-            if isinstance(p, _Leases) and p.expiry.get(lease, 0) > now:
-                p.expiry[lease] = now + ttl_ms
-                p.expires = max(p.expires, now + ttl_ms + 1000)
+            ls = self._leases.get(key)
+            if ls is not None and ls.expiry.get(lease, 0) > now:
+                ls.expiry[lease] = now + ttl_ms
+                ls.expires = max(ls.expires, now + ttl_ms + 1000)
+
+    def _sweep(self, now: int) -> None:
+        for key in [k for k, s in self._scopes.items() if s.expires <= now]:
+            del self._scopes[key]
+        for key in [k for k, s in self._leases.items() if s.expires <= now]:
+            del self._leases[key]

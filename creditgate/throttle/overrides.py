@@ -49,11 +49,9 @@ async def load_limits(
     config: Config,
     account_id: uuid.UUID,
     key_id: uuid.UUID | None,
-    *,
-    lease_ttl_ms: int,
 ) -> Limits:
     """The resolved limits of an account (and key), read from the database now."""
-    return _resolve_row(await _fetch(db, account_id, key_id), config, lease_ttl_ms=lease_ttl_ms)
+    return _resolve_row(await _fetch(db, account_id, key_id), config)
 
 
 async def _fetch(db: Db, account_id: uuid.UUID, key_id: uuid.UUID | None) -> Any:
@@ -63,7 +61,7 @@ async def _fetch(db: Db, account_id: uuid.UUID, key_id: uuid.UUID | None) -> Any
     return row
 
 
-def _resolve_row(row: Any, config: Config, *, lease_ttl_ms: int) -> Limits:
+def _resolve_row(row: Any, config: Config) -> Limits:
     tier = config.tiers.get(row["tier"]) or config.tiers["free"]
     account_id, key_id = row["account_id"], row["key_id"]
     key = Overrides.from_row(row, "key_") if row["key_id"] is not None else NO_OVERRIDES
@@ -73,7 +71,6 @@ def _resolve_row(row: Any, config: Config, *, lease_ttl_ms: int) -> Limits:
         tier,
         Overrides.from_row(row, "account_"),
         key,
-        lease_ttl_ms=lease_ttl_ms,
     )
 
 
@@ -85,13 +82,11 @@ class LimitsCache:
         db: Db,
         config: Config,
         *,
-        lease_ttl_ms: int,
         ttl: float = 5.0,
         max_entries: int = 50_000,
     ) -> None:
         self._db = db
         self._config = config
-        self._lease_ttl_ms = lease_ttl_ms
         self._ttl = ttl
         self._max = max_entries
         self._cache: dict[tuple[uuid.UUID, uuid.UUID | None], tuple[float, Limits]] = {}
@@ -109,9 +104,7 @@ class LimitsCache:
         future: asyncio.Future[Limits] = asyncio.get_running_loop().create_future()
         self._loading[ident] = future
         try:
-            limits = await load_limits(
-                self._db, self._config, account_id, key_id, lease_ttl_ms=self._lease_ttl_ms
-            )
+            limits = await load_limits(self._db, self._config, account_id, key_id)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved here, so an unawaited one is not reported
@@ -198,7 +191,7 @@ async def describe(
     row = await _fetch(db, account_id, key_id)
     if key_id is not None and row["key_id"] is None:
         raise NotFound(f"no API key {key_id} on account {account_id}")
-    limits = _resolve_row(row, config, lease_ttl_ms=1)
+    limits = _resolve_row(row, config)
     tier = config.tiers.get(limits.tier) or config.tiers["free"]
     out: dict[str, Any] = {
         "accountId": str(account_id),
