@@ -412,3 +412,49 @@ async def test_override_routes_need_the_admin_token(tc: TestClient, customer_fac
     assert missing.status == 404
     assert (await tc.get("/api/admin/keys/not-a-uuid/limits", headers=admin)).status == 404
     assert (await tc.get("/api/admin/accounts/user_nobody/limits", headers=admin)).status == 404
+
+
+def test_limits_cli(services: Services) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
+
+    def run(*args: str) -> tuple[int, dict]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "creditgate", *args, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+    user = f"user_{uuid.uuid4().hex}"
+    code, acct = run("accounts", "create", "--user", user)
+    assert code == 0
+    code, out = run("limits", "set", user, "--requests-per-minute", "7", "--max-parallel", "3")
+    assert code == 0
+    assert out["accountOverrides"]["requestsPerMinute"] == 7
+    assert out["effective"] == {
+        "requestsPerMinute": 7,
+        "tokensPerMinute": 200000,  # the built-in config's free tier
+        "maxParallel": 3,
+        "messagesPerDay": 1000,
+    }
+    code, key = run("keys", "create", user)
+    code, out = run("limits", "set", user, "--key", key["id"], "--requests-per-minute", "99")
+    assert code == 0 and out["keyOverrides"]["requestsPerMinute"] == 99
+    assert out["effective"]["requestsPerMinute"] == 7  # a key never loosens its account
+    code, out = run("limits", "set", user, "--max-parallel", "none")
+    assert code == 0 and out["effective"]["maxParallel"] == 8
+    code, out = run("limits", "show", user, "--key", key["id"])
+    assert code == 0 and out["keyId"] == key["id"]
+    code, err = run("limits", "set", user, "--max-parallel", "0")
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+    code, err = run("limits", "set", user)
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+    code, err = run("limits", "show", user, "--key", str(uuid.uuid4()))
+    assert code == 1 and err["error"]["code"] == "NOT_FOUND"

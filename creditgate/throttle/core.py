@@ -140,6 +140,8 @@ class Throttle:
         self._keeper: asyncio.Task[None] | None = None
         # Admissions holding a lease, renewed while they run.
         self._live: dict[str, Admission] = {}
+        # Give-backs of admissions that arrived too late (held until done).
+        self._undoing: set[asyncio.Future[Any]] = set()
 
     @property
     def degraded(self) -> bool:
@@ -293,12 +295,31 @@ class Throttle:
     async def _call_redis(self, call: _ScriptCall) -> list[int] | None:
         """admit.lua's reply within the time budget, or None (and maybe degraded)."""
         limits = call.limits
-        body = limits.keys_resp + encode_args(call.head) + limits.scope_args_resp
-        count = len(limits.keys) + len(call.head) + len(limits.scope_args)
+        count = 3 + len(limits.keys) + len(call.head) + len(limits.scope_args)
+        encoded = (
+            _ADMIT.evalsha
+            + encode_args((len(limits.keys),))
+            + limits.keys_resp
+            + encode_args(call.head)
+            + limits.scope_args_resp
+        )
+        reply: asyncio.Future[Any] | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                out: list[int] = await self._eval(_ADMIT, len(limits.keys), body, count)
+                try:
+                    reply = self._redis.request(count, encoded)
+                    out: list[int] = await asyncio.shield(reply)
+                except RedisReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    # Redis restarted or flushed its scripts: load once, call again.
+                    await self._redis.execute("SCRIPT", "LOAD", _ADMIT.text)
+                    reply = self._redis.request(count, encoded)
+                    out = await asyncio.shield(reply)
         except TimeoutError as exc:
+            if reply is not None and call.head[0] == "a":
+                # It may still be admitted in Redis after this request moved on.
+                reply.add_done_callback(lambda done: self._undo_late(call, done))
             self._timeouts += 1
             if self._timeouts >= _TIMEOUTS_TO_DEGRADE:
                 self._degrade(exc)
@@ -308,6 +329,17 @@ class Throttle:
             return None
         self._timeouts = 0
         return out
+
+    def _undo_late(self, call: _ScriptCall, reply: asyncio.Future[Any]) -> None:
+        """Give back an admission Redis made after its caller stopped waiting."""
+        if reply.cancelled() or reply.exception() is not None or not reply.result()[0]:
+            return
+        lease, day = call.head[6], reply.result()[3]
+        tokens = int(call.head[5])
+        undo = self._call(call.limits, "r", 0, -tokens, str(lease), day)
+        task = asyncio.ensure_future(self._call_redis(undo))
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
 
     async def _eval(self, script: _Script, numkeys: int, body: bytes, count: int) -> Any:
         """EVALSHA of ``count`` encoded keys and arguments; loads the script on NOSCRIPT."""

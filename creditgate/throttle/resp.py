@@ -124,6 +124,17 @@ class RedisPipe:
         """Send one command and wait for its reply (wrap in a timeout to bound the wait)."""
         return await self.execute_encoded(len(args), encode_args(args))
 
+    def request(self, count: int, encoded: bytes) -> asyncio.Future[Any]:
+        """Send a command now (connecting first if need be); its reply's future.
+
+        The future outlives a caller that stops waiting for it, so the caller
+        can still learn what the command did.
+        """
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost.done():
+            return protocol.send(b"*%d\r\n" % count + encoded)
+        return asyncio.ensure_future(self.execute_encoded(count, encoded))
+
     async def execute_encoded(self, count: int, encoded: bytes) -> Any:
         """``execute`` of ``count`` arguments already encoded by ``encode_args``."""
         protocol = self._protocol
