@@ -170,6 +170,14 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _lease_ttl(value: Any) -> float:
+    seconds = _seconds(value, "throttle.lease_ttl_seconds")
+    if seconds < 0.5:
+        # Leases are renewed every third of their life; shorter would be busy work.
+        raise ConfigError(f"throttle.lease_ttl_seconds: at least 0.5, got {value}")
+    return seconds
+
+
 def _zone(value: Any, where: str) -> str:
     name = _str(value, where)
     try:
@@ -314,9 +322,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         ),
         throttle=ThrottleConfig(
             day_zone=_zone(throttle.get("day_zone", "UTC"), "throttle.day_zone"),
-            lease_ttl_seconds=_seconds(
-                throttle.get("lease_ttl_seconds", 60), "throttle.lease_ttl_seconds"
-            ),
+            lease_ttl_seconds=_lease_ttl(throttle.get("lease_ttl_seconds", 60)),
         ),
     )
     longest = max(m.timeouts.total for m in models.values())

@@ -451,7 +451,7 @@ def test_limits_cli(services: Services) -> None:
     code, out = run("limits", "set", user, "--max-parallel", "none")
     assert code == 0 and out["effective"]["maxParallel"] == 8
     code, out = run("limits", "show", user, "--key", key["id"])
-    assert code == 0 and out["keyId"] == key["id"]
+    assert code == 0 and out["keyId"] == key["id"] and out["accountId"] == acct["id"]
     code, err = run("limits", "set", user, "--max-parallel", "0")
     assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
     code, err = run("limits", "set", user)

@@ -160,8 +160,8 @@ class Throttle:
         self._keeper = asyncio.create_task(self._keep_leases())
 
     async def aclose(self) -> None:
-        """Stop the background tasks (the Redis client is the caller's)."""
-        for task in (self._keeper, self._probe):
+        """Stop the background tasks (the Redis connection is the caller's)."""
+        for task in (self._keeper, self._probe, *self._undoing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
