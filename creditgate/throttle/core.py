@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import uuid
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -33,6 +33,7 @@ from creditgate.throttle.local import LocalStore
 from creditgate.throttle.resp import RedisDown, RedisPipe, RedisReplyError, encode_args
 
 POLICIES = ("local", "open", "closed")
+_ADMITTED = THROTTLE_DECISIONS.labels("all", "admitted")
 # Consecutive calls over the time budget that mark Redis as hung (one slow
 # moment only sends that one request to the fallback).
 _TIMEOUTS_TO_DEGRADE = 3
@@ -58,16 +59,14 @@ class _ScriptCall:
 class _Script:
     text: str
     sha: str
-
-    @property
-    def evalsha(self) -> bytes:
-        return encode_args(("EVALSHA", self.sha))
+    evalsha: bytes  # "EVALSHA <sha>", encoded
 
     @classmethod
     def load(cls, name: str) -> _Script:
         text = resources.files(__package__).joinpath(name).read_text("utf-8")
         # SHA-1 is how Redis names a script (EVALSHA), not a security measure.
-        return cls(text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
+        sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+        return cls(text, sha, encode_args(("EVALSHA", sha)))
 
 
 _ADMIT = _Script.load("admit.lua")
@@ -140,6 +139,7 @@ class Throttle:
         self._keeper: asyncio.Task[None] | None = None
         # Admissions holding a lease, renewed while they run.
         self._live: dict[str, Admission] = {}
+        self._prefixes: dict[tuple[str | int, ...], bytes] = {}
         # Give-backs of admissions that arrived too late (held until done).
         self._undoing: set[asyncio.Future[Any]] = set()
 
@@ -188,7 +188,7 @@ class Throttle:
                 headers=_limit_headers(limits),
             )
         tokens = min(tokens, tpm)
-        lease_id = uuid.uuid4().hex
+        lease_id = os.urandom(12).hex()
         out, store = await self._decide(self._call(limits, "a", 1, tokens, lease_id, 1))
         if out is None:  # policy "open"
             THROTTLE_DECISIONS.labels("all", "admitted").inc()
@@ -196,7 +196,7 @@ class Throttle:
             return Admission(limits, tokens, lease_id, day, store, _limit_headers(limits))
         headers = _headers(limits, out)
         if out[0]:
-            THROTTLE_DECISIONS.labels("all", "admitted").inc()
+            _ADMITTED.inc()
             admission = Admission(limits, tokens, lease_id, out[3], store, headers)
             self._live[lease_id] = admission
             return admission
@@ -296,12 +296,15 @@ class Throttle:
         """admit.lua's reply within the time budget, or None (and maybe degraded)."""
         limits = call.limits
         count = 3 + len(limits.keys) + len(call.head) + len(limits.scope_args)
-        encoded = (
-            _ADMIT.evalsha
-            + encode_args((len(limits.keys),))
-            + limits.keys_resp
-            + encode_args(call.head)
-            + limits.scope_args_resp
+        # Everything but the per-request values was encoded once.
+        encoded = b"".join(
+            (
+                _ADMIT.evalsha,
+                limits.keys_resp,
+                self._head_prefix(call.head[:4]),
+                encode_args(call.head[4:]),
+                limits.scope_args_resp,
+            )
         )
         reply: asyncio.Future[Any] | None = None
         try:
@@ -329,6 +332,16 @@ class Throttle:
             return None
         self._timeouts = 0
         return out
+
+    def _head_prefix(self, prefix: list[str | int]) -> bytes:
+        """mode, offsets and lease TTL, encoded: a handful of values, cached."""
+        key = tuple(prefix)
+        cached = self._prefixes.get(key)
+        if cached is None:
+            if len(self._prefixes) > 64:  # the day zone's offsets change twice a year
+                self._prefixes.clear()
+            cached = self._prefixes[key] = encode_args(prefix)
+        return cached
 
     def _undo_late(self, call: _ScriptCall, reply: asyncio.Future[Any]) -> None:
         """Give back an admission Redis made after its caller stopped waiting."""

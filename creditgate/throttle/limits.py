@@ -81,7 +81,7 @@ class Limits:
     # The script's keys and per-scope limit arguments, built (and encoded) once.
     keys: tuple[str, ...] = field(default=(), compare=False)
     scope_args: tuple[int, ...] = field(default=(), compare=False)
-    keys_resp: bytes = field(default=b"", compare=False)
+    keys_resp: bytes = field(default=b"", compare=False)  # numkeys, then the keys
     scope_args_resp: bytes = field(default=b"", compare=False)
 
     def value(self, name: str) -> int:
@@ -130,7 +130,7 @@ def resolve(
         tuple(scopes),
         keys,
         scope_args,
-        encode_args(keys),
+        encode_args((len(keys), *keys)),
         encode_args(scope_args),
     )
 
