@@ -458,3 +458,18 @@ def test_limits_cli(services: Services) -> None:
     assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
     code, err = run("limits", "show", user, "--key", str(uuid.uuid4()))
     assert code == 1 and err["error"]["code"] == "NOT_FOUND"
+
+
+async def test_check_takes_nothing(throttle: Throttle, redis: aioredis.Redis) -> None:
+    acct = uuid.uuid4()
+    limits = resolve(acct, None, tier(rpm=2))
+    for _ in range(3):
+        found = await throttle.check(limits, 10)
+        assert found.allowed and found.limit is None
+    assert not await redis.exists(f"cg:{{{acct}}}")  # nothing was written
+    for _ in range(2):
+        await throttle.finish(await throttle.admit(limits, 10), 10)
+    found = await throttle.check(limits, 10)
+    assert (found.allowed, found.limit) == (False, "requests_per_minute")
+    assert found.retry_after == 30  # 2 a minute: one every 30 s
+    assert found.headers["x-ratelimit-remaining-requests"] == "0"
