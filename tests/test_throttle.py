@@ -405,7 +405,7 @@ async def test_override_routes_need_the_admin_token(tc: TestClient, customer_fac
     c = await customer_factory(0)
     url = f"/api/admin/accounts/{c.account.id}/limits"
     assert (await tc.get(url)).status == 401
-    assert (await tc.get(url, headers=c.auth)).status == 401  # an API key is not an admin
+    assert (await tc.get(url, headers=c.auth)).status == 403  # a customer's key is not an admin
     admin = {"Authorization": f"Bearer {ADMIN}"}
     assert (await tc.get(url, headers=admin)).status == 200
     missing = await tc.get(f"/api/admin/keys/{uuid.uuid4()}/limits", headers=admin)

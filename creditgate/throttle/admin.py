@@ -25,7 +25,7 @@ from creditgate.throttle.overrides import describe, key_account, parse_changes, 
 async def account_limits(request: web.Request) -> web.Response:
     """The tier, overrides and effective limits of an account; PATCH changes its overrides."""
     st = request.app[STATE]
-    require_admin(request, st.settings.admin_token)
+    await require_admin(request)
     account = await ledger.resolve_account(st.db, request.match_info["account"])
     if request.method == "PATCH":
         changes = parse_changes(await read_json(request))
@@ -36,7 +36,7 @@ async def account_limits(request: web.Request) -> web.Response:
 async def key_limits(request: web.Request) -> web.Response:
     """The same for one API key: its overrides tighten its account's limits."""
     st = request.app[STATE]
-    require_admin(request, st.settings.admin_token)
+    await require_admin(request)
     try:
         key_id = uuid.UUID(request.match_info["key_id"])
     except ValueError:
