@@ -1,10 +1,12 @@
 """The throttle: admission against an account's limits, in Redis or, degraded, locally.
 
-One decision is one call of ``admit.lua`` (EVALSHA; redis-py reloads the script
-on NOSCRIPT): every limit of the request is checked and taken, or none is.
-Redis gets a time budget (``THROTTLE_REDIS_TIMEOUT_MS``); past it, or on any
-Redis error, the process marks itself degraded and applies the configured
-policy until a background probe finds Redis again:
+One decision is one call of ``admit.lua`` (EVALSHA on the process's pipelined
+connection, ``resp.RedisPipe``; the script is loaded again on NOSCRIPT): every
+limit of the request is checked and taken, or none is. Redis gets a time
+budget (``THROTTLE_REDIS_TIMEOUT_MS``): a request whose call misses it is
+decided by the configured policy; a connection error, or three misses in a
+row, mark the process degraded, and the policy decides every request until a
+background probe finds Redis again:
 
 * ``local``  per-process buckets at the same rates (``local.LocalStore``)
 * ``open``   admit everything (no limits, no headers but the limits)
