@@ -311,3 +311,30 @@ async def test_an_admission_redis_makes_after_the_budget_is_given_back(
     finally:
         await throttle.aclose()
         await pipe.aclose()
+
+
+async def test_the_pipelined_connection_authenticates_and_selects_its_database(
+    tmp_path: Path,
+) -> None:
+    from creditgate.throttle.resp import RedisDown, RedisPipe
+
+    with own_redis(tmp_path, "--requirepass", "s3cret/pw") as server:
+        url = f"redis://:s3cret%2Fpw@127.0.0.1:{server.port}/3"
+        pipe = RedisPipe(url)
+        try:
+            # Concurrent calls share one connection and come back in order.
+            replies = await asyncio.gather(
+                *(pipe.execute("SET", f"k{i}", i) for i in range(50)),
+                *(pipe.execute("GET", f"k{i}") for i in range(50)),
+            )
+            assert replies[50:] == [str(i).encode() for i in range(50)]
+            async with aioredis.from_url(url) as check:
+                assert await check.get("k7") == b"7"  # in database 3
+                clients = await check.client_list()
+                assert len(clients) == 2  # the pipe's one connection, and this one
+        finally:
+            await pipe.aclose()
+        wrong = RedisPipe(f"redis://:nope@127.0.0.1:{server.port}/0")
+        with pytest.raises(RedisDown):
+            await wrong.execute("PING")
+        await wrong.aclose()

@@ -143,9 +143,10 @@ def redis_server_binary() -> str:
 class OwnRedis:
     """A redis-server of the test's own, on a free port: it may be stopped and started."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -167,6 +168,7 @@ class OwnRedis:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -177,6 +179,8 @@ class OwnRedis:
             try:
                 client.ping()
                 break
+            except redis.exceptions.AuthenticationError:
+                break  # up, and wants a password
             except redis.exceptions.ConnectionError:
                 assert time.monotonic() < deadline, "own redis-server did not start"
                 time.sleep(0.05)
@@ -199,8 +203,8 @@ class OwnRedis:
 
 
 @contextlib.contextmanager
-def own_redis(workdir: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(workdir)
+def own_redis(workdir: Path, *extra_args: str) -> Iterator[OwnRedis]:
+    server = OwnRedis(workdir, *extra_args)
     server.start()
     try:
         yield server
