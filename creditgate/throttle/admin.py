@@ -1,4 +1,4 @@
-"""Operator routes for limit overrides (``ADMIN_TOKEN``).
+"""Operator routes for limit overrides (admins: ``ADMIN_TOKEN``, an admin key, ``org:admin``).
 
 ``GET|PATCH /api/admin/accounts/{account}/limits`` and
 ``GET|PATCH /api/admin/keys/{key_id}/limits``. PATCH takes any of
