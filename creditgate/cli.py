@@ -208,10 +208,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     setup_logging(settings.log_level)
-    _use_uvloop()
     host = args.host or settings.host
     port = args.port or settings.port
-    log.info("serving", extra={"host": host, "port": port})
+    grace = settings.config.shutdown_timeout_seconds
+    if args.workers > 1:
+        from creditgate.supervisor import supervise
+
+        return supervise(args.workers, host, port, grace)
+    _use_uvloop()
+    log.info("serving", extra={"host": host, "port": port, "pid": os.getpid()})
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
+    # `grace` seconds, then cancel them (a cut stream is still billed).
     web.run_app(
         create_app(settings),
         host=host,
@@ -219,8 +226,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=None,
         access_log=None,
         reuse_port=True,
-        shutdown_timeout=30,
+        shutdown_timeout=grace,
     )
+    log.info("stopped", extra={"pid": os.getpid()})
     return 0
 
 
@@ -350,6 +358,13 @@ For the operator commands in another shell:
 """
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
+
+
 def _use_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -369,6 +384,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="run the server (production)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT), supervised",
+    )
     s.set_defaults(server=cmd_serve)
 
     s = sub.add_parser(

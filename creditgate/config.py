@@ -99,6 +99,7 @@ class Config:
     hold_ttl_seconds: int = 900
     max_body_bytes: int = 1024 * 1024
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    shutdown_timeout_seconds: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +305,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     proxy = _table(raw.get("proxy", {}), "proxy")
     _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
     http = _table(raw.get("http", {}), "http")
-    _check_keys(http, {"max_body_bytes"}, "http")
+    _check_keys(http, {"max_body_bytes", "shutdown_timeout_seconds"}, "http")
     throttle = _table(raw.get("throttle", {}), "throttle")
     _check_keys(throttle, {"day_zone", "lease_ttl_seconds"}, "throttle")
     config = Config(
@@ -323,6 +324,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         throttle=ThrottleConfig(
             day_zone=_zone(throttle.get("day_zone", "UTC"), "throttle.day_zone"),
             lease_ttl_seconds=_lease_ttl(throttle.get("lease_ttl_seconds", 60)),
+        ),
+        shutdown_timeout_seconds=_int(
+            http.get("shutdown_timeout_seconds", 30), "http.shutdown_timeout_seconds", minimum=0
         ),
     )
     longest = max(m.timeouts.total for m in models.values())

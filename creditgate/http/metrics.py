@@ -7,9 +7,18 @@ models from config, outcomes) — never a user, key or account id.
 from __future__ import annotations
 
 import hmac
+import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from creditgate.errors import Unauthorized
 
@@ -83,6 +92,7 @@ LEDGER_LATENCY = Histogram(
 REDIS_DEGRADED = Gauge(
     "creditgate_throttle_degraded",
     "1 while Redis is unreachable and the throttle runs on its fallback policy.",
+    multiprocess_mode="max",
 )
 
 
@@ -95,6 +105,13 @@ async def metrics_route(request: web.Request) -> web.Response:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(supplied.encode(), token.encode()):
             raise Unauthorized("The metrics endpoint requires its bearer token.")
-    resp = web.Response(body=generate_latest())
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        # Under `serve --workers N`: the sum over every worker, whichever answers.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    resp = web.Response(body=body)
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp

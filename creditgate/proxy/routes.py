@@ -240,6 +240,13 @@ async def _stream(
         upstream_failed = True
     except ConnectionResetError:
         client_gone = True  # the client went away: stop the upstream, charge what it made
+    except asyncio.CancelledError:
+        # Shutdown reached its deadline with this stream still running: bill
+        # what was sent, then let the cancellation through.
+        upstream.close()
+        await call.settle(usage, text_bytes)
+        log.info("stream cut at shutdown", extra={"request_id": call.request_id})
+        raise
     finally:
         if not done:
             upstream.close()
