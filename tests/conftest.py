@@ -8,6 +8,7 @@ for the session. Each session works in a fresh database of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,9 @@ from creditgate import ledger, migrations
 from creditgate.auth import create_api_key
 from creditgate.config import Settings, parse_config
 from creditgate.http.app import create_app
+from creditgate.logs import JsonFormatter
 from creditgate.proxy.mock_upstream import create_mock_app
+from tests.logcapture import LOG_DIR, remember_secret
 
 TEST_CONFIG = """
 [upstreams.main]
@@ -55,6 +58,23 @@ tokens_per_minute = 10000000
 max_parallel = 50
 messages_per_day = 100000
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def captured_logs() -> Iterator[None]:
+    """Keep every in-process log record of the run, as JSON lines, for the secrecy test."""
+    handler = logging.FileHandler(LOG_DIR / "inprocess.log")
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,7 @@ async def new_customer(
             reason="test credits",
         )
     key = await create_api_key(db, account.id, "test")
+    remember_secret(key.key)
     return Customer(account, key.key)
 
 

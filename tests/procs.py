@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import TEST_CONFIG, Services
+from tests.logcapture import log_file
 
 
 def free_port() -> int:
@@ -37,7 +38,8 @@ def start_mock_upstream(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     """``creditgate mock-upstream`` on a free port; returns (process, its /v1 base URL)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "creditgate", "mock-upstream", "--port", str(port), *args]
+        [sys.executable, "-m", "creditgate", "mock-upstream", "--port", str(port), *args],
+        stderr=log_file("mock-upstream"),
     )
     wait_http(f"http://127.0.0.1:{port}/v1/models")
     return proc, f"http://127.0.0.1:{port}/v1"

@@ -11,11 +11,15 @@ from aiohttp.test_utils import TestClient
 from creditgate import ledger
 from creditgate.proxy.mock_upstream import prompt_tokens
 from tests.conftest import Customer, ledger_footprint
+from tests.logcapture import remember_secret
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Say hello in five words, héhé ✓."},
 ]
+COMPLETION = "Hello from the mock upstream"
+# Prompts and completions must never reach a log line.
+remember_secret(*(m["content"] for m in MESSAGES), COMPLETION)
 
 
 def expected_cost(in_tokens: int, out_tokens: int, in_price: str, out_price: str) -> int:

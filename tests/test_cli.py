@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Services
+from tests.logcapture import log_file, remember_secret
 
 
 def run(services: Services, *args: str) -> tuple[int, dict]:
@@ -27,6 +28,8 @@ def run(services: Services, *args: str) -> tuple[int, dict]:
         text=True,
         timeout=60,
     )
+    with log_file("cli") as f:
+        f.write(proc.stderr.encode())
     lines = proc.stdout.strip().splitlines()
     assert len(lines) <= 1, proc.stdout  # exactly one JSON object, or nothing on a usage error
     return proc.returncode, json.loads(lines[0]) if lines else {}
@@ -61,6 +64,7 @@ def test_operator_commands(services: Services) -> None:
     assert code == 0 and adj["balanceMicros"] == 10_000_000
 
     code, k = run(services, "keys", "create", user, "--name", "ci")
+    remember_secret(k["key"])
     assert code == 0 and k["key"].startswith("cg_") and k["accountId"] == acct["id"]
     assert k["prefix"] == k["key"][:11]
 
@@ -117,6 +121,7 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
         line = proc.stdout.readline()  # printed once everything is up
         assert line, proc.stderr.read() if proc.stderr else ""
         info = json.loads(line)
+        remember_secret(info["apiKey"])
         headers = {"Authorization": f"Bearer {info['apiKey']}"}
         with httpx.Client(base_url=info["url"], headers=headers, timeout=10) as http:
             before = http.get("/api/user/balance").json()["data"]["balanceMicros"]
@@ -134,6 +139,8 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
             code = proc.wait(timeout=30)
         finally:
             proc.kill()
+            with log_file("dev") as f:
+                f.write((proc.stderr.read() if proc.stderr else "").encode())
     assert code == 0
     # The embedded Postgres stopped with it.
     time.sleep(0.5)

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import Services
+from tests.logcapture import log_file
 from tests.procs import free_port, server_env, start_mock_upstream, stop, wait_http, write_config
 
 PROMETHEUS = shutil.which("prometheus")
@@ -40,6 +41,8 @@ scrape_configs:
 
 async def _query(client: httpx.AsyncClient, promql: str) -> float | None:
     r = await client.get("/api/v1/query", params={"query": promql})
+    if r.status_code != 200:  # Prometheus still starting
+        return None
     result = r.json()["data"]["result"]
     return float(result[0]["value"][1]) if result else None
 
@@ -66,6 +69,7 @@ async def test_prometheus_sees_the_sum_over_workers(
     sup = subprocess.Popen(
         [sys.executable, "-m", "creditgate", "serve", "--workers", "3", "--port", str(port)],
         env=env,
+        stderr=log_file("serve-workers"),
     )
     prom_port = free_port()
     prom = None
@@ -165,6 +169,7 @@ async def test_sigterm_lets_streams_finish_and_bills_the_cut_ones(
     server = subprocess.Popen(
         [sys.executable, "-m", "creditgate", "serve", "--port", str(port)],
         env=server_env(services, config),
+        stderr=log_file("serve"),
     )
     try:
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/health")
