@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ def captured_logs() -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
 
 
 @dataclass(frozen=True)
