@@ -235,13 +235,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from creditgate.proxy.mock_faults import FAULT_MODES
     from creditgate.proxy.mock_upstream import create_mock_app
 
     setup_logging("warning")
     _use_uvloop()
-    app = create_mock_app(
-        chunks=args.chunks, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms
-    )
+    app = create_mock_app(**{m.name: getattr(args, m.name) for m in FAULT_MODES})
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
@@ -402,21 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=".creditgate-dev", help="where embedded data lives")
     s.set_defaults(server=cmd_dev)
 
-    s = sub.add_parser(
-        "mock-upstream",
-        parents=[common],
-        help="a mock OpenAI-compatible upstream (a dev/test tool, not a provider)",
-        description=(
-            "A mock OpenAI-compatible upstream for development, tests and benchmarks. "
-            "It is not a model provider: it answers deterministic text."
-        ),
-    )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8081)
-    s.add_argument("--chunks", type=int, default=5, help="completion tokens (stream chunks)")
-    s.add_argument("--latency-ms", type=int, default=0, help="delay before the first byte")
-    s.add_argument("--chunk-delay-ms", type=int, default=0, help="delay between chunks")
-    s.set_defaults(server=cmd_mock_upstream)
+    _add_mock_upstream(sub, common)
 
     s = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     s.set_defaults(run=cmd_migrate)
@@ -472,6 +457,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(run=cmd_verify)
     return p
+
+
+def _add_mock_upstream(sub: Any, common: argparse.ArgumentParser) -> None:
+    from creditgate.proxy.mock_faults import FAULT_MODES, describe
+
+    s = sub.add_parser(
+        "mock-upstream",
+        parents=[common],
+        help="a mock OpenAI-compatible upstream (a dev/test tool, not a provider)",
+        description=(
+            "A mock OpenAI-compatible upstream for development, tests and benchmarks. "
+            "It is not a model provider: it answers deterministic text, tool calls when "
+            "offered tools, and misbehaves on purpose in the fault modes below. "
+            "GET /mock/stats counts requests, finished answers and cut streams per key."
+        ),
+        epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8081)
+    for mode in FAULT_MODES:
+        if mode.type is bool:
+            s.add_argument(
+                mode.flag, dest=mode.name, action="store_true", default=None, help=mode.help
+            )
+        else:
+            s.add_argument(mode.flag, dest=mode.name, type=mode.type, help=mode.help)
+    s.set_defaults(server=cmd_mock_upstream)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ DEFAULT_TIER = "free"
 # Largest requests/tokens per minute the throttle counts exactly (see above).
 MAX_PER_MINUTE = 2**53 // 60_000 // 4
 THROTTLE_POLICIES = ("local", "open", "closed")
+DEFAULT_MAX_MESSAGES = 2048  # OpenAI's own limit on messages per request
 
 
 class ConfigError(Exception):
@@ -39,8 +40,13 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
+    """One place a model is served: an upstream and the name it knows the model by."""
+
     upstream: Upstream
     model: str  # the name the upstream knows the model by
+    name: str  # unique within the model; reported in x-creditgate-deployment
+    priority: int  # lower is tried first; defaults to the position in the list
+    weight: int  # share of first attempts among deployments of equal priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,11 @@ class Model:
     timeouts: Timeouts
     input_price_text: str  # as written in the config, for /v1/models
     output_price_text: str
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    public: bool = True  # listed by GET /v1/models (unlisted models are still served)
+    # The field that carries the cap creditgate sends when a request sets none:
+    # "max_completion_tokens" for upstream models that refuse "max_tokens".
+    max_tokens_field: str = "max_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +211,49 @@ def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (allowed: {sorted(allowed)})")
 
 
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: one of {list(allowed)}, got {value!r}")
+    return str(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _deployments(
+    value: Any, upstreams: Mapping[str, Upstream], where: str
+) -> tuple[Deployment, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list")
+    deployments: list[Deployment] = []
+    for i, d in enumerate(value):
+        dwhere = f"{where}[{i}]"
+        d = _table(d, dwhere)
+        _check_keys(d, {"upstream", "model", "name", "priority", "weight"}, dwhere)
+        up_name = _str(d.get("upstream"), f"{dwhere}.upstream")
+        if up_name not in upstreams:
+            raise ConfigError(f"{dwhere}.upstream: no upstream named {up_name!r}")
+        name = _str(d.get("name", up_name), f"{dwhere}.name")
+        if any(other.name == name for other in deployments):
+            raise ConfigError(
+                f"{dwhere}.name: {name!r} is already a deployment of this model;"
+                " give each deployment on the same upstream its own name"
+            )
+        deployments.append(
+            Deployment(
+                upstream=upstreams[up_name],
+                model=_str(d.get("model"), f"{dwhere}.model"),
+                name=name,
+                priority=_int(d.get("priority", i), f"{dwhere}.priority"),
+                weight=_int(d.get("weight", 1), f"{dwhere}.weight", minimum=1),
+            )
+        )
+    return tuple(deployments)
+
+
 def _url(value: Any, where: str) -> str:
     url = _str(value, where)
     if not url.startswith(("http://", "https://")):
@@ -232,25 +286,21 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         m = _table(m, where)
         _check_keys(
             m,
-            {"input_price", "output_price", "max_output_tokens", "deployments", "timeouts"},
+            {
+                "input_price",
+                "output_price",
+                "max_output_tokens",
+                "max_messages",
+                "deployments",
+                "timeouts",
+                "public",
+                "max_tokens_field",
+            },
             where,
         )
         for required in ("input_price", "output_price", "max_output_tokens", "deployments"):
             if required not in m:
                 raise ConfigError(f"{where}.{required}: missing")
-        deployments = []
-        if not isinstance(m["deployments"], list) or not m["deployments"]:
-            raise ConfigError(f"{where}.deployments: expected a non-empty list")
-        for i, d in enumerate(m["deployments"]):
-            dwhere = f"{where}.deployments[{i}]"
-            d = _table(d, dwhere)
-            _check_keys(d, {"upstream", "model"}, dwhere)
-            up_name = _str(d.get("upstream"), f"{dwhere}.upstream")
-            if up_name not in upstreams:
-                raise ConfigError(f"{dwhere}.upstream: no upstream named {up_name!r}")
-            deployments.append(
-                Deployment(upstreams[up_name], _str(d.get("model"), f"{dwhere}.model"))
-            )
         t = _table(m.get("timeouts", {}), f"{where}.timeouts")
         _check_keys(t, {"connect", "first_byte", "idle", "total"}, f"{where}.timeouts")
         timeouts = Timeouts(**{k: _seconds(v, f"{where}.timeouts.{k}") for k, v in t.items()})
@@ -259,10 +309,19 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             input_price=_price(m["input_price"], f"{where}.input_price"),
             output_price=_price(m["output_price"], f"{where}.output_price"),
             max_output_tokens=_int(m["max_output_tokens"], f"{where}.max_output_tokens", minimum=1),
-            deployments=tuple(deployments),
+            deployments=_deployments(m["deployments"], upstreams, f"{where}.deployments"),
             timeouts=timeouts,
             input_price_text=str(m["input_price"]),
             output_price_text=str(m["output_price"]),
+            max_messages=_int(
+                m.get("max_messages", DEFAULT_MAX_MESSAGES), f"{where}.max_messages", minimum=1
+            ),
+            public=_bool(m.get("public", True), f"{where}.public"),
+            max_tokens_field=_choice(
+                m.get("max_tokens_field", "max_tokens"),
+                ("max_tokens", "max_completion_tokens"),
+                f"{where}.max_tokens_field",
+            ),
         )
     if not models:
         raise ConfigError("models: at least one model is required")

@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post("/v1/chat/completions", proxy.chat_completions)
     r.add_post("/api/chat", proxy.chat_completions)
     r.add_get("/v1/models", proxy.list_models)
+    r.add_get("/v1/models/{model}", proxy.get_model)
     r.add_get("/api/user/balance", user.balance)
     r.add_post("/api/keys", keys.create_key)
     r.add_get("/api/keys", keys.list_keys)

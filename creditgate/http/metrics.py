@@ -64,6 +64,12 @@ UPSTREAM_FIRST_BYTE = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
+STREAM_ENDS = Counter(
+    "creditgate_stream_ends_total",
+    "Streamed completions by model and how they ended: done, client_gone,"
+    " idle_timeout, total_timeout, read_error, eof, malformed, error_event.",
+    ["model", "end"],
+)
 TOKENS = Counter(
     "creditgate_tokens_total",
     "Tokens charged, by model and direction (input/output).",

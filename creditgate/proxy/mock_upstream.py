@@ -2,40 +2,57 @@
 
 It answers ``POST /v1/chat/completions`` (JSON or SSE, ``usage`` as OpenAI
 sends it, the final usage chunk when ``stream_options.include_usage`` is
-set) and ``GET /v1/models``, with deterministic text and token counts:
-``prompt_tokens`` = Σ ceil(content bytes / 4) + 3 per message, one completion
-token per chunk.
+set, ``n`` choices, tool calls when the request offers tools) and ``GET
+/v1/models``, with deterministic text and token counts: ``prompt_tokens`` =
+Σ ceil(content bytes / 4) + 3 per message, one completion token per chunk.
 
-Fault modes, per request through a ``"mock"`` object in the request body
-(clients send it with ``extra_body``; creditgate passes unknown fields on):
-
-  status             answer this HTTP status with an OpenAI error body
-  fail_times, key    fail (status, default 500) this many times for ``key``, then succeed
-  retry_after        with a failure: the Retry-After header (seconds)
-  first_byte_ms      wait before the response headers
-  chunk_delay_ms     wait between chunks
-  chunks             completion tokens (default: the server's --chunks)
-  stall_after        stop sending (but keep the connection) after this many chunks
-  drop_after         close the connection after this many chunks
-  malformed          send a chunk that is not JSON
-  no_usage           never report usage
-  ignore_max_tokens  generate ``chunks`` tokens whatever max_tokens says
-  content            the text of every token (default cycles a word list)
+Fault modes (``mock_faults.FAULT_MODES``) make it misbehave on purpose: as
+server defaults, per request by ``x-mock-*`` header, or in the body's
+``"mock"`` object. ``GET /mock/stats`` counts, per ``key``, the requests it
+received, the answers it finished and the streams whose reader went away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-_WORDS = ("Hello", " from", " the", " mock", " upstream", ".", " It", " streams", " tokens", ",")
+from creditgate.proxy.mock_faults import FaultError, resolve
+
+_SENTENCE = ("Hello", " from", " the", " mock", " upstream")
 _ids = itertools.count(1)
+STALL_LIMIT = 3600.0  # seconds a stalled stream waits for its reader to leave
+
+
+@dataclass
+class MockStats:
+    """What the mock saw, per ``key``: tests and benchmarks count attempts here."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    completed: Counter[str] = field(default_factory=Counter)  # answers sent whole
+    cut: Counter[str] = field(default_factory=Counter)  # streams whose reader left
+    chunks_sent: Counter[str] = field(default_factory=Counter)  # token chunks written
+    last_body: dict[str, Any] = field(default_factory=dict)  # the last request body per key
+
+    def as_json(self) -> dict[str, dict[str, int]]:
+        return {
+            "requests": dict(self.requests),
+            "completed": dict(self.completed),
+            "cut": dict(self.cut),
+            "chunks_sent": dict(self.chunks_sent),
+            "last_body": self.last_body,
+        }
+
+
+STATS = web.AppKey("stats", MockStats)
 FAILURES = web.AppKey("failures", Counter)
 DEFAULTS = web.AppKey("defaults", dict[str, Any])
 
@@ -61,6 +78,116 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response(body, status=status, headers=headers)
 
 
+# ---------------------------------------------------------------- what to answer
+
+
+def _sample(schema: Any) -> Any:
+    """A value that fits a JSON-schema property, for tool-call arguments."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(schema, dict) and schema.get("enum"):
+        return schema["enum"][0]
+    return {"string": "mock", "integer": 1, "number": 1.5, "boolean": True, "array": []}.get(
+        str(kind), {}
+    )
+
+
+def _tool_to_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The function the answer calls, when the request offers tools and a user spoke last."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("function")]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return None
+    messages = body["messages"]
+    last = messages[-1] if messages else {}
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        tools = [t for t in tools if t["function"].get("name") == wanted] or tools
+    elif isinstance(last, dict) and last.get("role") != "user":
+        return None  # a tool result came back: answer in words
+    fn = tools[0]["function"]
+    return fn if isinstance(fn, dict) else None
+
+
+def _tool_arguments(fn: dict[str, Any], modes: dict[str, Any]) -> str:
+    if "tool_arguments" in modes:
+        return str(modes["tool_arguments"])
+    params = fn.get("parameters") or {}
+    props = params.get("properties") or {}
+    required = params.get("required") or list(props)
+    return orjson.dumps({name: _sample(props.get(name)) for name in required}).decode()
+
+
+def _words_after_tool(messages: list[Any]) -> list[str]:
+    last = messages[-1] if messages else {}
+    content = last.get("content") if isinstance(last, dict) else None
+    text = content if isinstance(content, str) else orjson.dumps(content).decode()
+    return ["The", " tool", " returned", ": ", text]
+
+
+@dataclass
+class _Plan:
+    """One choice's answer: its token pieces, as text or as tool-call argument pieces."""
+
+    pieces: list[str]
+    finish: str
+    tool: dict[str, Any] | None = None  # {"id", "name"} when the answer is a tool call
+
+
+def _plan(body: dict[str, Any], modes: dict[str, Any]) -> _Plan:
+    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    capped = isinstance(cap, int) and not modes.get("ignore_max_tokens")
+    fn = _tool_to_call(body)
+    if fn is not None:
+        args = _tool_arguments(fn, modes)
+        pieces = [args[i : i + 8] for i in range(0, len(args), 8)] or [""]
+        tool = {"id": f"call_mock_{next(_ids)}", "name": str(fn.get("name", "tool"))}
+        return _Plan(pieces, "tool_calls", tool)
+    if body["messages"] and (body["messages"][-1] or {}).get("role") == "tool":
+        pieces = _words_after_tool(body["messages"])
+    else:
+        count = int(modes.get("chunks", 5))
+        content = modes.get("content")
+        pieces = [
+            content if content is not None else _SENTENCE[i % len(_SENTENCE)] for i in range(count)
+        ]
+    finish = "stop"
+    if capped and isinstance(cap, int) and len(pieces) >= cap:
+        pieces, finish = pieces[:cap], "length"
+    return _Plan(pieces, finish)
+
+
+def _message(plan: _Plan) -> dict[str, Any]:
+    if plan.tool is not None:
+        call = {
+            "id": plan.tool["id"],
+            "type": "function",
+            "function": {"name": plan.tool["name"], "arguments": "".join(plan.pieces)},
+        }
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+    return {"role": "assistant", "content": "".join(plan.pieces), "refusal": None}
+
+
+def _delta(plan: _Plan, i: int) -> dict[str, Any]:
+    if plan.tool is None:
+        return {"content": plan.pieces[i]}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": plan.pieces[i]}}]}
+
+
+def _first_delta(plan: _Plan) -> dict[str, Any]:
+    if plan.tool is None:
+        return {"role": "assistant", "content": "", "refusal": None}
+    call = {
+        "index": 0,
+        "id": plan.tool["id"],
+        "type": "function",
+        "function": {"name": plan.tool["name"], "arguments": ""},
+    }
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+
+
+# ---------------------------------------------------------------- the handler
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         body = orjson.loads(await request.read())
@@ -68,37 +195,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(400, "invalid JSON")
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         return _error(400, "messages is required")
-    defaults: dict[str, Any] = request.app[DEFAULTS]
-    mock: dict[str, Any] = {**defaults, **(body.get("mock") or {})}
-
-    if "fail_times" in mock:
-        key = str(mock.get("key", "default"))
-        failures = request.app[FAILURES]
-        if failures[key] < int(mock["fail_times"]):
-            failures[key] += 1
-            headers = {"Retry-After": str(mock["retry_after"])} if "retry_after" in mock else None
-            return _error(int(mock.get("status", 500)), "mock failure", headers)
-    elif "status" in mock:
-        return _error(int(mock["status"]), f"mock status {mock['status']}")
-    if mock.get("first_byte_ms"):
-        await asyncio.sleep(mock["first_byte_ms"] / 1000)
-
     model = str(body.get("model", "mock-model"))
-    n_tokens = int(mock.get("chunks", 5))
-    cap = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(cap, int) and not mock.get("ignore_max_tokens"):
-        n_tokens = min(n_tokens, cap)
-    content = mock.get("content")
-    pieces = [content if content is not None else _WORDS[i % len(_WORDS)] for i in range(n_tokens)]
-    finish = "length" if isinstance(cap, int) and n_tokens == cap else "stop"
+    try:
+        modes = resolve(request.app[DEFAULTS], request.headers, body.get("mock"), model)
+    except FaultError as e:
+        return _error(400, f"mock: {e}")
+    key = str(modes.get("key", "default"))
+    stats = request.app[STATS]
+    stats.requests[key] += 1
+    stats.last_body[key] = body
+
+    if "fail_times" in modes:
+        failures = request.app[FAILURES]
+        if failures[key] < modes["fail_times"]:
+            failures[key] += 1
+            headers = (
+                {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
+            )
+            return _error(modes.get("status", 500), "mock failure", headers)
+    elif "status" in modes:
+        headers = {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
+        return _error(modes["status"], f"mock status {modes['status']}", headers)
+    if modes.get("first_byte_ms"):
+        try:
+            await asyncio.sleep(modes["first_byte_ms"] / 1000)
+        except asyncio.CancelledError:  # the caller left (a server cancelling handlers)
+            stats.cut[key] += 1
+            raise
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stats.cut[key] += 1  # the caller left meanwhile
+            return web.Response()
+
+    n = body.get("n") or 1
+    plans = [_plan(body, modes) for _ in range(n)]
+    tokens = sum(len(p.pieces) for p in plans)
+    in_tokens = prompt_tokens(body["messages"])
     usage = {
-        "prompt_tokens": prompt_tokens(body["messages"]),
-        "completion_tokens": n_tokens,
-        "total_tokens": prompt_tokens(body["messages"]) + n_tokens,
+        "prompt_tokens": in_tokens,
+        "completion_tokens": tokens,
+        "total_tokens": in_tokens + tokens,
     }
     ident = f"chatcmpl-mock-{next(_ids)}"
     created = int(time.time())
-
     if not body.get("stream"):
         answer: dict[str, Any] = {
             "id": ident,
@@ -106,67 +245,142 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "created": created,
             "model": model,
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
+                {"index": i, "message": _message(p), "logprobs": None, "finish_reason": p.finish}
+                for i, p in enumerate(plans)
             ],
             "system_fingerprint": None,
         }
-        if not mock.get("no_usage"):
+        if not modes.get("no_usage"):
             answer["usage"] = usage
+        stats.completed[key] += 1
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
+    return await _stream(request, body, modes, key, plans, usage, ident, created)
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await resp.prepare(request)
-    delay = mock.get("chunk_delay_ms", 0) / 1000
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        obj: dict[str, Any] = {
+class _Chunks:
+    """The SSE events of one streamed answer."""
+
+    def __init__(self, body: dict[str, Any], ident: str, created: int) -> None:
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.base = {
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": model,
+            "model": str(body.get("model", "mock-model")),
             "system_fingerprint": None,
+        }
+
+    def chunk(self, index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj: dict[str, Any] = {
+            **self.base,
             "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             ],
         }
-        if include_usage:
-            obj["usage"] = None
+        if self.include_usage:
+            obj["usage"] = None  # as OpenAI sends it when usage was asked for
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
-    for i, piece in enumerate(pieces):
-        if mock.get("drop_after") is not None and i >= int(mock["drop_after"]):
-            assert request.transport is not None
-            request.transport.close()
-            return resp
-        if mock.get("stall_after") is not None and i >= int(mock["stall_after"]):
-            await asyncio.sleep(3600)
-        if mock.get("malformed") and i == 1:
-            await resp.write(b"data: {not json\n\n")
-        if delay:
-            await asyncio.sleep(delay)
-        await resp.write(chunk({"content": piece}))
-    await resp.write(chunk({}, finish))
-    if include_usage and not mock.get("no_usage"):
-        final = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": usage,
-        }
-        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({**self.base, "choices": [], "usage": usage}) + b"\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    body: dict[str, Any],
+    modes: dict[str, Any],
+    key: str,
+    plans: list[_Plan],
+    usage: dict[str, Any],
+    ident: str,
+    created: int,
+) -> web.StreamResponse:
+    stats = request.app[STATS]
+    transport = request.transport
+    assert transport is not None
+    if modes.get("send_buffer"):
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, modes["send_buffer"])
+    events = _Chunks(body, ident, created)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    delay = modes.get("chunk_delay_ms", 0) / 1000
+    heartbeat = modes.get("heartbeat_every")
+    longest = max(len(p.pieces) for p in plans)
+    ended = CUT  # unless the stream gets further: its reader left (or cancelled us)
+    try:
+        await resp.prepare(request)
+        if modes.get("first_chunk_ms"):
+            await asyncio.sleep(modes["first_chunk_ms"] / 1000)
+        for i in range(longest + 1):
+            # Faults are due once i rounds of token chunks are out (at 0: before any event).
+            fault_end = await _fault_at(request, resp, modes, i)
+            if fault_end is not None:
+                ended = fault_end
+                return resp
+            if i == 0:
+                await resp.write(
+                    b"".join(events.chunk(c, _first_delta(p)) for c, p in enumerate(plans))
+                )
+            if i == longest:
+                break
+            if delay:
+                await asyncio.sleep(delay)
+            if heartbeat and i % heartbeat == 0:
+                await resp.write(b": keep-alive\n\n")
+            for c, plan in enumerate(plans):
+                if i < len(plan.pieces):
+                    await resp.write(events.chunk(c, _delta(plan, i)))
+                    stats.chunks_sent[key] += 1
+        tail = [events.chunk(c, {}, p.finish) for c, p in enumerate(plans)]
+        if events.include_usage and not modes.get("no_usage"):
+            tail.append(events.usage(usage))
+        tail.append(b"data: [DONE]\n\n")
+        await resp.write(b"".join(tail))
+        await resp.write_eof()
+        ended = COMPLETED
+    except ConnectionResetError:
+        pass  # the reader left
+    finally:
+        if ended == COMPLETED:
+            stats.completed[key] += 1
+        elif ended == CUT:
+            stats.cut[key] += 1
     return resp
+
+
+# How a mock stream ended (for MockStats).
+COMPLETED, CUT, DROPPED = "completed", "cut", "dropped"
+
+
+async def _fault_at(
+    request: web.Request, resp: web.StreamResponse, modes: dict[str, Any], sent: int
+) -> str | None:
+    """Apply the fault modes due once ``sent`` token chunks are out.
+
+    Returns how the stream ended when a fault ended it, None to go on.
+    """
+    if modes.get("drop_after") == sent:
+        assert request.transport is not None
+        request.transport.close()
+        return DROPPED
+    if modes.get("malformed_after") == sent:
+        await resp.write(b"data: {not json\n\n")
+    if modes.get("error_after") == sent:
+        error = {"message": "mock mid-stream failure", "type": "server_error", "code": None}
+        await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+        await resp.write_eof()
+        return COMPLETED
+    if modes.get("stall_after") == sent:
+        # Keep the connection, send nothing, until the reader goes away.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + STALL_LIMIT
+        while loop.time() < until:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.02)
+        return CUT
+    return None
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -175,18 +389,18 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
-def create_mock_app(
-    *, chunks: int = 5, latency_ms: int = 0, chunk_delay_ms: int = 0
-) -> web.Application:
-    """The mock upstream app; the arguments are defaults a request's ``mock`` overrides."""
+async def mock_stats(request: web.Request) -> web.Response:
+    """``GET /mock/stats``: requests, completed answers and cut streams per key."""
+    return web.json_response(request.app[STATS].as_json())
+
+
+def create_mock_app(**defaults: Any) -> web.Application:
+    """The mock upstream app; ``defaults`` are fault modes a request may override."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATS] = MockStats()
     app[FAILURES] = Counter()
-    defaults: dict[str, Any] = {"chunks": chunks}
-    if latency_ms:
-        defaults["first_byte_ms"] = latency_ms
-    if chunk_delay_ms:
-        defaults["chunk_delay_ms"] = chunk_delay_ms
-    app[DEFAULTS] = defaults
+    app[DEFAULTS] = {k: v for k, v in defaults.items() if v is not None}
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/mock/stats", mock_stats)
     return app

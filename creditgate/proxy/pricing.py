@@ -9,6 +9,12 @@ import orjson
 from creditgate.config import PRICE_SCALE, Model
 
 PER_MESSAGE_OVERHEAD = 8  # tokens: role, separators
+# An image costs what its size and detail say, not what its URL or base64 text
+# weighs: a flat estimate at the top of OpenAI's range (a 2048×2048 image in
+# high detail is 1,105 tokens) keeps holds near the truth for both.
+IMAGE_TOKENS = 1_500
+# Request fields other than messages that the upstream counts as prompt.
+_PROMPT_FIELDS = ("tools", "functions", "response_format")
 
 
 def cost_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
@@ -18,37 +24,55 @@ def cost_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
     return -(-scaled // PRICE_SCALE)
 
 
-def _content_bytes(content: Any) -> int:
+def _content_size(content: Any) -> tuple[int, int]:
+    """(UTF-8 bytes of text, images) in a message's content."""
     if content is None:
-        return 0
+        return 0, 0
     if isinstance(content, str):
-        return len(content.encode())
+        return len(content.encode()), 0
     if isinstance(content, list):
-        total = 0
+        size = images = 0
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                total += _content_bytes(part.get("text"))
-            else:
-                total += len(orjson.dumps(part))
-        return total
-    return len(orjson.dumps(content))
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                size += len(part["text"].encode())
+            elif kind == "image_url":
+                images += 1
+            else:  # audio, files, provider parts: their JSON, a generous bound
+                size += len(orjson.dumps(part))
+        return size, images
+    return len(orjson.dumps(content)), 0
 
 
 def estimate_prompt_tokens(messages: list[dict[str, Any]], bytes_per_token: int) -> int:
     """``ceil(utf8_bytes / bytes_per_token) + 8`` per message.
 
-    Counts the text of the content (or the JSON of non-text parts) and of any
-    tool calls. The upstream's usage replaces this estimate at settlement.
+    Counts the text of the content (the JSON of non-text parts, a flat
+    ``IMAGE_TOKENS`` per image) and of any tool calls. The upstream's usage
+    replaces this estimate at settlement.
     """
     total = 0
     for message in messages:
-        size = _content_bytes(message.get("content"))
+        size, images = _content_size(message.get("content"))
         for extra in ("tool_calls", "function_call"):
             if message.get(extra) is not None:
                 size += len(orjson.dumps(message[extra]))
         if isinstance(message.get("name"), str):
             size += len(message["name"].encode())
-        total += -(-size // bytes_per_token) + PER_MESSAGE_OVERHEAD
+        total += -(-size // bytes_per_token) + PER_MESSAGE_OVERHEAD + images * IMAGE_TOKENS
+    return total
+
+
+def estimate_request_tokens(
+    body: dict[str, Any], messages: list[dict[str, Any]], bytes_per_token: int
+) -> int:
+    """The prompt estimate of a whole request: its messages, plus the tool
+    definitions and response schema the upstream also reads as prompt."""
+    total = estimate_prompt_tokens(messages, bytes_per_token)
+    for name in _PROMPT_FIELDS:
+        value = body.get(name)
+        if value:
+            total += -(-len(orjson.dumps(value)) // bytes_per_token)
     return total
 
 

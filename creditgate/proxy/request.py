@@ -1,4 +1,4 @@
-"""Validating an OpenAI chat-completions request and shaping what goes upstream."""
+"""An OpenAI chat-completions request: validated, bounded, and shaped for the upstream."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 from creditgate.config import Model
 from creditgate.errors import ModelNotFound, ValidationError
-from creditgate.proxy.pricing import estimate_prompt_tokens
+from creditgate.proxy import validation as v
+from creditgate.proxy.pricing import estimate_request_tokens
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-MAX_N = 128
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,98 +33,112 @@ class ChatRequest:
         return self.prompt_tokens_estimate + self.worst_case_output_tokens
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _stream_fields(p: v.Problems, body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage), checked."""
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
+        p.add("stream", "must be a boolean")
+        stream = False
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            p.add("stream_options", "must be an object")
+        elif not stream:
+            # OpenAI refuses it too; saying so here lists it with any other problem.
+            p.add("stream_options", "only allowed when stream is true")
+        else:
+            value = options.get("include_usage")
+            if value is not None and not isinstance(value, bool):
+                p.add("stream_options.include_usage", "must be a boolean")
+            include_usage = value is True
+    return stream, include_usage
+
+
+def _output_cap(p: v.Problems, body: dict[str, Any], model: Model | None) -> int | None:
+    """The larger of max_tokens / max_completion_tokens, each checked against the model."""
+    cap: int | None = None
+    for name in TOKEN_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not v.is_int(value) or value < 1:
+            p.add(name, "must be a positive integer")
+        elif model is not None and value > model.max_output_tokens:
+            p.add(name, f"at most {model.max_output_tokens} for {model.name}, got {value}")
+        else:
+            # Both may be set; the upstream honours one of them, so the hold
+            # must cover the larger.
+            cap = value if cap is None else max(cap, value)
+    return cap
 
 
 def parse_chat_request(
     body: dict[str, Any], models: Mapping[str, Model], bytes_per_token: int
 ) -> ChatRequest:
-    """Validate ``body``; raise ValidationError listing every problem, or ModelNotFound.
+    """Validate ``body`` into a ChatRequest.
 
+    Raises ValidationError (400) listing every problem as ``{path, message}``,
+    or ModelNotFound (404) for a well-formed request naming an unknown model.
     Fields creditgate does not know pass through to the upstream untouched.
     """
-    problems: list[dict[str, str]] = []
-
-    def bad(path: str, message: str) -> None:
-        problems.append({"path": path, "message": message})
-
+    p = v.Problems()
     name = body.get("model")
+    model: Model | None = None
     if not isinstance(name, str) or not name:
-        bad("model", "required: the name of a model (see GET /v1/models)")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        bad("messages", "required: a non-empty array of messages")
-        messages = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            bad(f"messages[{i}]", "must be an object")
-            continue
-        if m.get("role") not in ROLES:
-            bad(f"messages[{i}].role", f"must be one of {sorted(ROLES)}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
-            bad(f"messages[{i}].content", "must be a string, an array of parts, or null")
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    bad(f"messages[{i}].content[{j}]", "must be an object with a 'type'")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        bad("stream", "must be a boolean")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            bad("stream_options", "must be an object")
-        else:
-            include_usage = options.get("include_usage") is True
-            if "include_usage" in options and not isinstance(options["include_usage"], bool):
-                bad("stream_options.include_usage", "must be a boolean")
-    n = body.get("n", 1)
+        p.add("model", "required: the name of a model (see GET /v1/models)")
+    else:
+        model = models.get(name)
+    messages = v.check_messages(p, body.get("messages"), model.max_messages if model else None)
+    stream, include_usage = _stream_fields(p, body)
+    n = body.get("n")
     if n is None:
         n = 1
-    if not _is_int(n) or not 1 <= n <= MAX_N:
-        bad("n", f"must be an integer from 1 to {MAX_N}")
+    elif not v.is_int(n) or not 1 <= n <= v.MAX_N:
+        p.add("n", f"must be an integer from 1 to {v.MAX_N}")
         n = 1
-    limits = {f: body.get(f) for f in ("max_tokens", "max_completion_tokens")}
-    for field_name, value in limits.items():
-        if value is not None and (not _is_int(value) or value < 1):
-            bad(field_name, "must be a positive integer")
-    if problems:
+    cap = _output_cap(p, body, model)
+    v.check_tools(p, body)
+    v.check_response_format(p, body.get("response_format"))
+    v.check_sampling(p, body)
+    if p:
+        if model is None and isinstance(name, str) and name:
+            p.add("model", "unknown model (see GET /v1/models)")
         raise ValidationError(
-            "The request is not a valid chat completion request.", details=problems
+            f"The request is not a valid chat completion request: {_summary(p)}",
+            details=p.items,
         )
-
-    assert isinstance(name, str)
-    model = models.get(name)
     if model is None:
         raise ModelNotFound(
             f"The model {name!r} does not exist or is not served here; see GET /v1/models.",
             details=[{"path": "model", "message": "unknown model"}],
         )
-    requested = limits["max_completion_tokens"] or limits["max_tokens"]
-    if requested is not None and requested > model.max_output_tokens:
-        field_name = "max_completion_tokens" if limits["max_completion_tokens"] else "max_tokens"
-        raise ValidationError(
-            f"{field_name} is {requested}; {name} allows at most {model.max_output_tokens}.",
-            details=[{"path": field_name, "message": f"at most {model.max_output_tokens}"}],
-        )
+
     upstream_body = dict(body)
-    if requested is None:
+    if cap is None:
         # No cap from the client: send the model's, so the hold is a true bound.
-        upstream_body["max_tokens"] = model.max_output_tokens
+        upstream_body[model.max_tokens_field] = model.max_output_tokens
     if stream:
         # Ask for the usage chunk always: it is what makes the charge exact.
-        upstream_body["stream_options"] = {**(options or {}), "include_usage": True}
+        upstream_body["stream_options"] = {
+            **(body.get("stream_options") or {}),
+            "include_usage": True,
+        }
     return ChatRequest(
         model=model,
         upstream_body=upstream_body,
-        stream=bool(stream),
+        stream=stream,
         include_usage=include_usage,
-        max_output_tokens=requested or model.max_output_tokens,
+        max_output_tokens=cap or model.max_output_tokens,
         n=n,
-        prompt_tokens_estimate=estimate_prompt_tokens(messages, bytes_per_token),
+        prompt_tokens_estimate=estimate_request_tokens(body, messages, bytes_per_token),
     )
+
+
+def _summary(p: v.Problems) -> str:
+    first = p.items[0]
+    more = len(p.items) - 1
+    text = f"{first['path'] or 'body'}: {first['message']}"
+    return text + (f" (and {more} more; see details)" if more else "")

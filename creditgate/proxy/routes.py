@@ -2,8 +2,21 @@
 
 The request path: authenticate → validate → throttle → reserve the worst-case
 cost → call the upstream → settle the actual cost → answer. Every exit
-settles or releases the hold exactly once, and the settlement commits before
-the response's last byte (the ``[DONE]`` event) is sent.
+settles or releases the hold exactly once (``MeteredCall``), and the
+settlement commits before the response's last byte (the ``[DONE]`` event, or
+the JSON body) is sent.
+
+How each exit is billed:
+
+===============================  ===========================================
+the upstream answered            its usage, exactly
+… without usage                  an estimate from the text, marked estimated
+the client left mid-call         prompt estimate + the text generated so far
+                                 (or the usage, if it came); upstream closed
+the upstream failed or timed     mid-stream: what it generated (as above);
+out                              before any output: nothing, hold released
+the request was refused          nothing; no hold was taken
+===============================  ===========================================
 """
 
 from __future__ import annotations
@@ -11,121 +24,33 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from creditgate import ledger
 from creditgate.auth import authenticate
-from creditgate.errors import UpstreamError
+from creditgate.errors import ModelNotFound
 from creditgate.http.envelope import json_response, read_json_object
 from creditgate.http.ids import REQUEST_ID
-from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
-from creditgate.http.state import STATE, State
+from creditgate.http.metrics import LEDGER_LATENCY, STREAM_ENDS
+from creditgate.http.state import STATE
 from creditgate.logs import log
-from creditgate.proxy.pricing import cost_micros, estimate_text_tokens
-from creditgate.proxy.request import ChatRequest, parse_chat_request
-from creditgate.proxy.sse import (
-    DONE,
-    DONE_EVENT,
-    EventSplitter,
-    event_data,
-    generated_bytes,
-    inspect_chunk,
-    sse_event,
-)
-from creditgate.proxy.upstream import UpstreamCall
-from creditgate.throttle import Admission
+from creditgate.proxy import relay as ends
+from creditgate.proxy.disconnect import ClientWatch
+from creditgate.proxy.metering import Charge, MeteredCall
+from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.relay import Relay
+from creditgate.proxy.request import parse_chat_request
+from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 
-# Failures reading from the upstream once its 200 has arrived.
-_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, TimeoutError)
-
-
-@dataclass(frozen=True, slots=True)
-class _Charge:
-    settlement: ledger.Settlement
-    usage: dict[str, Any]  # the usage object the client sees, with the cost in it
-
-
-@dataclass(slots=True)
-class _Call:
-    """One metered call in flight: its hold, and whether settling has begun."""
-
-    st: State
-    chat: ChatRequest
-    admission: Admission
-    hold: ledger.Hold
-    request_id: str
-    settling: bool = False
-    tokens: int | None = None  # actual tokens, once known (for the throttle)
-
-    async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> _Charge:
-        """Charge the call: the upstream's usage when valid, else an estimate (marked)."""
-        chat = self.chat
-        in_tok = usage.get("prompt_tokens") if usage else None
-        out_tok = usage.get("completion_tokens") if usage else None
-        exact = _count(in_tok) and _count(out_tok)
-        if not exact:
-            in_tok = chat.prompt_tokens_estimate
-            out_tok = estimate_text_tokens(
-                text_bytes, self.st.settings.config.estimate_bytes_per_token
-            )
-        assert isinstance(in_tok, int) and isinstance(out_tok, int)
-        cost = cost_micros(chat.model, in_tok, out_tok)
-        self.settling = True
-        self.tokens = in_tok + out_tok
-        started = time.perf_counter()
-        # Shielded: once begun, a settlement completes even if the request is cancelled.
-        # The throttle is corrected (and the lease returned) at the same time, so
-        # both are done before the last byte and neither waits for the other.
-        settlement, _ = await asyncio.gather(
-            asyncio.shield(
-                ledger.settle_hold(
-                    self.st.db, self.hold.id, ledger.Usage(in_tok, out_tok, cost, not exact)
-                )
-            ),
-            self.st.throttle.finish(self.admission, self.tokens),
-        )
-        LEDGER_LATENCY.labels("settle").observe(time.perf_counter() - started)
-        TOKENS.labels(chat.model.name, "input").inc(in_tok)
-        TOKENS.labels(chat.model.name, "output").inc(out_tok)
-        CREDITS_CHARGED.labels(chat.model.name).inc(settlement.debited)
-        if settlement.uncollected:
-            log.warning(
-                "cost above what the account could cover",
-                extra={
-                    "request_id": self.request_id,
-                    "hold_id": str(self.hold.id),
-                    "uncollected_micros": settlement.uncollected,
-                },
-            )
-        if not exact:
-            usage = {
-                "prompt_tokens": in_tok,
-                "completion_tokens": out_tok,
-                "total_tokens": in_tok + out_tok,
-                "estimated": True,
-            }
-        assert usage is not None
-        return _Charge(
-            settlement,
-            {
-                **usage,
-                "cost": ledger.micros_to_credits(settlement.debited),
-                "cost_micros": settlement.debited,
-            },
-        )
-
-    async def release(self) -> None:
-        if not self.settling:
-            await asyncio.shield(ledger.release_hold(self.st.db, self.hold.id))
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+_CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx-like proxies not to buffer the stream
+}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -140,7 +65,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     admission = await st.throttle.admit(
         limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
     )
-    call: _Call | None = None
     try:
         started = time.perf_counter()
         hold = await ledger.reserve_hold(
@@ -155,38 +79,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             model=chat.model.name,
         )
         LEDGER_LATENCY.labels("reserve").observe(time.perf_counter() - started)
-        call = _Call(st, chat, admission, hold, request[REQUEST_ID])
-        try:
-            upstream = await st.upstream.open(chat.model, chat.upstream_body)
-            headers = {
-                **admission.headers,
-                "x-creditgate-attempts": str(upstream.attempts),
-                "x-creditgate-deployment": upstream.deployment.upstream.name,
-            }
-            if chat.stream:
-                return await _stream(request, call, upstream, headers)
-            return await _complete(call, upstream, headers)
-        finally:
-            await call.release()  # no-op once settling began
+    except BaseException:
+        await st.throttle.finish(admission, None)  # never served: all given back
+        raise
+    call = MeteredCall(st, chat, hold, admission, request[REQUEST_ID])
+    try:
+        if chat.stream:
+            return await _stream(request, call, admission.headers)
+        return await _complete(request, call, admission.headers)
     finally:
-        # A no-op once settling returned it; otherwise the call was never served:
-        # its tokens and its daily message are given back, the lease returned.
-        await st.throttle.finish(admission, call.tokens if call else None)
+        await call.close()  # releases the hold unless it was settled
 
 
-async def _complete(call: _Call, upstream: UpstreamCall, headers: dict[str, str]) -> web.Response:
+async def _client_left(call: MeteredCall, text_bytes: int = 0) -> web.Response:
+    """Bill a call whose client left: the prompt, and any text generated so far."""
+    await call.settle(None, text_bytes)
+    log.info("client disconnected mid-call", extra={"request_id": call.request_id})
+    return web.Response(status=499)  # nobody reads it; the access log shows why
+
+
+async def _complete(
+    request: web.Request, call: MeteredCall, headers: dict[str, str]
+) -> web.StreamResponse:
+    st = request.app[STATE]
     try:
-        raw = await upstream.response.read()
-    except _UPSTREAM_READ_ERRORS:
-        raise UpstreamError("The upstream connection failed while sending the answer.") from None
-    finally:
-        upstream.release()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-        raise UpstreamError("The upstream answered something that is not a chat completion.")
+        with ClientWatch(request) as watch:
+            answer = await st.upstream.complete(call.chat.model, call.chat.upstream_body)
+    except asyncio.CancelledError:
+        # aiohttp cancelled us (handler_cancellation: the client left, or shutdown).
+        await _client_left(call)
+        raise
+    if watch.gone:
+        return await _client_left(call)
+    body = answer.body
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
     text_bytes = sum(
         generated_bytes(c["message"])
@@ -194,112 +119,164 @@ async def _complete(call: _Call, upstream: UpstreamCall, headers: dict[str, str]
         if isinstance(c, dict) and isinstance(c.get("message"), dict)
     )
     body["usage"] = (await call.settle(usage, text_bytes)).usage
-    return json_response(body, headers=headers)
+    return json_response(
+        body,
+        headers={
+            **headers,
+            "x-creditgate-attempts": str(answer.attempts),
+            "x-creditgate-deployment": answer.deployment.name,
+        },
+    )
 
 
 async def _stream(
-    request: web.Request, call: _Call, upstream: UpstreamCall, headers: dict[str, str]
+    request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
+    st = request.app[STATE]
+    model = call.chat.model
+    try:
+        with ClientWatch(request) as watch:
+            upstream = await st.upstream.stream(model, call.chat.upstream_body)
+    except asyncio.CancelledError:
+        await _client_left(call)  # as in _complete
+        raise
+    if watch.gone:
+        upstream.close()
+        return await _client_left(call)
     resp = web.StreamResponse(
         headers={
             **headers,
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
+            **_SSE_HEADERS,
+            "x-creditgate-attempts": str(upstream.attempts),
+            "x-creditgate-deployment": upstream.deployment.name,
         }
     )
-    splitter = EventSplitter()
-    usage: dict[str, Any] | None = None
-    usage_chunk: dict[str, Any] | None = None
-    text_bytes = 0
-    done = client_gone = upstream_failed = False
+    relay = Relay(upstream, resp)
     try:
+        # The headers go now: the upstream's first event is already here.
         await resp.prepare(request)
-        async for chunk in upstream.response.content.iter_any():
-            for event in splitter.feed(chunk):
-                data = event_data(event)
-                if data is None:  # comments and heartbeats pass through
-                    await resp.write(event)
-                    continue
-                if data.strip() == DONE:
-                    done = True
-                    break
-                info = inspect_chunk(data)
-                if info is not None:
-                    text_bytes += info.text_bytes
-                    if info.usage is not None:
-                        usage = info.usage
-                    if info.usage_only:
-                        # Held back: it is sent after settling, with the cost in it.
-                        usage_chunk = orjson.loads(data)
-                        continue
-                await resp.write(event)
-            if done:
-                break
-    except _UPSTREAM_READ_ERRORS:
-        upstream_failed = True
-    except ConnectionResetError:
-        client_gone = True  # the client went away: stop the upstream, charge what it made
+        with ClientWatch(request) as watch:
+            await relay.run(model.timeouts.idle)
     except asyncio.CancelledError:
-        # Shutdown reached its deadline with this stream still running: bill
-        # what was sent, then let the cancellation through.
+        # aiohttp cancelled us (the client left, or shutdown): what was generated is owed.
         upstream.close()
-        await call.settle(usage, text_bytes)
-        log.info("stream cut at shutdown", extra={"request_id": call.request_id})
+        STREAM_ENDS.labels(model.name, "cancelled").inc()
+        await call.settle(relay.usage, relay.text_bytes)
         raise
-    finally:
-        if not done:
-            upstream.close()
-        else:
-            upstream.release()
-
-    complete = done or usage is not None
-    charge = await call.settle(usage, text_bytes)
-    if client_gone:
-        log.info("client disconnected mid-stream", extra={"request_id": call.request_id})
+    except BaseException:
+        upstream.close()
+        raise
+    end = ends.CLIENT_GONE if watch.gone else relay.end
+    STREAM_ENDS.labels(model.name, end).inc()
+    if end != ends.DONE_END:
+        upstream.close()  # the upstream stops generating
+    if end == ends.CLIENT_GONE:
+        await _client_left(call, relay.text_bytes)
         return resp
-    try:
-        if call.chat.include_usage:
-            final = usage_chunk or {"object": "chat.completion.chunk", "choices": []}
-            final["usage"] = charge.usage
-            await resp.write(sse_event(final))
-        if complete and not upstream_failed:
-            await resp.write(DONE_EVENT)
-        else:
-            await resp.write(
-                sse_event(
-                    {
-                        "error": {
-                            "message": "The upstream stream ended early.",
-                            "type": "api_error",
-                            "code": "UPSTREAM_ERROR",
-                        }
-                    }
-                )
-            )
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass
+    await _finish_stream(call, relay, end)
+    if end == ends.DONE_END:
+        await upstream.finish()  # after the client has its last byte
     return resp
 
 
+async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.StreamResponse:
+    """Settle, then send the usage chunk (if asked for) and ``[DONE]`` or an error event."""
+    resp = relay.resp
+    complete = end == ends.DONE_END or (end == ends.EOF_END and relay.usage is not None)
+    tail: list[bytes] = []
+    if not complete and relay.usage is None and relay.text_bytes == 0:
+        # The upstream failed before generating anything: nothing is charged.
+        await call.release()
+        log.info("stream failed before any output", extra={**_ids(call), "end": end})
+        return await _end_stream(resp, [_stream_error(relay, end)])
+    try:
+        charge = await call.settle(relay.usage, relay.text_bytes)
+    except Exception:
+        # The content went out but its charge is not recorded: the stream must
+        # not end as a success. The hold stays for the sweeper.
+        log.error("settlement failed after a stream", exc_info=True, extra=_ids(call))
+        tail.append(
+            error_event(
+                "The charge for this completion could not be recorded.", "SERVICE_UNAVAILABLE"
+            )
+        )
+    else:
+        if call.chat.include_usage:
+            tail.append(sse_event(_usage_chunk(relay, charge)))
+        if complete:
+            tail.append(DONE_EVENT)
+        else:
+            tail.append(_stream_error(relay, end))
+            log.info("stream ended early", extra={**_ids(call), "end": end})
+    return await _end_stream(resp, tail)
+
+
+async def _end_stream(resp: web.StreamResponse, tail: list[bytes]) -> web.StreamResponse:
+    try:
+        await resp.write(b"".join(tail))
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left after the content; the charge stands
+    return resp
+
+
+def _ids(call: MeteredCall) -> dict[str, str]:
+    return {"request_id": call.request_id, "hold_id": str(call.hold.id)}
+
+
+def _usage_chunk(relay: Relay, charge: Charge) -> dict[str, Any]:
+    """OpenAI's final chunk: no choices, the usage — here with its cost."""
+    if relay.usage_chunk is not None:
+        return {**relay.usage_chunk, "usage": charge.usage}
+    last = relay.last_chunk or {}
+    chunk: dict[str, Any] = {k: last[k] for k in _CHUNK_IDS if k in last}
+    return {**chunk, "object": "chat.completion.chunk", "choices": [], "usage": charge.usage}
+
+
+def _stream_error(relay: Relay, end: str) -> bytes:
+    """The error event that ends a stream cut short, OpenAI-style."""
+    if end == ends.ERROR_EVENT and relay.error is not None:
+        return sse_event({"error": relay.error})  # the upstream's own error, as it sent it
+    if end == ends.IDLE_TIMEOUT:
+        return error_event("The upstream stopped sending mid-stream.", "UPSTREAM_TIMEOUT")
+    if end == ends.TOTAL_TIMEOUT:
+        return error_event(
+            "The completion exceeded the model's total time limit.", "UPSTREAM_TIMEOUT"
+        )
+    if end == ends.MALFORMED:
+        return error_event("The upstream sent an event that is not JSON.", "UPSTREAM_ERROR")
+    return error_event("The upstream stream ended early.", "UPSTREAM_ERROR")
+
+
+def _model_json(m: Any) -> dict[str, Any]:
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "creditgate",
+        "pricing": {
+            "input": orjson.Fragment(m.input_price_text.encode()),
+            "output": orjson.Fragment(m.output_price_text.encode()),
+            "unit": "credits per 1M tokens",
+        },
+        "max_output_tokens": m.max_output_tokens,
+    }
+
+
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models this deployment serves, with their prices."""
+    """``GET /v1/models``: the public models this deployment serves, with their prices."""
     st = request.app[STATE]
     await authenticate(request)
-    data = [
-        {
-            "id": m.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "creditgate",
-            "pricing": {
-                "input": orjson.Fragment(m.input_price_text.encode()),
-                "output": orjson.Fragment(m.output_price_text.encode()),
-                "unit": "credits per 1M tokens",
-            },
-            "max_output_tokens": m.max_output_tokens,
-        }
-        for m in st.settings.config.models.values()
-    ]
+    data = [_model_json(m) for m in st.settings.config.models.values() if m.public]
     return json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one model (unlisted ones too, by exact name)."""
+    st = request.app[STATE]
+    await authenticate(request)
+    name = request.match_info["model"]
+    model = st.settings.config.models.get(name)
+    if model is None:
+        raise ModelNotFound(f"The model {name!r} does not exist or is not served here.")
+    return json_response(_model_json(model))

@@ -65,8 +65,14 @@ def sse_event(payload: Any) -> bytes:
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
+def error_event(message: str, code: str, type_: str = "api_error") -> bytes:
+    """An OpenAI-style mid-stream error: the SDKs raise ``APIError`` on it."""
+    return sse_event({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
 @dataclass(slots=True)
 class ChunkInfo:
+    obj: dict[str, Any]  # the parsed chunk
     usage: dict[str, Any] | None  # the chunk's usage object, when it carries one
     usage_only: bool  # OpenAI's final usage chunk: no choices, only usage
     text_bytes: int  # generated text in the chunk (for an estimate without usage)
@@ -93,6 +99,7 @@ def inspect_chunk(data: bytes) -> ChunkInfo | None:
                 text += generated_bytes(delta)
     error = obj.get("error")
     return ChunkInfo(
+        obj=obj,
         usage=usage,
         usage_only=usage is not None and not choices,
         text_bytes=text,
@@ -100,14 +107,37 @@ def inspect_chunk(data: bytes) -> ChunkInfo | None:
     )
 
 
-def generated_bytes(message: dict[str, Any]) -> int:
-    """UTF-8 bytes a model generated in a message or delta: content and tool calls."""
+# Generated text fields of a message or delta: the answer, a refusal, and the
+# reasoning text some providers return (DeepSeek, OpenRouter, vLLM).
+_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def _function_bytes(fn: Any) -> int:
+    if not isinstance(fn, dict):
+        return 0
     total = 0
-    content = message.get("content")
-    if isinstance(content, str):
-        total += len(content.encode())
-    for key in ("tool_calls", "function_call", "refusal"):
+    for key in ("name", "arguments"):
+        value = fn.get(key)
+        if isinstance(value, str):
+            total += len(value.encode())
+    return total
+
+
+def generated_bytes(message: dict[str, Any]) -> int:
+    """UTF-8 bytes a model generated in a message or delta: text and tool calls.
+
+    Tool calls count their function names and arguments, not the JSON
+    around them, which the model does not generate as tokens.
+    """
+    total = 0
+    for key in _TEXT_FIELDS:
         value = message.get(key)
-        if value:
-            total += len(value.encode()) if isinstance(value, str) else len(orjson.dumps(value))
+        if isinstance(value, str):
+            total += len(value.encode())
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                total += _function_bytes(call.get("function"))
+    total += _function_bytes(message.get("function_call"))
     return total

@@ -1,41 +1,69 @@
 """Calling the upstream provider: pooled connections, timeouts, retries, fallback.
 
-A call is retried (tenacity: exponential backoff with jitter, honouring the
-upstream's ``Retry-After``) and then sent to the model's next deployment only
-until the upstream has answered 200 — nothing has reached the client before
-that, so a retry can never duplicate output.
+Everything here happens before a byte reaches the client, so a failed
+attempt can be retried without duplicating output. An attempt succeeds when
+the upstream answered 200 **and** the start of its answer is sound: for a
+stream, the first complete SSE event (a comment, or a JSON chunk that is not
+an error); for a plain completion, the whole JSON body. So a stream that is
+cut, times out or sends garbage before its first event is retried like a 5xx.
+
+Per deployment (tried in ``routing.attempt_order``):
+
+=====================================  ======================================
+connection error, 429, 500/502/503/504  retried with exponential backoff and
+  or the stream dropped before its        jitter (tenacity), honouring
+  first event                             ``Retry-After``; then next deployment
+401/403 (our key), garbage, a           next deployment at once
+  first-byte timeout, a Retry-After
+  longer than ``MAX_RETRY_AFTER``,
+  other statuses
+400/404/409/413/422 (the request's      raised at once as UpstreamBadRequest
+  own fault)                              (status and message kept)
+=====================================  ======================================
+
+All attempts together stay within the model's ``timeouts.total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception,
+    retry_if_exception_type,
     stop_after_attempt,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 
 from creditgate.config import Deployment, Model
 from creditgate.errors import ApiError, UpstreamBadRequest, UpstreamError, UpstreamTimeout
 from creditgate.http.metrics import UPSTREAM_FIRST_BYTE, UPSTREAM_REQUESTS
+from creditgate.proxy.routing import attempt_order
+from creditgate.proxy.sse import EventSplitter, event_data, inspect_chunk
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 PASS_THROUGH_STATUSES = frozenset({400, 404, 409, 413, 422})
 ATTEMPTS_PER_DEPLOYMENT = 3
-MAX_RETRY_AFTER = 10.0  # seconds: longer waits fail over instead
+MAX_RETRY_AFTER = 10.0  # seconds: an upstream asking for a longer wait is skipped
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streaming answer larger than this is garbage
+MAX_ERROR_BYTES = 64 * 1024
+ERROR_BODY_TIMEOUT = 5.0  # seconds to read an error answer's body
+DRAIN_TIMEOUT = 1.0  # seconds to wait for a stream's end after [DONE]
+DRAIN_BYTES = 64 * 1024
 
 
 class _Retryable(Exception):
-    """An upstream failure worth another attempt."""
+    """A failure worth another attempt on the same deployment."""
 
     def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
         super().__init__(error.message)
@@ -43,20 +71,54 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(slots=True)
-class UpstreamCall:
-    """An upstream response with status 200, its body not yet read."""
+class _NextDeployment(Exception):
+    """A failure another attempt on this deployment would repeat."""
 
-    response: aiohttp.ClientResponse
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(slots=True)
+class Answer:
+    """A non-streaming completion, read and parsed."""
+
+    body: dict[str, Any]
     deployment: Deployment
     attempts: int
-    started: float  # monotonic time the successful attempt began
 
-    def release(self) -> None:
-        self.response.release()
+
+@dataclass(slots=True)
+class Stream:
+    """A streaming completion whose first event has arrived; the rest is unread."""
+
+    response: aiohttp.ClientResponse
+    head: bytes  # bytes read while checking the start, not yet forwarded
+    deployment: Deployment
+    attempts: int
+    deadline: float  # loop time at which the model's total timeout ends
+
+    async def finish(self) -> None:
+        """After ``[DONE]``: read the body's last bytes, so the connection goes back
+        to the pool instead of being closed (a new one costs a TLS handshake)."""
+        drained = False
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                left = DRAIN_BYTES
+                while left > 0 and not drained:
+                    chunk = await self.response.content.readany()
+                    drained = not chunk
+                    left -= len(chunk)
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        finally:
+            if drained:
+                self.response.release()
+            else:
+                self.response.close()  # it kept talking after [DONE], or we were cancelled
 
     def close(self) -> None:
-        """Drop the connection (used when the client went away mid-stream)."""
+        """Drop the connection: the upstream sees the call cancelled."""
         self.response.close()
 
 
@@ -71,94 +133,257 @@ def _wait(state: RetryCallState) -> float:
     return backoff
 
 
-async def _error_message(resp: aiohttp.ClientResponse) -> str:
-    try:
-        raw = await resp.content.read(64 * 1024)
-        body = orjson.loads(raw)
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        if isinstance(message, str) and message:
-            return message
-    except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError, AttributeError):
-        pass
-    return f"the upstream answered {resp.status}"
-
-
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    value = resp.headers.get("Retry-After")
+def retry_after_seconds(headers: Any) -> float | None:
+    """The wait an upstream asked for: ``retry-after-ms``, or ``Retry-After`` in
+    seconds or as an HTTP date; None when absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000)
+    value = headers.get("Retry-After")
     if value is None:
         return None
     try:
-        seconds = float(value)
+        return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
-    return seconds if 0 <= seconds <= MAX_RETRY_AFTER else None
+    return max(0.0, when.timestamp() - time.time())
+
+
+async def _error_message(resp: aiohttp.ClientResponse) -> str:
+    """The upstream's own error message, read within a bounded size and time."""
+    raw = b""
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(ERROR_BODY_TIMEOUT):
+            while len(raw) < MAX_ERROR_BYTES:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    break
+                raw += chunk
+    with contextlib.suppress(orjson.JSONDecodeError):
+        body = orjson.loads(raw)
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str) and message:
+            return message[:1000]
+    return f"the upstream answered {resp.status}"
+
+
+def _garbage(what: str) -> _NextDeployment:
+    return _NextDeployment(UpstreamError(f"The upstream answered {what}."))
 
 
 class UpstreamClient:
     """One pooled aiohttp session for every upstream."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, rng: random.Random | None = None) -> None:
         self._session = session
+        self._rng = rng
+        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
-    async def open(self, model: Model, body: dict[str, Any]) -> UpstreamCall:
-        """Send the chat completion to the model's deployments in order until one answers 200.
+    async def complete(self, model: Model, body: dict[str, Any]) -> Answer:
+        """A non-streaming completion; see ``_call`` for the errors it raises."""
+        result = await self._call(model, body, stream=False)
+        assert isinstance(result, Answer)
+        return result
+
+    async def stream(self, model: Model, body: dict[str, Any]) -> Stream:
+        """A streaming completion, started; see ``_call`` for the errors it raises."""
+        result = await self._call(model, body, stream=True)
+        assert isinstance(result, Stream)
+        return result
+
+    async def _call(self, model: Model, body: dict[str, Any], *, stream: bool) -> Answer | Stream:
+        """Try the model's deployments until one answers soundly.
 
         Raises UpstreamBadRequest (the request's own fault, status kept),
-        UpstreamTimeout (504) or UpstreamError (502).
+        UpstreamTimeout (504: nothing within the first-byte or total timeout)
+        or UpstreamError (502: failed after retries, or garbage).
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + model.timeouts.total
         attempts = 0
         last: ApiError = UpstreamError("The upstream provider failed.")
-        for deployment in model.deployments:
+        for deployment in attempt_order(model.deployments, self._rng):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
             payload = orjson.dumps({**body, "model": deployment.model})
             try:
                 async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(ATTEMPTS_PER_DEPLOYMENT),
+                    stop=stop_after_attempt(ATTEMPTS_PER_DEPLOYMENT) | stop_before_delay(remaining),
                     wait=_wait,
-                    retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+                    retry=retry_if_exception_type(_Retryable),
                     reraise=True,
                 ):
                     with attempt:
                         attempts += 1
-                        return await self._attempt(model, deployment, payload, attempts)
-            except _Retryable as e:
+                        return await self._attempt(
+                            model, deployment, payload, attempts, deadline, stream=stream
+                        )
+            except (_Retryable, _NextDeployment) as e:
                 last = e.error
+            except UpstreamBadRequest as e:
+                e.headers["x-creditgate-attempts"] = str(attempts)
+                raise
+        if loop.time() >= deadline and not isinstance(last, UpstreamTimeout):
+            last = UpstreamTimeout(
+                f"The upstream did not answer within {model.timeouts.total:g} s"
+                f" ({attempts} attempts; last: {last.message})"
+            )
+        last.headers["x-creditgate-attempts"] = str(attempts)
         raise last
 
+    def _client_timeout(self, model: Model) -> aiohttp.ClientTimeout:
+        # Only the connect phase is left to aiohttp; first byte, idle and total
+        # are enforced here and in the relay, which know which one ran out.
+        timeout = self._timeouts.get(model.name)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=model.timeouts.connect, sock_read=None
+            )
+            self._timeouts[model.name] = timeout
+        return timeout
+
     async def _attempt(
-        self, model: Model, deployment: Deployment, payload: bytes, attempts: int
-    ) -> UpstreamCall:
+        self,
+        model: Model,
+        deployment: Deployment,
+        payload: bytes,
+        attempts: int,
+        deadline: float,
+        *,
+        stream: bool,
+    ) -> Answer | Stream:
         t = model.timeouts
         headers = {"Content-Type": "application/json"}
         if deployment.upstream.api_key:
             headers["Authorization"] = f"Bearer {deployment.upstream.api_key}"
-        timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle)
         url = f"{deployment.upstream.base_url}/chat/completions"
-        labels = (model.name, deployment.upstream.name)
-        started = time.monotonic()
+        labels = (model.name, deployment.name)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_byte_by = min(started + t.first_byte, deadline)
+        resp: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(t.first_byte):
-                resp = await self._session.post(url, data=payload, headers=headers, timeout=timeout)
+            async with asyncio.timeout_at(first_byte_by):
+                resp = await self._session.post(
+                    url, data=payload, headers=headers, timeout=self._client_timeout(model)
+                )
+                if resp.status != 200:
+                    await self._refused(resp, labels)
+                if stream:
+                    head = await self._stream_head(resp)
         except TimeoutError:
+            if resp is not None:
+                resp.close()
             UPSTREAM_REQUESTS.labels(*labels, "timeout").inc()
-            raise _Retryable(
-                UpstreamTimeout(f"The upstream sent nothing within {t.first_byte:g} s.")
+            waited = min(t.first_byte, t.total)
+            raise _NextDeployment(
+                UpstreamTimeout(f"The upstream sent nothing within {waited:g} s.")
             ) from None
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, OSError):
+            if resp is not None:
+                resp.close()
             UPSTREAM_REQUESTS.labels(*labels, "connect_error").inc()
             raise _Retryable(UpstreamError("Could not reach the upstream provider.")) from None
-        UPSTREAM_FIRST_BYTE.labels(model.name).observe(time.monotonic() - started)
-        if resp.status == 200:
+        except BaseException:  # _Retryable, _NextDeployment, UpstreamBadRequest, cancellation
+            if resp is not None:
+                resp.close()
+            raise
+        UPSTREAM_FIRST_BYTE.labels(model.name).observe(loop.time() - started)
+        if stream:
             UPSTREAM_REQUESTS.labels(*labels, "ok").inc()
-            return UpstreamCall(resp, deployment, attempts, started)
-        with contextlib.closing(resp):
+            return Stream(resp, head, deployment, attempts, deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await _read_body(resp)
+        except TimeoutError:
+            resp.close()
+            UPSTREAM_REQUESTS.labels(*labels, "timeout").inc()
+            raise _NextDeployment(
+                UpstreamTimeout(f"The upstream's answer took longer than {t.total:g} s.")
+            ) from None
+        except aiohttp.ClientError:
+            resp.close()
+            UPSTREAM_REQUESTS.labels(*labels, "read_error").inc()
+            raise _Retryable(UpstreamError("The upstream connection failed mid-answer.")) from None
+        finally:
+            resp.release()
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            UPSTREAM_REQUESTS.labels(*labels, "garbage").inc()
+            raise _garbage("something that is not a chat completion")
+        UPSTREAM_REQUESTS.labels(*labels, "ok").inc()
+        return Answer(answer, deployment, attempts)
+
+    async def _refused(self, resp: aiohttp.ClientResponse, labels: tuple[str, str]) -> NoReturn:
+        """Classify a non-200 answer: raise the error it amounts to."""
+        status = resp.status
+        UPSTREAM_REQUESTS.labels(*labels, f"http_{status // 100}xx").inc()
+        try:
             message = await _error_message(resp)
-            UPSTREAM_REQUESTS.labels(*labels, f"http_{resp.status // 100}xx").inc()
-            if resp.status in RETRY_STATUSES:
-                raise _Retryable(
-                    UpstreamError(f"The upstream provider failed ({resp.status}): {message}"),
-                    _retry_after(resp),
-                )
-            if resp.status in PASS_THROUGH_STATUSES:
-                raise UpstreamBadRequest(resp.status, message)
-            # 401/403 and the rest: our credentials or the provider, not the caller.
-            raise UpstreamError(f"The upstream provider refused the call ({resp.status}).")
+        finally:
+            resp.release()  # back to the pool when the body was read whole
+        if status in PASS_THROUGH_STATUSES:
+            raise UpstreamBadRequest(status, message)
+        if status in RETRY_STATUSES:
+            wait = retry_after_seconds(resp.headers)
+            error = UpstreamError(f"The upstream provider failed ({status}): {message}")
+            if wait is not None and wait > MAX_RETRY_AFTER:
+                raise _NextDeployment(error)
+            raise _Retryable(error, wait)
+        if status in (401, 403):
+            raise _NextDeployment(
+                UpstreamError(f"The upstream provider refused creditgate's credentials ({status}).")
+            )
+        raise _NextDeployment(UpstreamError(f"The upstream provider answered {status}: {message}"))
+
+    async def _stream_head(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Read until the first complete event and check it; returns the bytes read."""
+        splitter = EventSplitter()
+        head = b""
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                if head:
+                    raise _garbage("a stream that is not server-sent events")
+                raise _Retryable(UpstreamError("The upstream closed the stream before any event."))
+            head += chunk
+            events = splitter.feed(chunk)
+            if events:
+                break
+            if len(head) > MAX_ERROR_BYTES:
+                raise _garbage("a stream that is not server-sent events")
+        data = event_data(events[0])
+        if data is None:
+            return head  # a comment (a heartbeat): the stream is alive
+        info = inspect_chunk(data)
+        if info is None:
+            raise _garbage("a stream event that is not JSON")
+        if info.error is not None:
+            message = info.error.get("message")
+            raise _Retryable(
+                UpstreamError(f"The upstream provider failed: {message or 'error event'}")
+            )
+        return head
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.readany()
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _garbage(f"a body over {MAX_BODY_BYTES} bytes")
+        parts.append(chunk)

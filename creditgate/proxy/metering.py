@@ -1,0 +1,142 @@
+"""One metered call: its hold and throttle admission, ended exactly once.
+
+``settle`` charges the actual cost (the upstream's usage, or an estimate
+marked ``estimated``) and ``release`` ends the hold with no charge; either
+also returns the throttle admission, corrected by the tokens actually used.
+``close`` (in the handler's ``finally``) releases whatever is still open, so
+every exit path — errors, disconnects, cancellation — ends the hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from creditgate import ledger
+from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
+from creditgate.logs import log
+from creditgate.proxy.pricing import cost_micros, estimate_text_tokens
+
+if TYPE_CHECKING:
+    from creditgate.http.state import State
+    from creditgate.proxy.request import ChatRequest
+    from creditgate.throttle import Admission
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    settlement: ledger.Settlement
+    usage: dict[str, Any]  # the usage object the client sees, with the cost in it
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class MeteredCall:
+    """The hold and the throttle admission of one call in flight."""
+
+    __slots__ = ("_ended", "admission", "chat", "hold", "request_id", "st")
+
+    def __init__(
+        self,
+        st: State,
+        chat: ChatRequest,
+        hold: ledger.Hold,
+        admission: Admission,
+        request_id: str,
+    ) -> None:
+        self.st = st
+        self.chat = chat
+        self.hold = hold
+        self.admission = admission
+        self.request_id = request_id
+        self._ended = False
+
+    def measure(self, usage: dict[str, Any] | None, text_bytes: int) -> tuple[ledger.Usage, bool]:
+        """The usage to charge, and whether it is the upstream's own count."""
+        chat = self.chat
+        in_tok = usage.get("prompt_tokens") if usage else None
+        out_tok = usage.get("completion_tokens") if usage else None
+        if _count(in_tok) and _count(out_tok):
+            assert isinstance(in_tok, int) and isinstance(out_tok, int)
+            exact = True
+        else:
+            exact = False
+            in_tok = chat.prompt_tokens_estimate
+            out_tok = estimate_text_tokens(
+                text_bytes, self.st.settings.config.estimate_bytes_per_token
+            )
+        cost = cost_micros(chat.model, in_tok, out_tok)
+        return ledger.Usage(in_tok, out_tok, cost, estimated=not exact), exact
+
+    async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> Charge:
+        """Charge the call: the upstream's usage when valid, else an estimate (marked).
+
+        ``text_bytes`` is the generated text seen, for the estimate. Once begun
+        the settlement completes even if the request is cancelled; the
+        throttle is corrected concurrently, so neither waits for the other.
+        """
+        assert not self._ended, "a call is settled or released once"
+        self._ended = True
+        measured, exact = self.measure(usage, text_bytes)
+        tokens = measured.input_tokens + measured.output_tokens
+        finishing = asyncio.ensure_future(self.st.throttle.finish(self.admission, tokens))
+        started = time.perf_counter()
+        try:
+            settlement = await asyncio.shield(
+                ledger.settle_hold(self.st.db, self.hold.id, measured)
+            )
+        finally:
+            await finishing
+        LEDGER_LATENCY.labels("settle").observe(time.perf_counter() - started)
+        model = self.chat.model.name
+        TOKENS.labels(model, "input").inc(measured.input_tokens)
+        TOKENS.labels(model, "output").inc(measured.output_tokens)
+        CREDITS_CHARGED.labels(model).inc(settlement.debited)
+        if settlement.uncollected:
+            log.warning(
+                "cost above what the account could cover",
+                extra={
+                    "request_id": self.request_id,
+                    "hold_id": str(self.hold.id),
+                    "uncollected_micros": settlement.uncollected,
+                },
+            )
+        seen: dict[str, Any]
+        if exact:
+            assert usage is not None
+            seen = usage
+        else:
+            seen = {
+                "prompt_tokens": measured.input_tokens,
+                "completion_tokens": measured.output_tokens,
+                "total_tokens": tokens,
+                "estimated": True,
+            }
+        return Charge(
+            settlement,
+            {
+                **seen,
+                "cost": ledger.micros_to_credits(settlement.debited),
+                "cost_micros": settlement.debited,
+            },
+        )
+
+    async def release(self) -> None:
+        """End the hold with no charge and give the throttle its tokens back."""
+        if self._ended:
+            return
+        self._ended = True
+        # Never served: the throttle gives back its tokens and its daily message.
+        finishing = asyncio.ensure_future(self.st.throttle.finish(self.admission, None))
+        try:
+            await asyncio.shield(ledger.release_hold(self.st.db, self.hold.id))
+        finally:
+            await finishing
+
+    async def close(self) -> None:
+        """Release the hold if the call was neither settled nor released."""
+        await self.release()

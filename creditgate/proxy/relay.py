@@ -1,0 +1,120 @@
+"""Relaying an upstream SSE stream to the client, event by event, as it arrives.
+
+Each network read from the upstream is split into complete events (cut
+events wait for their rest); the events of one read go to the client in one
+write, byte for byte — comments and heartbeats included. Two kinds are held
+back: the final usage chunk (sent after settling, with the cost in it) and
+``[DONE]`` (sent only once the charge is committed). ``resp.write`` waits
+while the client's socket is full, and nothing is read from the upstream
+meanwhile, so a slow client slows the upstream and memory stays bounded by
+one read plus the socket buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from creditgate.proxy.sse import DONE, EventSplitter, event_data, inspect_chunk, sse_event
+from creditgate.proxy.upstream import Stream
+
+# How a relayed stream ended.
+DONE_END = "done"  # the upstream sent [DONE]
+EOF_END = "eof"  # the upstream closed the stream without [DONE]
+READ_ERROR = "read_error"  # the upstream connection failed
+IDLE_TIMEOUT = "idle_timeout"
+TOTAL_TIMEOUT = "total_timeout"
+MALFORMED = "malformed"  # an event whose data is not JSON
+ERROR_EVENT = "error_event"  # the upstream sent an error object
+CLIENT_GONE = "client_gone"  # a write to the client failed
+
+
+class Relay:
+    """One stream's relay; its fields survive an interrupted ``run``."""
+
+    __slots__ = (
+        "end",
+        "error",
+        "last_chunk",
+        "resp",
+        "stream",
+        "text_bytes",
+        "usage",
+        "usage_chunk",
+    )
+
+    def __init__(self, stream: Stream, resp: web.StreamResponse) -> None:
+        self.stream = stream
+        self.resp = resp
+        self.usage: dict[str, Any] | None = None
+        self.usage_chunk: dict[str, Any] | None = None  # OpenAI's final chunk, held back
+        self.last_chunk: dict[str, Any] | None = None  # for the ids of a chunk we make
+        self.text_bytes = 0  # generated text received, for an estimate without usage
+        self.error: dict[str, Any] | None = None  # the upstream's mid-stream error object
+        self.end = ""
+
+    async def run(self, idle: float) -> str:
+        """Relay until the stream ends; returns (and records) how it ended."""
+        loop = asyncio.get_running_loop()
+        content = self.stream.response.content
+        deadline = self.stream.deadline
+        splitter = EventSplitter()
+        chunk = self.stream.head
+        while True:
+            out = self._take(splitter.feed(chunk))
+            if out:
+                try:
+                    await self.resp.write(out)
+                except ConnectionResetError:
+                    self.end = CLIENT_GONE
+            if self.end:
+                return self.end
+            wake = loop.time() + idle
+            try:
+                async with asyncio.timeout_at(min(wake, deadline)):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.end = TOTAL_TIMEOUT if loop.time() >= deadline else IDLE_TIMEOUT
+                return self.end
+            except aiohttp.ClientError:
+                self.end = READ_ERROR
+                return self.end
+            if not chunk:
+                self.end = EOF_END
+                return self.end
+
+    def _take(self, events: list[bytes]) -> bytes:
+        """The bytes of ``events`` to forward now; notes usage, text and the end."""
+        out: list[bytes] = []
+        for event in events:
+            data = event_data(event)
+            if data is None:  # a comment or heartbeat: passed through
+                out.append(event)
+                continue
+            if data.strip() == DONE:
+                self.end = DONE_END
+                break
+            info = inspect_chunk(data)
+            if info is None:
+                self.end = MALFORMED
+                break
+            if info.error is not None:
+                self.error = info.error
+                self.end = ERROR_EVENT
+                break
+            self.text_bytes += info.text_bytes
+            self.last_chunk = info.obj
+            if info.usage is None:
+                out.append(event)
+                continue
+            self.usage = info.usage
+            if info.usage_only:
+                self.usage_chunk = info.obj  # sent after settling, with the cost
+                continue
+            # Usage inside a content chunk (LiteLLM does this): forward the
+            # content; the usage goes out once, in the final chunk, with its cost.
+            out.append(sse_event({**info.obj, "usage": None}))
+        return out[0] if len(out) == 1 else b"".join(out)
