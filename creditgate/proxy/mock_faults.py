@@ -61,6 +61,12 @@ FAULT_MODES: tuple[FaultMode, ...] = (
         "tool_arguments", str, "the JSON arguments of a tool call (default: from the schema)"
     ),
     FaultMode(
+        "stamp",
+        bool,
+        "streams: each token is the mock's monotonic clock when sent (to time chunk delays)",
+        fault=False,
+    ),
+    FaultMode(
         "send_buffer", int, "the socket's send buffer in bytes (to show backpressure)", fault=False
     ),
     FaultMode(

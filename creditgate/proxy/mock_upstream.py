@@ -305,6 +305,7 @@ async def _stream(
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     delay = modes.get("chunk_delay_ms", 0) / 1000
     heartbeat = modes.get("heartbeat_every")
+    stamp = modes.get("stamp", False)
     longest = max(len(p.pieces) for p in plans)
     ended = CUT  # unless the stream gets further: its reader left (or cancelled us)
     try:
@@ -329,7 +330,8 @@ async def _stream(
                 await resp.write(b": keep-alive\n\n")
             for c, plan in enumerate(plans):
                 if i < len(plan.pieces):
-                    await resp.write(events.chunk(c, _delta(plan, i)))
+                    delta = {"content": f"{time.monotonic():.6f} "} if stamp else _delta(plan, i)
+                    await resp.write(events.chunk(c, delta))
                     stats.chunks_sent[key] += 1
         tail = [events.chunk(c, {}, p.finish) for c, p in enumerate(plans)]
         if events.include_usage and not modes.get("no_usage"):
