@@ -366,6 +366,38 @@ async def seed(database_url: str) -> str:
         await conn.close()
 
 
+async def floor(database_url: str, redis_url: str) -> str:
+    """The round trips the whole path cannot avoid, measured now: a committed
+    one-row write in Postgres (reserve and settle are one each) and a Redis
+    command (admit and finish are one each)."""
+    import redis.asyncio as aioredis
+
+    conn = await asyncpg.connect(database_url)
+    commits = []
+    try:
+        # A logged table: a temporary one writes no WAL, so its commit costs no fsync.
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_probe (n int)")
+        for _ in range(300):
+            t = time.perf_counter()
+            await conn.execute("INSERT INTO bench_probe VALUES (1)")
+            commits.append(time.perf_counter() - t)
+    finally:
+        await conn.close()
+    client = aioredis.from_url(redis_url)
+    pings = []
+    try:
+        for _ in range(300):
+            t = time.perf_counter()
+            await client.ping()
+            pings.append(time.perf_counter() - t)
+    finally:
+        await client.aclose()
+    return (
+        f"floor: Postgres commit p50 {ms(pct(commits, 0.5))} ms (p99 {ms(pct(commits, 0.99))}),"
+        f" Redis round trip p50 {ms(pct(pings, 0.5))} ms — the whole path makes two of each"
+    )
+
+
 def commit() -> str:
     try:
         rev = subprocess.run(
@@ -431,7 +463,8 @@ async def main(args: argparse.Namespace) -> None:
                 ),
             ]
             clk_tck = os.sysconf("SC_CLK_TCK")
-            print(f"commit {commit()}, {args.rounds} rounds × {args.seconds:g} s per target\n")
+            print(f"commit {commit()}, {args.rounds} rounds × {args.seconds:g} s per target")
+            print(await floor(database_url, redis_url) + "\n")
             print(HEADER)
             for scenario in scenarios:
                 results = await run_scenario(targets, scenario, args.rounds, args.seconds)
