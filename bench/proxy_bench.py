@@ -398,6 +398,31 @@ async def floor(database_url: str, redis_url: str) -> str:
     )
 
 
+async def breakdown(metrics_url: str) -> str:
+    """Mean time of the steps creditgate itself records (its Prometheus
+    histograms, over the whole run): where a call's waiting goes."""
+    async with aiohttp.ClientSession() as s, s.get(metrics_url) as resp:
+        text = await resp.text()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for metric, label in (
+            ("creditgate_ledger_operation_seconds", 'operation="reserve"'),
+            ("creditgate_ledger_operation_seconds", 'operation="settle"'),
+            ("creditgate_upstream_first_byte_seconds", ""),
+            ("creditgate_http_request_duration_seconds", 'route="/v1/chat/completions"'),
+        ):
+            if label not in line:
+                continue
+            name = metric.removeprefix("creditgate_") + (f"{{{label}}}" if label else "")
+            if line.startswith(metric + "_sum"):
+                sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            elif line.startswith(metric + "_count"):
+                counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    parts = [f"{name} {ms(sums[name] / counts[name])}" for name in sums if counts.get(name)]
+    return "mean ms, as creditgate records them: " + ", ".join(parts)
+
+
 def commit() -> str:
     try:
         rev = subprocess.run(
@@ -471,6 +496,7 @@ async def main(args: argparse.Namespace) -> None:
                 for row in report(scenario, results, "direct", clk_tck):
                     print(row, flush=True)
             print(f"\ncreditgate RSS after the run: {_rss_mb(cg.pid):.0f} MB")
+            print(await breakdown(f"http://127.0.0.1:{cg_port}/metrics"))
         finally:
             for p in procs:
                 p.terminate()

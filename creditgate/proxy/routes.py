@@ -91,9 +91,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await call.close()  # releases the hold unless it was settled
 
 
-async def _client_left(call: MeteredCall, text_bytes: int = 0) -> web.Response:
-    """Bill a call whose client left: the prompt, and any text generated so far."""
-    await call.settle(None, text_bytes)
+async def _client_left(
+    call: MeteredCall, text_bytes: int = 0, usage: dict[str, Any] | None = None
+) -> web.Response:
+    """Bill a call whose client left: the usage if the upstream sent it, else the
+    prompt and the text generated so far, estimated."""
+    await call.settle(usage, text_bytes)
     log.info("client disconnected mid-call", extra={"request_id": call.request_id})
     return web.Response(status=499)  # nobody reads it; the access log shows why
 
@@ -171,7 +174,7 @@ async def _stream(
     if end != ends.DONE_END:
         upstream.close()  # the upstream stops generating
     if end == ends.CLIENT_GONE:
-        await _client_left(call, relay.text_bytes)
+        await _client_left(call, relay.text_bytes, relay.usage)
         return resp
     await _finish_stream(call, relay, end)
     if end == ends.DONE_END:

@@ -278,6 +278,9 @@ class UpstreamClient:
                     await self._refused(resp, labels)
                 if stream:
                     head = await self._stream_head(resp)
+        except aiohttp.ConnectionTimeoutError:  # `connect` ran out: a connection error
+            UPSTREAM_REQUESTS.labels(*labels, "connect_error").inc()
+            raise _Retryable(UpstreamError("Could not connect to the upstream provider.")) from None
         except TimeoutError:
             if resp is not None:
                 resp.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,18 @@ from tests.conftest import Services
 PROXY_CONFIG = """
 [upstreams.main]
 base_url = "{upstream}"
+
+[upstreams.dead]
+base_url = "{dead}"
+
+[models."rescued"]
+input_price = 1000
+output_price = 3000
+max_output_tokens = 256
+deployments = [
+    {{ upstream = "dead", model = "nobody-home" }},
+    {{ upstream = "main", model = "rescued-upstream" }},
+]
 
 [models."mock-model"]
 input_price = 0.15
@@ -99,6 +112,7 @@ PRICES = {  # (input, output) credits per 1M tokens, as the config writes them
     "fallback": ("1000", "3000"),
     "big": ("1", "1"),
     "hidden": ("1", "1"),
+    "rescued": ("1000", "3000"),
 }
 
 MESSAGES = [
@@ -122,8 +136,20 @@ def text_estimate(text: str) -> int:
     return math.ceil(len(text.encode()) / 3)
 
 
+def closed_port_url() -> str:
+    """The URL of a port nothing listens on: connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def proxy_config_text(upstream_url: str) -> str:
+    return PROXY_CONFIG.format(upstream=upstream_url, dead=closed_port_url())
+
+
 def proxy_settings(services: Services, upstream_url: str) -> Settings:
-    raw = tomllib.loads(PROXY_CONFIG.format(upstream=upstream_url), parse_float=Decimal)
+    raw = tomllib.loads(proxy_config_text(upstream_url), parse_float=Decimal)
     return Settings(
         config=parse_config(raw, {}),
         database_url=services.database_url,

@@ -160,6 +160,21 @@ async def test_failing_primary_falls_back_to_the_next_deployment(
     )
 
 
+async def test_unreachable_deployment_is_retried_then_the_next_one_answers(
+    gw: TestClient, db, customer_factory, mock_stats: MockStats, key: str
+) -> None:
+    c = await customer_factory(10)
+    resp = await gw.post("/v1/chat/completions", json=body("rescued", key), headers=c.auth)
+    assert resp.status == 200
+    assert resp.headers["x-creditgate-deployment"] == "main"
+    assert resp.headers["x-creditgate-attempts"] == "4"  # 3 refused connections, then the mock
+    assert mock_stats.requests[key] == 1
+    charged = cost("rescued", prompt_tokens(MESSAGES), OUT)
+    assert await outcome(db, c.account.id) == Outcome(
+        GRANT - charged, 0, ["settled"], [Debit(charged, prompt_tokens(MESSAGES), OUT, False, 0)]
+    )
+
+
 @pytest.mark.parametrize("status", [401, 403])
 async def test_upstream_refusing_our_key_is_502_and_skips_to_the_next_deployment(
     gw: TestClient, db, customer_factory, mock_stats: MockStats, key: str, status: int

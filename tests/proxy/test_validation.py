@@ -14,10 +14,10 @@ from creditgate.errors import ModelNotFound, ValidationError
 from creditgate.proxy.pricing import IMAGE_TOKENS
 from creditgate.proxy.request import parse_chat_request
 from tests.conftest import ledger_footprint
-from tests.proxy.conftest import PROXY_CONFIG
+from tests.proxy.conftest import proxy_config_text
 
 MODELS = parse_config(
-    tomllib.loads(PROXY_CONFIG.format(upstream="http://127.0.0.1:9/v1"), parse_float=Decimal), {}
+    tomllib.loads(proxy_config_text("http://127.0.0.1:9/v1"), parse_float=Decimal), {}
 ).models
 USER = {"role": "user", "content": "hi"}
 
