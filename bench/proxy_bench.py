@@ -398,29 +398,42 @@ async def floor(database_url: str, redis_url: str) -> str:
     )
 
 
-async def breakdown(metrics_url: str) -> str:
-    """Mean time of the steps creditgate itself records (its Prometheus
-    histograms, over the whole run): where a call's waiting goes."""
+STEPS = (  # (histogram, label selector, short name): steps creditgate times itself
+    ("creditgate_ledger_operation_seconds", 'operation="reserve"', "reserve"),
+    ("creditgate_ledger_operation_seconds", 'operation="settle"', "settle"),
+    ("creditgate_upstream_first_byte_seconds", "", "upstream first byte"),
+    ("creditgate_http_request_duration_seconds", 'route="/v1/chat/completions"', "whole request"),
+)
+
+
+async def step_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each step's histogram, from creditgate's /metrics."""
     async with aiohttp.ClientSession() as s, s.get(metrics_url) as resp:
         text = await resp.text()
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    totals: dict[str, tuple[float, float]] = {}
     for line in text.splitlines():
-        for metric, label in (
-            ("creditgate_ledger_operation_seconds", 'operation="reserve"'),
-            ("creditgate_ledger_operation_seconds", 'operation="settle"'),
-            ("creditgate_upstream_first_byte_seconds", ""),
-            ("creditgate_http_request_duration_seconds", 'route="/v1/chat/completions"'),
-        ):
-            if label not in line:
+        for metric, label, name in STEPS:
+            if label not in line or not line.startswith(metric):
                 continue
-            name = metric.removeprefix("creditgate_") + (f"{{{label}}}" if label else "")
+            total, count = totals.get(name, (0.0, 0.0))
+            value = float(line.rsplit(" ", 1)[1])
             if line.startswith(metric + "_sum"):
-                sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+                totals[name] = (total + value, count)
             elif line.startswith(metric + "_count"):
-                counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    parts = [f"{name} {ms(sums[name] / counts[name])}" for name in sums if counts.get(name)]
-    return "mean ms, as creditgate records them: " + ", ".join(parts)
+                totals[name] = (total, count + value)
+    return totals
+
+
+def step_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> str:
+    parts = []
+    for _, _, name in STEPS:
+        s1, c1 = after.get(name, (0.0, 0.0))
+        s0, c0 = before.get(name, (0.0, 0.0))
+        if c1 > c0:
+            parts.append(f"{name} {ms((s1 - s0) / (c1 - c0))}")
+    return ", ".join(parts)
 
 
 def commit() -> str:
@@ -491,12 +504,19 @@ async def main(args: argparse.Namespace) -> None:
             print(f"commit {commit()}, {args.rounds} rounds × {args.seconds:g} s per target")
             print(await floor(database_url, redis_url) + "\n")
             print(HEADER)
+            metrics_url = f"http://127.0.0.1:{cg_port}/metrics"
+            means = []
             for scenario in scenarios:
+                before = await step_totals(metrics_url)
                 results = await run_scenario(targets, scenario, args.rounds, args.seconds)
+                means.append(
+                    f"- {scenario.name}: {step_means(before, await step_totals(metrics_url))}"
+                )
                 for row in report(scenario, results, "direct", clk_tck):
                     print(row, flush=True)
             print(f"\ncreditgate RSS after the run: {_rss_mb(cg.pid):.0f} MB")
-            print(await breakdown(f"http://127.0.0.1:{cg_port}/metrics"))
+            print("mean ms per step, as creditgate's own histograms record them:")
+            print("\n".join(means))
         finally:
             for p in procs:
                 p.terminate()
