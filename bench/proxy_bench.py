@@ -66,7 +66,7 @@ deployments = [{{ upstream = "main", model = "{model}" }}]
 
 [tiers.free]
 requests_per_minute = 100000000
-tokens_per_minute = 1000000000000
+tokens_per_minute = 1000000000
 max_parallel = 1000
 messages_per_day = 1000000000
 """
