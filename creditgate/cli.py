@@ -14,10 +14,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from polar import PolarError
 
 from creditgate import ledger, migrations
 from creditgate.config import ConfigError, Settings, load_settings
@@ -196,6 +198,42 @@ def _positive(name: str, text: str) -> int:
             "VALIDATION_ERROR", f"{flag}: an integer from 1 to {MAX_VALUE[name]}, or 'none'"
         )
     return int(text)
+
+
+async def cmd_reconcile(args: argparse.Namespace) -> dict[str, Any]:
+    from creditgate.billing.client import make_polar
+    from creditgate.billing.reconcile import ReconcileUnavailable, reconcile
+
+    settings = _settings()
+    polar = make_polar(settings)
+    if polar is None:
+        raise CliError("CONFIG_ERROR", "POLAR_ACCESS_TOKEN is not set")
+    conn = await _connect(settings)
+    try:
+        report = await reconcile(conn, polar, settings.config.polar, since=args.since)
+    except ReconcileUnavailable as e:
+        raise CliError("CONFIG_ERROR", str(e)) from None
+    except PolarError as e:
+        raise CliError("POLAR_ERROR", f"Polar did not answer as expected: {e}") from None
+    finally:
+        await conn.close()
+        await polar.__aexit__(None, None, None)
+    if not report.ok:
+        _emit(args, report.as_json(), report.as_table())
+        raise SystemExit(1)
+    if not args.json:
+        _emit(args, {}, report.as_table())
+        raise SystemExit(0)
+    return report.as_json()
+
+
+def _timestamp(text: str) -> datetime:
+    """An ISO 8601 date or date-time; UTC when it names no zone."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 # ---------------------------------------------------------------- servers
@@ -456,6 +494,18 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
     )
     s.set_defaults(run=cmd_verify)
+
+    s = sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="compare Polar's usage meter with the ledger; exit 1 on drift beyond tolerance",
+    )
+    s.add_argument(
+        "--since",
+        type=_timestamp,
+        help="only usage Polar acknowledged from then on (ISO 8601; the meter's window start)",
+    )
+    s.set_defaults(run=cmd_reconcile)
     return p
 
 

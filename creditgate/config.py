@@ -97,6 +97,36 @@ class Product:
     kind: str  # "pack" | "subscription"
     credits_micros: int
     tier: str | None
+    name: str | None = None  # shown as the balance's ``plan``; defaults to the tier or the id
+
+    @property
+    def plan_name(self) -> str:
+        return self.name or self.tier or self.id
+
+
+# What the usage meter in Polar sums: micro-credits or tokens.
+METER_PROPERTIES = ("credits", "total_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class PolarConfig:
+    """The ``[polar]`` table: usage export, reconciliation, checkout (DESIGN.md §6)."""
+
+    organization_id: str | None = None  # only with a personal (not organization) token
+    event_name: str = "llm_usage"
+    batch_size: int = 100
+    export_interval_seconds: float = 2.0
+    request_timeout_seconds: float = 10.0
+    max_attempts: int = 5  # per Polar call, before the caller gives up until later
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    meter_id: str | None = None  # the Polar meter reconciliation reads
+    meter_property: str = "credits"
+    reconcile_interval_seconds: int = 900  # 0: no periodic reconciliation
+    reconcile_tolerance: int = 0  # meter units
+    reconcile_lag_seconds: int = 3 * 3600  # Polar's meters trail ingestion by up to 3 h
+    success_url: str | None = None
+    portal_return_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +136,7 @@ class Config:
     models: Mapping[str, Model]
     tiers: Mapping[str, Tier]
     products: Mapping[str, Product] = field(default_factory=dict)
+    polar: PolarConfig = field(default_factory=PolarConfig)
     estimate_bytes_per_token: int = 3
     hold_ttl_seconds: int = 900
     max_body_bytes: int = 1024 * 1024
@@ -265,7 +296,17 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     """Validate a parsed TOML document (floats as Decimal) into a Config."""
     _check_keys(
         raw,
-        {"upstreams", "models", "tiers", "products", "ledger", "proxy", "http", "throttle"},
+        {
+            "upstreams",
+            "models",
+            "tiers",
+            "products",
+            "polar",
+            "ledger",
+            "proxy",
+            "http",
+            "throttle",
+        },
         "config",
     )
     upstreams: dict[str, Upstream] = {}
@@ -347,7 +388,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     for pid, p in _table(raw.get("products", {}), "products").items():
         where = f"products.{pid}"
         p = _table(p, where)
-        _check_keys(p, {"kind", "credits", "tier"}, where)
+        _check_keys(p, {"kind", "credits", "tier", "name"}, where)
         kind = _str(p.get("kind"), f"{where}.kind")
         if kind not in ("pack", "subscription"):
             raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {kind!r}")
@@ -357,7 +398,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         tier = p.get("tier")
         if tier is not None and tier not in tiers:
             raise ConfigError(f"{where}.tier: no tier named {tier!r}")
-        products[pid] = Product(pid, kind, int(micros), tier)
+        plan_name = _str(p["name"], f"{where}.name") if "name" in p else None
+        products[pid] = Product(pid, kind, int(micros), tier, plan_name)
 
     ledger = _table(raw.get("ledger", {}), "ledger")
     _check_keys(ledger, {"hold_ttl_seconds"}, "ledger")
@@ -371,6 +413,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         models=models,
         tiers=tiers,
         products=products,
+        polar=_polar_config(_table(raw.get("polar", {}), "polar")),
         estimate_bytes_per_token=_int(
             proxy.get("estimate_bytes_per_token", 3), "proxy.estimate_bytes_per_token", minimum=1
         ),
@@ -396,6 +439,52 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             f"ledger.hold_ttl_seconds: must exceed the longest model timeouts.total ({longest}s)"
         )
     return config
+
+
+def _polar_config(t: dict[str, Any]) -> PolarConfig:
+    d = PolarConfig()
+    _check_keys(t, set(PolarConfig.__dataclass_fields__), "polar")
+
+    def opt_str(name: str) -> str | None:
+        return _str(t[name], f"polar.{name}") if name in t else None
+
+    def opt_url(name: str) -> str | None:
+        return _url(t[name], f"polar.{name}") if name in t else None
+
+    def num(name: str, default: float) -> float:
+        return _seconds(t[name], f"polar.{name}") if name in t else default
+
+    def whole(name: str, default: int, minimum: int) -> int:
+        return _int(t[name], f"polar.{name}", minimum=minimum) if name in t else default
+
+    event_name = _str(t.get("event_name", d.event_name), "polar.event_name")
+    if len(event_name) > 128:
+        raise ConfigError("polar.event_name: at most 128 characters (Polar's limit)")
+    meter_property = _str(t.get("meter_property", d.meter_property), "polar.meter_property")
+    if meter_property not in METER_PROPERTIES:
+        raise ConfigError(f"polar.meter_property: one of {list(METER_PROPERTIES)}")
+    batch_size = whole("batch_size", d.batch_size, 1)
+    if batch_size > 1000:
+        raise ConfigError("polar.batch_size: at most 1000 (keep Polar's batches modest)")
+    return PolarConfig(
+        organization_id=opt_str("organization_id"),
+        event_name=event_name,
+        batch_size=batch_size,
+        export_interval_seconds=num("export_interval_seconds", d.export_interval_seconds),
+        request_timeout_seconds=num("request_timeout_seconds", d.request_timeout_seconds),
+        max_attempts=whole("max_attempts", d.max_attempts, 1),
+        retry_initial_seconds=num("retry_initial_seconds", d.retry_initial_seconds),
+        retry_max_seconds=num("retry_max_seconds", d.retry_max_seconds),
+        meter_id=opt_str("meter_id"),
+        meter_property=meter_property,
+        reconcile_interval_seconds=whole(
+            "reconcile_interval_seconds", d.reconcile_interval_seconds, 0
+        ),
+        reconcile_tolerance=whole("reconcile_tolerance", d.reconcile_tolerance, 0),
+        reconcile_lag_seconds=whole("reconcile_lag_seconds", d.reconcile_lag_seconds, 0),
+        success_url=opt_url("success_url"),
+        portal_return_url=opt_url("portal_return_url"),
+    )
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from creditgate import ledger, migrations
 from creditgate.auth import AUTH, Authenticator
+from creditgate.billing import setup_billing
 from creditgate.config import Settings
 from creditgate.http import health, keys, orgs, user
 from creditgate.http.metrics import HOLDS_EXPIRED, metrics_route
@@ -24,6 +25,7 @@ from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
 from creditgate.throttle.resp import RedisPipe
+from creditgate.webhooks import setup_webhooks
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -51,6 +53,8 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/ready", health.ready)
     r.add_get("/metrics", metrics_route)
     throttle_admin.add_routes(r)
+    setup_billing(app)
+    setup_webhooks(app)
     return app
 
 

@@ -5,7 +5,14 @@ idempotency key, and the database enforces the invariants (append-only
 entries, holds ended once, available ≥ -overdraft limit).
 """
 
-from creditgate.ledger.accounts import Account, ensure_account, get_account, resolve_account
+from creditgate.ledger.accounts import (
+    Account,
+    close_account,
+    ensure_account,
+    get_account,
+    resolve_account,
+    set_account_tier,
+)
 from creditgate.ledger.balances import Balance, get_balance
 from creditgate.ledger.entries import Posted, post_entry
 from creditgate.ledger.holds import (
@@ -18,6 +25,7 @@ from creditgate.ledger.holds import (
     sweep_expired_holds,
 )
 from creditgate.ledger.money import credits_to_micros, micros_to_credits
+from creditgate.ledger.reversals import Reversal, account_debt, requested_total, reverse_up_to
 from creditgate.ledger.verify import Report, verify_ledger
 
 __all__ = [
@@ -26,8 +34,11 @@ __all__ = [
     "Hold",
     "Posted",
     "Report",
+    "Reversal",
     "Settlement",
     "Usage",
+    "account_debt",
+    "close_account",
     "credits_to_micros",
     "ensure_account",
     "get_account",
@@ -35,8 +46,11 @@ __all__ = [
     "micros_to_credits",
     "post_entry",
     "release_hold",
+    "requested_total",
     "reserve_hold",
     "resolve_account",
+    "reverse_up_to",
+    "set_account_tier",
     "settle_hold",
     "sweep_expired_holds",
     "verify_ledger",

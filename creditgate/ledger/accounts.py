@@ -84,3 +84,35 @@ async def resolve_account(db: Db, ref: str) -> Account:
         if account is not None:
             return account
     raise NotFound(f"no account {ref!r}")
+
+
+async def close_account(db: Db, kind: str, external_id: str) -> Account:
+    """Close the account of this Clerk user/org: no new charges, history kept.
+
+    An account not seen yet is created closed, so a deletion that arrives
+    before the creation (webhooks are not ordered) still wins: Clerk never
+    reuses an id.
+    """
+    assert kind in KINDS, kind
+    row = await db.fetchrow(
+        """
+        INSERT INTO accounts (id, kind, external_id, status) VALUES ($1, $2, $3, 'closed')
+        ON CONFLICT (kind, external_id) DO UPDATE SET status = 'closed'
+        RETURNING id, kind, external_id, tier, status
+        """,
+        uuid.uuid4(),
+        kind,
+        external_id,
+    )
+    assert row is not None
+    return Account(**dict(row))
+
+
+async def set_account_tier(db: Db, account_id: uuid.UUID, tier: str) -> bool:
+    """Set the account's tier (its plan's limits); False if it already had it."""
+    status = await db.execute(
+        "UPDATE accounts SET tier = $2 WHERE id = $1 AND tier IS DISTINCT FROM $2",
+        account_id,
+        tier,
+    )
+    return bool(status != "UPDATE 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from creditgate.errors import NotFound
 from creditgate.ledger.db import Db
@@ -16,9 +17,14 @@ class Balance:
     balance: int
     reserved: int
     overdraft_limit: int
-    credit_limit: int  # credits granted (all time until subscriptions define a period)
+    # Credits granted in the live subscription's current period; all time
+    # without one (DESIGN.md §9).
+    credit_limit: int
     tier: str
-    plan: str | None
+    plan: str | None  # the live subscription's plan name
+    plan_status: str | None = None  # its Polar status: active, trialing, past_due
+    plan_period_end: datetime | None = None
+    plan_cancel_at_period_end: bool = False
 
     @property
     def available(self) -> int:
@@ -37,21 +43,43 @@ class Balance:
             out[f"{name}Micros"] = micros
         out["tier"] = self.tier
         out["plan"] = self.plan
+        out["planStatus"] = self.plan_status
+        out["planPeriodEnd"] = (
+            self.plan_period_end.isoformat() if self.plan_period_end is not None else None
+        )
+        out["planCancelAtPeriodEnd"] = self.plan_cancel_at_period_end
         return out
 
 
+# Subscription statuses in which the plan (and its tier) applies. past_due is
+# Polar's recoverable payment failure: the plan holds while Polar retries.
+LIVE_PLAN_STATUSES = ("active", "trialing", "past_due")
+
+
 async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
-    """The account's balance row and credits granted; NotFound if no account."""
+    """The account's balance row, plan and credits granted; NotFound if no account."""
     row = await db.fetchrow(
         """
         SELECT b.balance, b.reserved, b.overdraft_limit, a.tier,
+               s.plan, s.status, s.current_period_end, s.cancel_at_period_end,
                (SELECT COALESCE(SUM(e.amount), 0)::bigint FROM ledger_entries e
-                WHERE e.account_id = b.account_id AND e.kind IN ('grant', 'reversal'))
+                WHERE e.account_id = b.account_id AND e.kind IN ('grant', 'reversal')
+                  AND (s.current_period_start IS NULL
+                       OR e.created_at >= s.current_period_start))
                    AS credit_limit
         FROM account_balances b JOIN accounts a ON a.id = b.account_id
+        LEFT JOIN LATERAL (
+            SELECT plan, status, current_period_start, current_period_end,
+                   cancel_at_period_end
+            FROM subscriptions
+            WHERE account_id = b.account_id AND status = ANY($2::text[])
+            ORDER BY current_period_start DESC NULLS LAST, source_modified_at DESC
+            LIMIT 1
+        ) s ON true
         WHERE b.account_id = $1
         """,
         account_id,
+        list(LIVE_PLAN_STATUSES),
     )
     if row is None:
         raise NotFound("no such account")
@@ -62,5 +90,8 @@ async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
         row["overdraft_limit"],
         max(0, row["credit_limit"]),
         row["tier"],
-        None,
+        row["plan"],
+        row["status"],
+        row["current_period_end"],
+        bool(row["cancel_at_period_end"]),
     )

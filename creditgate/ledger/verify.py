@@ -26,7 +26,8 @@ async def verify_ledger(db: Db) -> Report:
 
     * balance = SUM(entries) and reserved = SUM(live holds), per account;
     * a settled hold has one debit entry; a released hold has none;
-    * available never below -overdraft_limit (the CHECK; re-checked here).
+    * available never below -overdraft_limit (the CHECK; re-checked here);
+    * a refund reversal's entry takes back exactly what its record says.
     """
     report = Report()
     report.accounts = await db.fetchval("SELECT count(*) FROM account_balances")
@@ -70,6 +71,22 @@ async def verify_ledger(db: Db) -> Report:
                 "holdId": str(r["id"]),
                 "outcome": r["outcome"],
                 "debits": r["debits"],
+            }
+        )
+    for r in await db.fetch(
+        """
+        SELECT r.idempotency_key, r.reversed, e.amount, e.kind
+        FROM ledger_reversals r LEFT JOIN ledger_entries e ON e.id = r.entry_id
+        WHERE r.entry_id IS NOT NULL
+          AND (e.id IS NULL OR e.kind <> 'reversal' OR e.amount <> -r.reversed)
+        """
+    ):
+        report.problems.append(
+            {
+                "problem": "reversal record differs from its entry",
+                "idempotencyKey": r["idempotency_key"],
+                "reversedMicros": r["reversed"],
+                "entryAmountMicros": r["amount"],
             }
         )
     return report
