@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from creditgate import ledger
-from creditgate.config import Settings, parse_config
+from creditgate.config import Config, Settings, parse_config
 from tests.conftest import TEST_CONFIG, Services
 from tests.polar_fake import EVENT_NAME, METER_ID, TOKEN, FakePolar
 
@@ -71,6 +71,12 @@ def shared_fake_polar() -> FakePolar:
 def billing_toml(upstream_url: str, extra: str = "") -> str:
     """The test suite's config plus products, a pro tier and the [polar] table."""
     return TEST_CONFIG.format(upstream=upstream_url) + BILLING_TOML + extra
+
+
+def billing_config() -> Config:
+    """The parsed billing test config (the upstream is never called)."""
+    raw = tomllib.loads(billing_toml("http://127.0.0.1:9/v1"), parse_float=Decimal)
+    return parse_config(raw, {})
 
 
 def billing_settings(

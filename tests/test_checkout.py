@@ -1,0 +1,139 @@
+"""Checkout and customer portal against the local Polar, through the real polar-sdk."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from creditgate.http.app import create_app
+from tests.billing_support import PACK, PRO, billing_settings, shared_fake_polar
+from tests.conftest import Services, ledger_footprint
+from tests.polar_fake import FakePolar
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePolar]:
+    polar = shared_fake_polar()
+    polar.reset_behaviour()
+    yield polar
+    polar.reset_behaviour()
+
+
+@pytest.fixture
+async def app(
+    services: Services, upstream: TestServer, db: asyncpg.Pool, fake: FakePolar
+) -> AsyncIterator[Any]:
+    settings = billing_settings(services, str(upstream.make_url("/v1")), fake.url)
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_checkout_is_created_for_the_caller_and_reused_while_open(
+    app: TestClient, fake: FakePolar, customer_factory
+) -> None:
+    c = await customer_factory(0)
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    assert resp.status == 201
+    first = (await resp.json())["data"]
+    assert first["url"].startswith("https://sandbox.polar.sh/checkout/")
+    sent = fake.checkouts[first["checkoutId"]]
+    assert sent["external_customer_id"] == str(c.account.id)
+    assert sent["metadata"] == {"accountId": str(c.account.id)}
+    assert sent["product_id"] == PACK
+    assert sent["success_url"] == "https://app.example.com/billing/done"
+
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    assert resp.status == 200
+    again = (await resp.json())["data"]
+    assert (again["checkoutId"], again["url"], again["reused"]) == (
+        first["checkoutId"],
+        first["url"],
+        True,
+    )
+    # Another product is another checkout.
+    resp = await app.post("/api/checkout", json={"product": PRO}, headers=c.auth)
+    assert (await resp.json())["data"]["checkoutId"] != first["checkoutId"]
+    # Once Polar says the checkout is done, a new one is made.
+    fake.checkouts[first["checkoutId"]]["status"] = "succeeded"
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    assert resp.status == 201
+    assert (await resp.json())["data"]["checkoutId"] != first["checkoutId"]
+
+
+async def test_concurrent_checkouts_for_one_product_make_one(
+    app: TestClient, fake: FakePolar, customer_factory
+) -> None:
+    c = await customer_factory(0)
+    responses = await asyncio.gather(
+        *(app.post("/api/checkout", json={"product": PACK}, headers=c.auth) for _ in range(4))
+    )
+    ids = {(await r.json())["data"]["checkoutId"] for r in responses}
+    assert len(ids) == 1
+    mine = [k for k, v in fake.checkouts.items() if v["external_customer_id"] == str(c.account.id)]
+    assert len(mine) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        ({"product": "not-a-product"}, "product"),
+        ({}, "product"),
+        ({"product": 7}, "product"),
+        ({"product": PACK, "quantity": 2}, "quantity"),
+    ],
+)
+async def test_bad_checkout_requests_are_400(
+    app: TestClient, db: asyncpg.Pool, fake: FakePolar, customer_factory, body: Any, path: str
+) -> None:
+    c = await customer_factory(0)
+    before = len(fake.checkouts)
+    resp = await app.post("/api/checkout", json=body, headers=c.auth)
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert err["code"] == "VALIDATION_ERROR"
+    assert err["details"][0]["path"] == path
+    assert len(fake.checkouts) == before
+    assert await ledger_footprint(db, c.account.id) == (0, 0, 0, 0)
+
+
+async def test_billing_routes_need_credentials(app: TestClient) -> None:
+    for route in ("/api/checkout", "/api/billing-portal"):
+        resp = await app.post(route, json={"product": PACK})
+        assert resp.status == 401
+
+
+async def test_portal_url_once_polar_knows_the_customer(app: TestClient, customer_factory) -> None:
+    c = await customer_factory(0)
+    resp = await app.post("/api/billing-portal", headers=c.auth)
+    assert resp.status == 404  # never bought anything: Polar has no such customer
+    assert (await resp.json())["error"]["code"] == "NOT_FOUND"
+    await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    resp = await app.post("/api/billing-portal", headers=c.auth)
+    assert resp.status == 200
+    assert (await resp.json())["data"]["url"].startswith("https://sandbox.polar.sh/portal")
+
+
+async def test_polar_down_is_a_502_and_unconfigured_is_a_503(
+    services: Services, upstream: TestServer, db: asyncpg.Pool, customer_factory
+) -> None:
+    c = await customer_factory(0)
+    down = billing_settings(services, str(upstream.make_url("/v1")), "http://127.0.0.1:9")
+    async with TestClient(TestServer(create_app(down))) as client:
+        resp = await client.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+        assert resp.status == 502
+        assert (await resp.json())["error"]["code"] == "UPSTREAM_ERROR"
+    off = billing_settings(services, str(upstream.make_url("/v1")), None)
+    async with TestClient(TestServer(create_app(off))) as client:
+        resp = await client.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+        assert resp.status == 503
+        resp = await client.post("/api/billing-portal", headers=c.auth)
+        assert resp.status == 503
