@@ -204,13 +204,14 @@ def sign_polar(
     """Standard Webhooks headers signed as Polar signs them.
 
     Polar's HMAC key is the whole secret string's UTF-8 bytes, ``whsec_``
-    prefix included; standardwebhooks uses bytes it is given as the key as is.
+    prefix included. svix's signer (Standard Webhooks) takes a ``bytes``
+    secret as the key as it is, where it would base64-decode a ``str`` one.
     """
-    from standardwebhooks.webhooks import Webhook as StandardWebhook
+    from svix.webhooks import Webhook
 
     webhook_id = webhook_id or f"msg_{uuid.uuid4().hex}"
     at = at or datetime.now(UTC)
-    signature = StandardWebhook(secret.encode()).sign(webhook_id, at, body.decode())
+    signature = Webhook(secret.encode()).sign(webhook_id, at, body.decode())
     return {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(int(at.timestamp())),

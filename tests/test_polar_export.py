@@ -67,8 +67,9 @@ async def drain(db: asyncpg.Pool, exporter: UsageExporter, ids: list[uuid.UUID])
 
     async def caught_up() -> bool:
         # A round that gave up is followed by one sending the same batch again.
-        async with db.acquire() as conn, contextlib.suppress(PolarError):
-            await exporter.export_once(conn)
+        async with db.acquire() as conn:
+            with contextlib.suppress(PolarError):
+                await exporter.export_once(conn)
         return await unexported(db, ids) == 0
 
     await eventually(caught_up, what="the export to catch up")

@@ -172,3 +172,35 @@ async def test_the_cli_exits_non_zero_on_drift_beyond_tolerance(
     ]
     code, report = await run_cli({**env, "POLAR_ACCESS_TOKEN": ""})
     assert code == 1 and report["error"]["code"] == "CONFIG_ERROR"
+
+
+async def test_the_server_reconciles_periodically_and_sets_the_gauge(
+    db: asyncpg.Pool,
+    services: Services,
+    upstream: Any,
+    fake: FakePolar,
+    polar: PolarAsync,
+    cfg: PolarConfig,
+    customer_factory,
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from creditgate.http.app import create_app
+
+    c = await customer_factory(50)
+    await settle_debit(db, c.account.id, cost=1_000_000)
+    await export_everything(db, polar, cfg)
+    fake.meter_offsets[str(c.account.id)] = 777.0
+    settings = billing_settings(services, str(upstream.make_url("/v1")), fake.url)
+    settings = dataclasses.replace(
+        settings,
+        config=dataclasses.replace(
+            settings.config, polar=dataclasses.replace(cfg, reconcile_interval_seconds=1)
+        ),
+    )
+    async with TestClient(TestServer(create_app(settings))):
+
+        async def gauge_set() -> bool:
+            return METER_DRIFT._value.get() == 777.0
+
+        await eventually(gauge_set, what="a periodic reconciliation")

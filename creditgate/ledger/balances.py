@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 from creditgate.errors import NotFound
 from creditgate.ledger.db import Db
@@ -22,9 +21,6 @@ class Balance:
     credit_limit: int
     tier: str
     plan: str | None  # the live subscription's plan name
-    plan_status: str | None = None  # its Polar status: active, trialing, past_due
-    plan_period_end: datetime | None = None
-    plan_cancel_at_period_end: bool = False
 
     @property
     def available(self) -> int:
@@ -43,11 +39,6 @@ class Balance:
             out[f"{name}Micros"] = micros
         out["tier"] = self.tier
         out["plan"] = self.plan
-        out["planStatus"] = self.plan_status
-        out["planPeriodEnd"] = (
-            self.plan_period_end.isoformat() if self.plan_period_end is not None else None
-        )
-        out["planCancelAtPeriodEnd"] = self.plan_cancel_at_period_end
         return out
 
 
@@ -61,7 +52,7 @@ async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
     row = await db.fetchrow(
         """
         SELECT b.balance, b.reserved, b.overdraft_limit, a.tier,
-               s.plan, s.status, s.current_period_end, s.cancel_at_period_end,
+               s.plan,
                (SELECT COALESCE(SUM(e.amount), 0)::bigint FROM ledger_entries e
                 WHERE e.account_id = b.account_id AND e.kind IN ('grant', 'reversal')
                   AND (s.current_period_start IS NULL
@@ -69,8 +60,7 @@ async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
                    AS credit_limit
         FROM account_balances b JOIN accounts a ON a.id = b.account_id
         LEFT JOIN LATERAL (
-            SELECT plan, status, current_period_start, current_period_end,
-                   cancel_at_period_end
+            SELECT plan, current_period_start
             FROM subscriptions
             WHERE account_id = b.account_id AND status = ANY($2::text[])
             ORDER BY current_period_start DESC NULLS LAST, source_modified_at DESC
@@ -91,7 +81,4 @@ async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
         max(0, row["credit_limit"]),
         row["tier"],
         row["plan"],
-        row["status"],
-        row["current_period_end"],
-        bool(row["cancel_at_period_end"]),
     )

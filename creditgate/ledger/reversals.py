@@ -1,11 +1,12 @@
 """Taking credits back (a refunded purchase), as far as the account can cover it.
 
 A refund can arrive after the credits were spent. Reversing all of them would
-take ``available`` below the overdraft limit, which the balance row's CHECK
-refuses — rightly: spent credits cannot be unspent. So a reversal takes what
-the account can still cover and records the rest as **debt** on its
-``ledger_reversals`` row, in the same single statement, once per idempotency
-key.
+take ``available`` below zero — below the overdraft limit, which the balance
+row's CHECK refuses, or into an overdraft meant for usage, not refunds. Spent
+credits cannot be unspent: a reversal takes what is still available
+(``balance − reserved``, never less than 0) and records the rest as **debt**
+on its ``ledger_reversals`` row, in the same single statement, once per
+idempotency key.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ class Reversal:
         return self.requested - self.reversed
 
 
-# Lock the balance row, take what fits above the overdraft limit, record the
+# Lock the balance row, take what is available (at most), record the
 # request (the idempotency gate: a repeat inserts nothing and so writes
 # nothing), then the entry and the balance — one statement, one commit.
 _REVERSE = """
 WITH b AS (
     SELECT account_id,
-           LEAST($3::bigint, GREATEST(0, balance - reserved + overdraft_limit)) AS covered
+           LEAST($3::bigint, GREATEST(0, balance - reserved)) AS covered
     FROM account_balances
     WHERE account_id = $2
     FOR UPDATE
