@@ -49,3 +49,5 @@ def setup_logging(level: str = "info") -> None:
     # aiohttp's access log repeats what our middleware logs, in free text.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # polar-sdk's httpx logs every Polar request at info, in free text.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

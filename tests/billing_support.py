@@ -16,12 +16,16 @@ import asyncpg
 from creditgate import ledger
 from creditgate.config import Config, Settings, parse_config
 from tests.conftest import TEST_CONFIG, Services
+from tests.logcapture import remember_secret
 from tests.polar_fake import EVENT_NAME, METER_ID, TOKEN, FakePolar
 
 PACK = "8a7f0d4e-1f6c-4a59-9d3b-0c1e2f3a4b5c"  # a one-time credit pack: 10 credits
 PRO = "3c9e7b21-5d4f-4e8a-b6c1-7f2a9d0e1b3c"  # a monthly plan: 25 credits a period, tier pro
 POLAR_WEBHOOK_SECRET = "whsec_polar_" + "k3yM4t3r1al" * 3  # Polar's: used whole
 CLERK_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a valid Svix secret
+
+# No log line of the run may hold these (tests/test_zz_log_secrecy.py).
+remember_secret(TOKEN, POLAR_WEBHOOK_SECRET, CLERK_WEBHOOK_SECRET)
 
 BILLING_TOML = f"""
 [tiers.pro]

@@ -1,8 +1,14 @@
-"""Checkout and customer portal against the local Polar, through the real polar-sdk."""
+"""Checkout and customer portal against the local Polar, through the real polar-sdk.
+
+Both routes are session-only (DESIGN.md §2): the caller is a signed-in Clerk
+user, here with tokens from the local Clerk stand-in.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -10,9 +16,11 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from creditgate.config import Settings
 from creditgate.http.app import create_app
 from tests.billing_support import PACK, PRO, billing_settings, shared_fake_polar
 from tests.conftest import Services, ledger_footprint
+from tests.fake_clerk import ISSUER, PARTY, FakeClerk
 from tests.polar_fake import FakePolar
 
 
@@ -25,11 +33,30 @@ def fake() -> Iterator[FakePolar]:
 
 
 @pytest.fixture
+async def clerk() -> AsyncIterator[FakeClerk]:
+    fake = FakeClerk()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+def with_clerk(settings: Settings, clerk: FakeClerk) -> Settings:
+    return dataclasses.replace(
+        settings,
+        clerk_jwks_url=clerk.url,
+        clerk_issuer=ISSUER,
+        clerk_authorized_parties=(PARTY,),
+    )
+
+
+@pytest.fixture
 async def app(
-    services: Services, upstream: TestServer, db: asyncpg.Pool, fake: FakePolar
+    services: Services, upstream: TestServer, db: asyncpg.Pool, fake: FakePolar, clerk: FakeClerk
 ) -> AsyncIterator[Any]:
     settings = billing_settings(services, str(upstream.make_url("/v1")), fake.url)
-    client = TestClient(TestServer(create_app(settings)))
+    client = TestClient(TestServer(create_app(with_clerk(settings, clerk))))
     await client.start_server()
     try:
         yield client
@@ -37,21 +64,29 @@ async def app(
         await client.close()
 
 
+async def signed_in(app: TestClient, clerk: FakeClerk) -> tuple[dict[str, str], str]:
+    """A new Clerk user's session headers, and the account creditgate made for it."""
+    headers = {"Authorization": f"Bearer {clerk.token(f'user_{uuid.uuid4().hex}')}"}
+    resp = await app.get("/api/user/balance", headers=headers)
+    assert resp.status == 200
+    return headers, (await resp.json())["data"]["accountId"]
+
+
 async def test_checkout_is_created_for_the_caller_and_reused_while_open(
-    app: TestClient, fake: FakePolar, customer_factory
+    app: TestClient, fake: FakePolar, clerk: FakeClerk
 ) -> None:
-    c = await customer_factory(0)
-    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    session, account_id = await signed_in(app, clerk)
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=session)
     assert resp.status == 201
     first = (await resp.json())["data"]
     assert first["url"].startswith("https://sandbox.polar.sh/checkout/")
     sent = fake.checkouts[first["checkoutId"]]
-    assert sent["external_customer_id"] == str(c.account.id)
-    assert sent["metadata"] == {"accountId": str(c.account.id)}
+    assert sent["external_customer_id"] == account_id
+    assert sent["metadata"] == {"accountId": account_id}
     assert sent["product_id"] == PACK
     assert sent["success_url"] == "https://app.example.com/billing/done"
 
-    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=session)
     assert resp.status == 200
     again = (await resp.json())["data"]
     assert (again["checkoutId"], again["url"], again["reused"]) == (
@@ -60,25 +95,25 @@ async def test_checkout_is_created_for_the_caller_and_reused_while_open(
         True,
     )
     # Another product is another checkout.
-    resp = await app.post("/api/checkout", json={"product": PRO}, headers=c.auth)
+    resp = await app.post("/api/checkout", json={"product": PRO}, headers=session)
     assert (await resp.json())["data"]["checkoutId"] != first["checkoutId"]
     # Once Polar says the checkout is done, a new one is made.
     fake.checkouts[first["checkoutId"]]["status"] = "succeeded"
-    resp = await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    resp = await app.post("/api/checkout", json={"product": PACK}, headers=session)
     assert resp.status == 201
     assert (await resp.json())["data"]["checkoutId"] != first["checkoutId"]
 
 
 async def test_concurrent_checkouts_for_one_product_make_one(
-    app: TestClient, fake: FakePolar, customer_factory
+    app: TestClient, fake: FakePolar, clerk: FakeClerk
 ) -> None:
-    c = await customer_factory(0)
+    session, account_id = await signed_in(app, clerk)
     responses = await asyncio.gather(
-        *(app.post("/api/checkout", json={"product": PACK}, headers=c.auth) for _ in range(4))
+        *(app.post("/api/checkout", json={"product": PACK}, headers=session) for _ in range(4))
     )
     ids = {(await r.json())["data"]["checkoutId"] for r in responses}
     assert len(ids) == 1
-    mine = [k for k, v in fake.checkouts.items() if v["external_customer_id"] == str(c.account.id)]
+    mine = [k for k, v in fake.checkouts.items() if v["external_customer_id"] == account_id]
     assert len(mine) == 1
 
 
@@ -92,48 +127,56 @@ async def test_concurrent_checkouts_for_one_product_make_one(
     ],
 )
 async def test_bad_checkout_requests_are_400(
-    app: TestClient, db: asyncpg.Pool, fake: FakePolar, customer_factory, body: Any, path: str
+    app: TestClient, db: asyncpg.Pool, fake: FakePolar, clerk: FakeClerk, body: Any, path: str
 ) -> None:
-    c = await customer_factory(0)
+    session, account_id = await signed_in(app, clerk)
     before = len(fake.checkouts)
-    resp = await app.post("/api/checkout", json=body, headers=c.auth)
+    resp = await app.post("/api/checkout", json=body, headers=session)
     assert resp.status == 400
     err = (await resp.json())["error"]
     assert err["code"] == "VALIDATION_ERROR"
     assert err["details"][0]["path"] == path
     assert len(fake.checkouts) == before
-    assert await ledger_footprint(db, c.account.id) == (0, 0, 0, 0)
+    assert await ledger_footprint(db, uuid.UUID(account_id)) == (0, 0, 0, 0)
 
 
-async def test_billing_routes_need_credentials(app: TestClient) -> None:
+async def test_billing_routes_are_for_signed_in_people_only(
+    app: TestClient, fake: FakePolar, customer_factory
+) -> None:
+    c = await customer_factory(0)
+    before = len(fake.checkouts)
     for route in ("/api/checkout", "/api/billing-portal"):
         resp = await app.post(route, json={"product": PACK})
         assert resp.status == 401
+        resp = await app.post(route, json={"product": PACK}, headers=c.auth)
+        assert resp.status == 403  # an API key is an app, not the account's owner
+        assert (await resp.json())["error"]["code"] == "FORBIDDEN"
+    assert len(fake.checkouts) == before
 
 
-async def test_portal_url_once_polar_knows_the_customer(app: TestClient, customer_factory) -> None:
-    c = await customer_factory(0)
-    resp = await app.post("/api/billing-portal", headers=c.auth)
+async def test_portal_url_once_polar_knows_the_customer(app: TestClient, clerk: FakeClerk) -> None:
+    session, _ = await signed_in(app, clerk)
+    resp = await app.post("/api/billing-portal", headers=session)
     assert resp.status == 404  # never bought anything: Polar has no such customer
     assert (await resp.json())["error"]["code"] == "NOT_FOUND"
-    await app.post("/api/checkout", json={"product": PACK}, headers=c.auth)
-    resp = await app.post("/api/billing-portal", headers=c.auth)
+    await app.post("/api/checkout", json={"product": PACK}, headers=session)
+    resp = await app.post("/api/billing-portal", headers=session)
     assert resp.status == 200
     assert (await resp.json())["data"]["url"].startswith("https://sandbox.polar.sh/portal")
 
 
 async def test_polar_down_is_a_502_and_unconfigured_is_a_503(
-    services: Services, upstream: TestServer, db: asyncpg.Pool, customer_factory
+    services: Services, upstream: TestServer, db: asyncpg.Pool, clerk: FakeClerk
 ) -> None:
-    c = await customer_factory(0)
+    session = {"Authorization": f"Bearer {clerk.token(f'user_{uuid.uuid4().hex}')}"}
     down = billing_settings(services, str(upstream.make_url("/v1")), "http://127.0.0.1:9")
-    async with TestClient(TestServer(create_app(down))) as client:
-        resp = await client.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    async with TestClient(TestServer(create_app(with_clerk(down, clerk)))) as client:
+        resp = await client.post("/api/checkout", json={"product": PACK}, headers=session)
         assert resp.status == 502
         assert (await resp.json())["error"]["code"] == "UPSTREAM_ERROR"
     off = billing_settings(services, str(upstream.make_url("/v1")), None)
-    async with TestClient(TestServer(create_app(off))) as client:
-        resp = await client.post("/api/checkout", json={"product": PACK}, headers=c.auth)
+    async with TestClient(TestServer(create_app(with_clerk(off, clerk)))) as client:
+        resp = await client.post("/api/checkout", json={"product": PACK}, headers=session)
         assert resp.status == 503
-        resp = await client.post("/api/billing-portal", headers=c.auth)
+        resp = await client.post("/api/billing-portal", headers=session)
         assert resp.status == 503

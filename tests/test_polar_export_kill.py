@@ -31,6 +31,7 @@ from tests.billing_support import (
     shared_fake_polar,
 )
 from tests.conftest import Services
+from tests.logcapture import log_file
 from tests.polar_fake import TOKEN, Failure, FakePolar
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ async def test_killed_exporter_is_replaced_and_polar_keeps_one_copy(
 
     async def serve(name: str) -> tuple[asyncio.subprocess.Process, int]:
         port = free_port()
-        log = (tmp_path / f"{name}.log").open("wb")
+        log = log_file(f"polar-export-{name}")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

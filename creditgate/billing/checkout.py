@@ -20,7 +20,7 @@ from polar import PolarClientError, PolarError
 from polar.v2026_10 import PolarAsync
 from polar.v2026_10.outputs import Checkout
 
-from creditgate.auth import Principal, authenticate
+from creditgate.auth import Principal, require_session
 from creditgate.billing.client import call_with_retries
 from creditgate.config import PolarConfig
 from creditgate.errors import NotFound, ServiceUnavailable, UpstreamError, ValidationError
@@ -41,10 +41,9 @@ def _polar(request: web.Request) -> PolarAsync:
 
 
 async def _caller(request: web.Request) -> Principal:
-    # DESIGN.md §2 makes these routes session-only (Clerk JWT); until session
-    # auth lands they accept what ``authenticate`` accepts.
-    st = request.app[STATE]
-    return await authenticate(request, st.keys)
+    # Session-only (DESIGN.md §2): buying and managing a plan is the signed-in
+    # person's act, not an app's holding an API key (→ 403).
+    return await require_session(request)
 
 
 def _ts(text: str) -> datetime:
@@ -62,8 +61,8 @@ def _polar_failed(e: PolarError) -> UpstreamError:
 async def create_checkout(request: web.Request) -> web.Response:
     """``{product}`` → ``{url, checkoutId, reused}``: a Polar checkout for the caller."""
     st = request.app[STATE]
-    polar = _polar(request)
     principal = await _caller(request)
+    polar = _polar(request)
     body = await read_json_object(request)
     product_id = body.get("product")
     products = st.settings.config.products
@@ -174,8 +173,8 @@ async def _open_checkout(
 async def billing_portal(request: web.Request) -> web.Response:
     """``{url}``: a Polar customer-portal session for the caller's account."""
     st = request.app[STATE]
-    polar = _polar(request)
     principal = await _caller(request)
+    polar = _polar(request)
     cfg = st.settings.config.polar
     args: dict[str, Any] = {"external_customer_id": str(principal.account_id)}
     if cfg.portal_return_url is not None:
