@@ -26,7 +26,7 @@ from creditgate.logs import log
 # short outcome for the operator.
 Applier = Callable[[asyncpg.Connection, str, dict[str, Any]], Awaitable[str]]
 
-MAX_ATTEMPTS = 12  # with the backoff below: about 11 hours of retrying
+MAX_ATTEMPTS = 20  # with the backoff below: about 11 hours of retrying
 _BACKOFF_BASE_S = 10
 _BACKOFF_MAX_S = 3600
 
