@@ -278,7 +278,11 @@ class UsageExporter:
     # ------------------------------------------------------------ forever
 
     async def run(self, database_url: str) -> None:
-        """Export for as long as this process runs, whenever it holds the export lock."""
+        """Export for as long as this process runs, whenever it holds the export lock.
+
+        Every process runs this; the one that takes the lock exports, the
+        others ask again every few seconds on their own idle connection.
+        """
         retry_lock = max(1.0, self._cfg.export_interval_seconds)
         while True:
             conn: asyncpg.Connection | None = None
@@ -289,9 +293,15 @@ class UsageExporter:
                         "application_name": f"{EXPORT_APPLICATION_NAME}:{os.getpid()}"
                     },
                 )
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", EXPORT_LOCK_KEY):
-                    log.info("usage export lock taken; exporting", extra={"pid": os.getpid()})
-                    await self._export_while_holding(conn)
+                # Polling rather than a blocking pg_advisory_lock(): shutdown
+                # never has to cancel a lock wait, and a takeover within
+                # seconds is soon enough for an outbox.
+                while True:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", EXPORT_LOCK_KEY):
+                        break
+                    await asyncio.sleep(retry_lock)
+                log.info("usage export lock taken; exporting", extra={"pid": os.getpid()})
+                await self._export_while_holding(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ExportConflict):
                 log.warning("usage export lost its database connection", exc_info=True)
             finally:
