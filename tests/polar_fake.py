@@ -265,6 +265,7 @@ class FakePolar:
         self.failures: deque[Failure] = deque()
         self.invalid_external_ids: set[str] = set()
         self.meter_offsets: dict[str, float] = {}
+        self.meter_property = "credits"  # what the meter sums (creditgate's default)
         self.checkouts: dict[str, dict[str, Any]] = {}
         self.customers: set[str] = set()  # external customer ids Polar knows
         self.hanging = threading.Event()  # set while a request hangs after storing
@@ -463,8 +464,6 @@ class FakePolar:
                 )
             )
         return items
-
-    meter_property = "credits"
 
     async def customer_meters(self, request: web.Request) -> web.Response:
         q = request.query

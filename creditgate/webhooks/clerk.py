@@ -11,6 +11,7 @@ stored once per ``svix-id`` and applied by the webhook worker
 from __future__ import annotations
 
 import binascii
+import functools
 
 import orjson
 from aiohttp import web
@@ -29,6 +30,7 @@ from creditgate.webhooks.worker import wake_worker
 SIGNATURE_HEADERS = ("svix-id", "svix-timestamp", "svix-signature")
 
 
+@functools.lru_cache(maxsize=4)
 def clerk_verifier(secret: str | None) -> Webhook | None:
     """The Svix verifier for the configured secret; None when unset or malformed."""
     if secret is None:
@@ -55,10 +57,14 @@ async def clerk_webhook(request: web.Request) -> web.Response:
         # svix raises ValueError / binascii.Error on a malformed signature
         # header rather than its own error: all of them are "not verified".
         verifier.verify(body, headers)
-        event = orjson.loads(body)
     except (WebhookVerificationError, ValueError, binascii.Error):
         WEBHOOKS.labels("clerk", "refused").inc()
         raise Unauthorized("Invalid webhook signature, or its timestamp is too old.") from None
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        WEBHOOKS.labels("clerk", "refused").inc()
+        raise ValidationError("The webhook body is not a JSON event.") from None
     event_type = event.get("type") if isinstance(event, dict) else None
     if event_type not in CLERK_EVENTS:
         WEBHOOKS.labels("clerk", "ignored").inc()
