@@ -1,8 +1,9 @@
-"""The ledger: accounts, entries, holds and balances — the only code that writes money.
+"""The ledger: accounts, entries, holds, lots and balances — the only code that writes money.
 
-Amounts are ``int`` micro-credits. Every write is one SQL statement with an
-idempotency key, and the database enforces the invariants (append-only
-entries, holds ended once, available ≥ -overdraft limit).
+Amounts are ``int`` micro-credits. Every write carries an idempotency key; the
+hot-path writes (reserve, settle, release) are one SQL statement each; and the
+database enforces the invariants (append-only entries, holds ended once,
+available ≥ -overdraft limit, lots allocated by trigger) — see ARCHITECTURE.md.
 """
 
 from creditgate.ledger.accounts import (
@@ -12,9 +13,12 @@ from creditgate.ledger.accounts import (
     get_account,
     resolve_account,
     set_account_tier,
+    set_overdraft_limit,
 )
 from creditgate.ledger.balances import Balance, get_balance
-from creditgate.ledger.entries import Posted, post_entry
+from creditgate.ledger.entries import ENTRY_KINDS, Posted, post_entry
+from creditgate.ledger.expiry import expire_lot, sweep_expired_lots
+from creditgate.ledger.history import EntryView, Page, list_entries
 from creditgate.ledger.holds import (
     Hold,
     Settlement,
@@ -29,9 +33,12 @@ from creditgate.ledger.reversals import Reversal, account_debt, requested_total,
 from creditgate.ledger.verify import Report, verify_ledger
 
 __all__ = [
+    "ENTRY_KINDS",
     "Account",
     "Balance",
+    "EntryView",
     "Hold",
+    "Page",
     "Posted",
     "Report",
     "Reversal",
@@ -41,8 +48,10 @@ __all__ = [
     "close_account",
     "credits_to_micros",
     "ensure_account",
+    "expire_lot",
     "get_account",
     "get_balance",
+    "list_entries",
     "micros_to_credits",
     "post_entry",
     "release_hold",
@@ -51,7 +60,9 @@ __all__ = [
     "resolve_account",
     "reverse_up_to",
     "set_account_tier",
+    "set_overdraft_limit",
     "settle_hold",
     "sweep_expired_holds",
+    "sweep_expired_lots",
     "verify_ledger",
 ]

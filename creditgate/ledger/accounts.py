@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from creditgate.errors import NotFound, ValidationError
+import asyncpg
+
+from creditgate.errors import Conflict, NotFound, ValidationError
 from creditgate.ledger.db import Db
+from creditgate.ledger.money import micros_to_credits
 
 KINDS = ("user", "org")
 
@@ -116,3 +119,34 @@ async def set_account_tier(db: Db, account_id: uuid.UUID, tier: str) -> bool:
         tier,
     )
     return bool(status != "UPDATE 0")
+
+
+async def set_overdraft_limit(db: Db, account_id: uuid.UUID, limit: int) -> int:
+    """Let the account's available balance go down to ``-limit`` µc; returns the limit.
+
+    Setting the same value again changes nothing (idempotent by nature). A
+    limit below what the account already uses of its overdraft is refused
+    (Conflict): the CHECK on the balance row would not hold.
+    """
+    assert limit >= 0, limit
+    try:
+        row = await db.fetchrow(
+            "UPDATE account_balances SET overdraft_limit = $2, updated_at = now()"
+            " WHERE account_id = $1 RETURNING overdraft_limit",
+            account_id,
+            limit,
+        )
+    except asyncpg.CheckViolationError as e:
+        if e.constraint_name != "available_within_overdraft":
+            raise
+        available = await db.fetchval(
+            "SELECT balance - reserved FROM account_balances WHERE account_id = $1", account_id
+        )
+        raise Conflict(
+            f"The account already has {micros_to_credits(available)} credits available;"
+            " its overdraft limit cannot be set below what it uses now.",
+            details={"availableMicros": available, "overdraftLimitMicros": limit},
+        ) from None
+    if row is None:
+        raise NotFound(f"no account {account_id}")
+    return int(row["overdraft_limit"])

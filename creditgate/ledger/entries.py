@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 
-from creditgate.errors import Conflict, InsufficientCredits
+from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
 from creditgate.ledger.money import micros_to_credits
 
@@ -19,35 +20,63 @@ ENTRY_KINDS = ("grant", "debit", "adjustment", "reversal", "expiry")
 class Posted:
     entry_id: uuid.UUID
     account_id: uuid.UUID
+    kind: str
     amount: int  # signed µc
-    balance: int  # the account's balance after the entry (now, on a replay)
+    balance: int  # the account's balance right after the entry (the same on a replay)
+    expires_at: datetime | None
+    created_at: datetime
     replayed: bool
 
     def as_json(self) -> dict[str, object]:
         return {
             "entryId": str(self.entry_id),
             "accountId": str(self.account_id),
+            "kind": self.kind,
             "amount": micros_to_credits(self.amount),
             "amountMicros": self.amount,
             "balance": micros_to_credits(self.balance),
             "balanceMicros": self.balance,
+            "expiresAt": iso(self.expires_at) if self.expires_at else None,
+            "createdAt": iso(self.created_at),
             "replayed": self.replayed,
         }
 
 
+def iso(when: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, as the API shows every time."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# The balance row is locked (b) before the entry is inserted from it, so every
+# entry of an account gets its seq and balance_after under that account's lock:
+# per account, seq order is commit order and balance_after chains exactly.
 _POST = """
-WITH e AS (
-    INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key, fingerprint, reason)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+WITH b AS (
+    SELECT account_id, balance FROM account_balances WHERE account_id = $2 FOR UPDATE
+),
+e AS (
+    INSERT INTO ledger_entries
+        (id, account_id, kind, amount, idempotency_key, fingerprint, reason, expires_at,
+         balance_after)
+    SELECT $1, b.account_id, $3, $4, $5, $6, $7, $8, b.balance + $4 FROM b
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING account_id, amount
+    RETURNING account_id, amount, created_at
 )
 UPDATE account_balances a
 SET balance = a.balance + e.amount, updated_at = now()
 FROM e
 WHERE a.account_id = e.account_id
-RETURNING a.balance
+RETURNING a.balance, e.created_at
 """
+
+
+def _fingerprint(
+    account_id: uuid.UUID, kind: str, amount: int, reason: str, expires_at: datetime | None
+) -> bytes:
+    text = f"{account_id}|{kind}|{amount}|{reason}"
+    if expires_at is not None:  # appended only when set: older keys keep their fingerprint
+        text += f"|expires:{iso(expires_at)}"
+    return hashlib.sha256(text.encode()).digest()
 
 
 async def post_entry(
@@ -58,37 +87,79 @@ async def post_entry(
     kind: str,
     idempotency_key: str,
     reason: str,
+    expires_at: datetime | None = None,
 ) -> Posted:
     """Post a grant (amount > 0), adjustment or reversal, once per idempotency key.
 
-    The same key with the same request returns the first result and writes
-    nothing; with a different request it raises Conflict (409). A negative
-    amount the account cannot cover raises InsufficientCredits (402).
+    A grant with ``expires_at`` makes a lot of credits that expire then
+    (migration 0002 allocates debits to it). The same key with the same request
+    returns the first result — the same entry and balance — and writes nothing;
+    with a different request it raises Conflict (409). A negative amount the
+    account cannot cover within its overdraft limit raises InsufficientCredits
+    (402); an unknown account NotFound.
     """
     assert kind in ("grant", "adjustment", "reversal"), kind
     assert amount != 0 and (kind != "grant" or amount > 0), (kind, amount)
-    fingerprint = hashlib.sha256(f"{account_id}|{kind}|{amount}|{reason}".encode()).digest()
+    assert expires_at is None or (kind == "grant" and expires_at.tzinfo is not None), expires_at
+    fingerprint = _fingerprint(account_id, kind, amount, reason, expires_at)
     entry_id = uuid.uuid4()
     try:
-        balance = await db.fetchval(
-            _POST, entry_id, account_id, kind, amount, idempotency_key, fingerprint, reason
+        row = await db.fetchrow(
+            _POST,
+            entry_id,
+            account_id,
+            kind,
+            amount,
+            idempotency_key,
+            fingerprint,
+            reason,
+            expires_at,
         )
-    except asyncpg.CheckViolationError:
+    except asyncpg.CheckViolationError as e:
+        if e.constraint_name != "available_within_overdraft":
+            raise
         raise InsufficientCredits(
-            f"an adjustment of {micros_to_credits(amount)} credits would take the account"
-            " below its overdraft limit",
+            f"An adjustment of {micros_to_credits(amount)} credits would take the account"
+            " below its overdraft limit.",
+            details={"amountMicros": amount},
         ) from None
-    if balance is not None:
-        return Posted(entry_id, account_id, amount, balance, replayed=False)
+    if row is not None:
+        return Posted(
+            entry_id,
+            account_id,
+            kind,
+            amount,
+            row["balance"],
+            expires_at,
+            row["created_at"],
+            replayed=False,
+        )
+    return await _replay(db, idempotency_key, fingerprint, account_id)
+
+
+async def _replay(
+    db: Db, idempotency_key: str, fingerprint: bytes, account_id: uuid.UUID
+) -> Posted:
     row = await db.fetchrow(
         """
-        SELECT e.id, e.account_id, e.amount, e.fingerprint, a.balance
+        SELECT e.id, e.account_id, e.kind, e.amount, e.fingerprint, e.expires_at, e.created_at,
+               COALESCE(e.balance_after, a.balance) AS balance
         FROM ledger_entries e JOIN account_balances a USING (account_id)
         WHERE e.idempotency_key = $1
         """,
         idempotency_key,
     )
-    assert row is not None, "conflicting insert did not leave an entry"
+    if row is None:
+        raise NotFound(f"no account {account_id}")
     if row["fingerprint"] != fingerprint:
-        raise Conflict("idempotency key already used with a different request")
-    return Posted(row["id"], row["account_id"], row["amount"], row["balance"], replayed=True)
+        raise Conflict("This idempotency key was already used with a different request.")
+    return Posted(
+        row["id"],
+        row["account_id"],
+        row["kind"],
+        row["amount"],
+        row["balance"],
+        row["expires_at"],
+        row["created_at"],
+        replayed=True,
+    )

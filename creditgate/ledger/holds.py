@@ -127,7 +127,7 @@ WITH h AS (
     RETURNING account_id, amount, request_id, model
 ),
 b AS (
-    SELECT a.account_id, h.amount AS held,
+    SELECT a.account_id, a.balance, h.amount AS held,
            LEAST($2::bigint, a.balance - a.reserved + h.amount + a.overdraft_limit) AS debit
     FROM account_balances a JOIN h ON a.account_id = h.account_id
     FOR UPDATE OF a
@@ -135,9 +135,9 @@ b AS (
 e AS (
     INSERT INTO ledger_entries
         (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
-         input_tokens, output_tokens, estimated, uncollected)
+         input_tokens, output_tokens, estimated, uncollected, balance_after)
     SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
-           h.model, $5, $6, $7, $2 - b.debit
+           h.model, $5, $6, $7, $2 - b.debit, b.balance - b.debit
     FROM b, h
     RETURNING account_id, amount
 )
@@ -155,7 +155,7 @@ WITH h AS (
     SELECT account_id, request_id, model FROM holds WHERE id = $1 AND outcome = 'expired'
 ),
 b AS (
-    SELECT a.account_id,
+    SELECT a.account_id, a.balance,
            GREATEST(0, LEAST($2::bigint, a.balance - a.reserved + a.overdraft_limit)) AS debit
     FROM account_balances a JOIN h ON a.account_id = h.account_id
     FOR UPDATE OF a
@@ -163,9 +163,9 @@ b AS (
 e AS (
     INSERT INTO ledger_entries
         (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
-         input_tokens, output_tokens, estimated, uncollected, reason)
+         input_tokens, output_tokens, estimated, uncollected, reason, balance_after)
     SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
-           h.model, $5, $6, $7, $2 - b.debit, 'settled after hold expiry'
+           h.model, $5, $6, $7, $2 - b.debit, 'settled after hold expiry', b.balance - b.debit
     FROM b, h
     RETURNING account_id, amount
 )

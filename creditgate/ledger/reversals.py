@@ -38,7 +38,7 @@ class Reversal:
 # nothing), then the entry and the balance — one statement, one commit.
 _REVERSE = """
 WITH b AS (
-    SELECT account_id,
+    SELECT account_id, balance, reserved, overdraft_limit,
            LEAST($3::bigint, GREATEST(0, balance - reserved)) AS covered
     FROM account_balances
     WHERE account_id = $2
@@ -53,16 +53,21 @@ r AS (
     RETURNING account_id, reversed, entry_id
 ),
 e AS (
-    INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key, fingerprint, reason)
-    SELECT r.entry_id, r.account_id, 'reversal', -r.reversed, 'reversal:' || $4, $7, $6
-    FROM r
+    INSERT INTO ledger_entries
+        (id, account_id, kind, amount, idempotency_key, fingerprint, reason, balance_after)
+    SELECT r.entry_id, r.account_id, 'reversal', -r.reversed, 'reversal:' || $4, $7, $6,
+           b.balance - r.reversed
+    FROM r, b
     WHERE r.entry_id IS NOT NULL
     RETURNING account_id, amount
 ),
 u AS (
+    -- The CHECK's columns from the locked row, never from the snapshot (see
+    -- holds._SETTLE: PostgreSQL checks the snapshot version's row first).
     UPDATE account_balances a
-    SET balance = a.balance + e.amount, updated_at = now()
-    FROM e
+    SET balance = b.balance + e.amount, reserved = b.reserved,
+        overdraft_limit = b.overdraft_limit, updated_at = now()
+    FROM e, b
     WHERE a.account_id = e.account_id
     RETURNING a.account_id
 )

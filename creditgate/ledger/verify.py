@@ -1,16 +1,51 @@
-"""``creditgate verify``: recompute every balance from the ledger and compare."""
+"""``creditgate verify``: recompute the ledger's derived state and check its invariants.
+
+All checks read one snapshot (a REPEATABLE READ, read-only transaction), so
+verify can run while servers write: every write is atomic, so a consistent
+snapshot must add up exactly. Each check reports at most ``_MAX_PER_CHECK``
+rows; the report says how many more there were.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from creditgate.ledger.db import Db
+from creditgate.ledger.db import Db, connection
+
+_MAX_PER_CHECK = 100
+
+# The triggers and constraints the invariants rest on: disabled or dropped,
+# the database would no longer refuse what it must.
+REQUIRED_TRIGGERS = (
+    ("ledger_entries", "ledger_entries_append_only"),
+    ("ledger_entries", "ledger_entries_no_truncate"),
+    ("ledger_entries", "ledger_entries_allocate_lots"),
+    ("holds", "holds_end_once"),
+    ("holds", "holds_no_delete"),
+    ("holds", "holds_no_truncate"),
+    ("accounts", "accounts_balance_row"),
+    ("credit_lots", "credit_lots_only_shrink"),
+    ("credit_lots", "credit_lots_no_delete"),
+    ("credit_lots", "credit_lots_no_truncate"),
+    ("credit_lot_uses", "credit_lot_uses_append_only"),
+    ("credit_lot_uses", "credit_lot_uses_no_truncate"),
+    ("ledger_reversals", "ledger_reversals_append_only"),
+    ("ledger_reversals", "ledger_reversals_no_truncate"),
+)
+REQUIRED_CONSTRAINTS = (
+    ("account_balances", "available_within_overdraft"),
+    ("ledger_entries", "ledger_entries_balance_after_recorded"),
+    ("ledger_entries", "ledger_entries_debit_has_hold"),
+    ("ledger_entries", "ledger_entries_expiry_names_its_lot"),
+)
 
 
 @dataclass(slots=True)
 class Report:
     accounts: int = 0
+    entries: int = 0
+    holds: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -18,23 +53,32 @@ class Report:
         return not self.problems
 
     def as_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "accounts": self.accounts, "problems": self.problems}
+        return {
+            "ok": self.ok,
+            "accounts": self.accounts,
+            "entries": self.entries,
+            "holds": self.holds,
+            "problems": self.problems,
+        }
 
 
-async def verify_ledger(db: Db) -> Report:
-    """Check every invariant of DESIGN.md §3 that the schema cannot state alone.
+class _Check(NamedTuple):
+    problem: str
+    sql: str  # its last parameter is the LIMIT
+    args: tuple[Any, ...] = ()
 
-    * balance = SUM(entries) and reserved = SUM(live holds), per account;
-    * a settled hold has one debit entry; a released hold has none;
-    * available never below -overdraft_limit (the CHECK; re-checked here);
-    * a refund reversal's entry takes back exactly what its record says.
-    """
-    report = Report()
-    report.accounts = await db.fetchval("SELECT count(*) FROM account_balances")
-    for r in await db.fetch(
+
+_TRIGGER_ARGS = ([t for t, _ in REQUIRED_TRIGGERS], [n for _, n in REQUIRED_TRIGGERS])
+_CONSTRAINT_ARGS = ([t for t, _ in REQUIRED_CONSTRAINTS], [n for _, n in REQUIRED_CONSTRAINTS])
+
+# One row per offence; each query is self-contained.
+_CHECKS: tuple[_Check, ...] = (
+    _Check(
+        "balance row differs from the ledger (balance = SUM(entries), reserved = SUM(live"
+        " holds), available >= -overdraft_limit)",
         """
         SELECT b.account_id, b.balance, COALESCE(e.total, 0) AS entries_total,
-               b.reserved, COALESCE(h.total, 0) AS holds_total, b.overdraft_limit
+               b.reserved, COALESCE(h.total, 0) AS live_holds_total, b.overdraft_limit
         FROM account_balances b
         LEFT JOIN (SELECT account_id, SUM(amount)::bigint AS total FROM ledger_entries
                    GROUP BY account_id) e USING (account_id)
@@ -43,50 +87,191 @@ async def verify_ledger(db: Db) -> Report:
         WHERE b.balance <> COALESCE(e.total, 0)
            OR b.reserved <> COALESCE(h.total, 0)
            OR b.balance - b.reserved < -b.overdraft_limit
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "an account without exactly one balance row",
         """
-    ):
-        report.problems.append(
-            {
-                "problem": "balance row differs from the ledger",
-                "accountId": str(r["account_id"]),
-                "balanceMicros": r["balance"],
-                "entriesTotalMicros": r["entries_total"],
-                "reservedMicros": r["reserved"],
-                "liveHoldsTotalMicros": r["holds_total"],
-            }
-        )
-    for r in await db.fetch(
+        SELECT a.id AS account_id FROM accounts a
+        LEFT JOIN account_balances b ON b.account_id = a.id
+        WHERE b.account_id IS NULL
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "hold ended without exactly the debits its outcome implies (settled: 1,"
+        " released: 0, expired: at most 1)",
         """
-        SELECT h.id, h.outcome, count(e.id) AS debits
+        SELECT h.id AS hold_id, h.outcome, count(e.id) AS debits
         FROM holds h LEFT JOIN ledger_entries e ON e.hold_id = h.id
-        WHERE h.ended_at IS NOT NULL
         GROUP BY h.id, h.outcome
         HAVING (h.outcome = 'settled' AND count(e.id) <> 1)
             OR (h.outcome = 'released' AND count(e.id) <> 0)
+            OR (h.outcome = 'expired' AND count(e.id) > 1)
+            OR (h.outcome IS NULL AND count(e.id) <> 0)
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "debit not matching its hold (no hold, another account, or a kind other than debit)",
         """
-    ):
-        report.problems.append(
-            {
-                "problem": "hold ended without exactly the debits its outcome implies",
-                "holdId": str(r["id"]),
-                "outcome": r["outcome"],
-                "debits": r["debits"],
-            }
-        )
-    for r in await db.fetch(
+        SELECT e.id AS entry_id, e.kind, e.hold_id
+        FROM ledger_entries e LEFT JOIN holds h ON h.id = e.hold_id
+        WHERE (e.kind = 'debit') <> (e.hold_id IS NOT NULL)
+           OR (h.id IS NOT NULL AND h.account_id <> e.account_id)
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "hold ended before it was created",
+        "SELECT id AS hold_id FROM holds WHERE ended_at < created_at LIMIT $1",
+    ),
+    _Check(
+        "running balance broken: balance_after of an entry is not the previous one plus its"
+        " amount (or the last one is not the balance)",
         """
-        SELECT r.idempotency_key, r.reversed, e.amount, e.kind
+        SELECT account_id, id AS entry_id, seq, amount, balance_after, prev_balance_after
+        FROM (
+            SELECT e.account_id, e.id, e.seq, e.amount, e.balance_after,
+                   lag(e.balance_after) OVER w AS prev_balance_after,
+                   lag(e.seq) OVER w AS prev_seq,
+                   row_number() OVER (PARTITION BY e.account_id ORDER BY e.seq DESC) AS from_end
+            FROM ledger_entries e
+            WINDOW w AS (PARTITION BY e.account_id ORDER BY e.seq)
+        ) x
+        LEFT JOIN account_balances b USING (account_id)
+        WHERE (prev_seq IS NOT NULL AND balance_after IS NOT NULL
+               AND prev_balance_after IS NOT NULL
+               AND balance_after <> prev_balance_after + amount)
+           OR (prev_seq IS NULL AND balance_after IS NOT NULL AND balance_after <> amount)
+           OR (from_end = 1 AND balance_after IS NOT NULL AND balance_after <> b.balance)
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "credit lot does not add up (remaining = initial - SUM(uses)) or does not match its grant",
+        """
+        SELECT l.id AS lot_id, l.initial, l.remaining, COALESCE(u.used, 0) AS used
+        FROM credit_lots l
+        LEFT JOIN (SELECT lot_id, SUM(amount)::bigint AS used FROM credit_lot_uses
+                   GROUP BY lot_id) u ON u.lot_id = l.id
+        LEFT JOIN ledger_entries g ON g.id = l.id
+        WHERE l.remaining <> l.initial - COALESCE(u.used, 0)
+           OR g.id IS NULL OR g.kind <> 'grant' OR g.account_id <> l.account_id
+           OR g.amount <> l.granted OR g.expires_at IS DISTINCT FROM l.expires_at
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "reversal record differs from its entry (a refund takes back exactly what it records)",
+        """
+        SELECT r.idempotency_key, r.reversed AS reversed_micros, e.amount AS entry_amount_micros
         FROM ledger_reversals r LEFT JOIN ledger_entries e ON e.id = r.entry_id
         WHERE r.entry_id IS NOT NULL
           AND (e.id IS NULL OR e.kind <> 'reversal' OR e.amount <> -r.reversed)
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "expiring grant without its credit lot",
         """
-    ):
-        report.problems.append(
-            {
-                "problem": "reversal record differs from its entry",
-                "idempotencyKey": r["idempotency_key"],
-                "reversedMicros": r["reversed"],
-                "entryAmountMicros": r["amount"],
-            }
+        SELECT e.id AS entry_id FROM ledger_entries e
+        LEFT JOIN credit_lots l ON l.id = e.id
+        WHERE e.expires_at IS NOT NULL AND l.id IS NULL
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "entry used credits of lots it may not (more than its amount, another account's lot,"
+        " an expiry not exactly its own lot or before the lot was due)",
+        """
+        SELECT e.id AS entry_id, e.kind, e.amount, COALESCE(u.used, 0) AS used
+        FROM ledger_entries e
+        LEFT JOIN (SELECT cu.entry_id, SUM(cu.amount)::bigint AS used,
+                          bool_or(l.account_id <> le.account_id) AS foreign_lot,
+                          bool_or(le.kind = 'expiry' AND (cu.lot_id <> le.lot_id
+                                  OR le.created_at < l.expires_at)) AS bad_expiry
+                   FROM credit_lot_uses cu
+                   JOIN credit_lots l ON l.id = cu.lot_id
+                   JOIN ledger_entries le ON le.id = cu.entry_id
+                   GROUP BY cu.entry_id) u ON u.entry_id = e.id
+        WHERE (e.amount >= 0 AND u.used IS NOT NULL)
+           OR (e.amount < 0 AND e.kind <> 'expiry' AND COALESCE(u.used, 0) > -e.amount)
+           OR (e.kind = 'expiry' AND COALESCE(u.used, 0) <> -e.amount)
+           OR u.foreign_lot OR u.bad_expiry
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "live credit lots hold more than the balance (SUM(remaining) <= max(0, balance))",
+        """
+        SELECT l.account_id, SUM(l.remaining)::bigint AS in_lots, b.balance
+        FROM credit_lots l JOIN account_balances b USING (account_id)
+        WHERE l.remaining > 0
+        GROUP BY l.account_id, b.balance
+        HAVING SUM(l.remaining) > GREATEST(0, b.balance)
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "an invariant's trigger is missing or disabled",
+        """
+        SELECT want.tbl AS table_name, want.name AS trigger_name
+        FROM unnest($1::text[], $2::text[]) AS want(tbl, name)
+        LEFT JOIN pg_trigger t ON t.tgname = want.name
+             AND t.tgrelid = to_regclass(want.tbl) AND t.tgenabled <> 'D'
+        WHERE t.oid IS NULL
+        LIMIT $3
+        """,
+        _TRIGGER_ARGS,
+    ),
+    _Check(
+        "an invariant's constraint is missing",
+        """
+        SELECT want.tbl AS table_name, want.name AS constraint_name
+        FROM unnest($1::text[], $2::text[]) AS want(tbl, name)
+        LEFT JOIN pg_constraint c ON c.conname = want.name
+             AND c.conrelid = to_regclass(want.tbl)
+        WHERE c.oid IS NULL
+        LIMIT $3
+        """,
+        _CONSTRAINT_ARGS,
+    ),
+)
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, int | str | bool | None) else str(value)
+
+
+async def verify_ledger(db: Db) -> Report:
+    """Check every invariant of DESIGN.md §3 and ARCHITECTURE.md on one snapshot.
+
+    Balances and reservations recomputed from entries and holds; each hold
+    ended at most once with the debits its outcome implies; the running
+    balance chained per account; credit lots adding up to their uses; and the
+    triggers and constraints that enforce the rest still in place; and every
+    refund reversal's entry taking back exactly what its record says.
+    """
+    report = Report()
+    async with connection(db) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        counts = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM account_balances) AS accounts,"
+            " (SELECT count(*) FROM ledger_entries) AS entries,"
+            " (SELECT count(*) FROM holds) AS holds"
         )
+        report.accounts, report.entries, report.holds = (
+            counts["accounts"],
+            counts["entries"],
+            counts["holds"],
+        )
+        for problem, sql, args in _CHECKS:
+            rows = await conn.fetch(sql, *args, _MAX_PER_CHECK + 1)
+            for r in rows[:_MAX_PER_CHECK]:
+                report.problems.append(
+                    {"problem": problem, **{k: _jsonable(v) for k, v in dict(r).items()}}
+                )
+            if len(rows) > _MAX_PER_CHECK:
+                report.problems.append({"problem": problem, "more": True})
     return report

@@ -1,0 +1,134 @@
+"""An account's ledger entries, newest first, in cursor pages (``GET /api/user/usage``).
+
+Every query is scoped by the account id the caller was authenticated as; a
+cursor only says where the previous page ended, so a cursor from another
+account or another filter can never show rows the caller may not see.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from creditgate.errors import ValidationError
+from creditgate.ledger.db import Db
+from creditgate.ledger.entries import ENTRY_KINDS, iso
+from creditgate.ledger.money import micros_to_credits
+
+MAX_PAGE = 200
+_CURSOR = re.compile(r"^e([1-9][0-9]{0,18})$")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryView:
+    seq: int
+    id: uuid.UUID
+    kind: str
+    amount: int
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    request_id: str | None
+    estimated: bool
+    expires_at: datetime | None
+    created_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        """One entry of DESIGN.md §9's usage shape (plus ``expiresAt`` of expiring grants)."""
+        return {
+            "id": str(self.id),
+            "kind": self.kind,
+            "amount": micros_to_credits(self.amount),
+            "amountMicros": self.amount,
+            "model": self.model,
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "requestId": self.request_id,
+            "estimated": self.estimated,
+            "expiresAt": iso(self.expires_at) if self.expires_at else None,
+            "createdAt": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    entries: list[EntryView]
+    next_cursor: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "entries": [e.as_json() for e in self.entries],
+            "nextCursor": self.next_cursor,
+        }
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque cursor for 'entries older than ``seq``'."""
+    return base64.urlsafe_b64encode(f"e{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The seq a cursor of ``encode_cursor`` stands for; ValidationError otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    m = _CURSOR.match(raw)
+    if m is None:
+        raise ValidationError(
+            "The cursor is not one this API gave out; pass nextCursor unchanged.",
+            details=[{"path": "cursor", "message": "invalid cursor"}],
+        )
+    return int(m.group(1))
+
+
+async def list_entries(
+    db: Db,
+    account_id: uuid.UUID,
+    *,
+    limit: int = 50,
+    cursor: str | None = None,
+    kinds: tuple[str, ...] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Page:
+    """The account's entries newest first: at most ``limit``, older than ``cursor``.
+
+    ``kinds`` keeps only those kinds; ``since`` (inclusive) and ``until``
+    (exclusive) bound ``createdAt``. The predicates are added only when used,
+    so each shape of query keeps an index-friendly plan.
+    """
+    assert 1 <= limit <= MAX_PAGE, limit
+    assert all(k in ENTRY_KINDS for k in kinds), kinds
+    conditions = ["account_id = $1"]
+    args: list[Any] = [account_id]
+    if cursor is not None:
+        args.append(decode_cursor(cursor))
+        conditions.append(f"seq < ${len(args)}")
+    if kinds:
+        args.append(list(kinds))
+        conditions.append(f"kind = ANY(${len(args)}::text[])")
+    if since is not None:
+        args.append(since)
+        conditions.append(f"created_at >= ${len(args)}")
+    if until is not None:
+        args.append(until)
+        conditions.append(f"created_at < ${len(args)}")
+    args.append(limit + 1)
+    # Only fixed column names and numbered placeholders are joined in: no input
+    # reaches the SQL text.
+    where = " AND ".join(conditions)
+    sql = (
+        "SELECT seq, id, kind, amount, model, input_tokens, output_tokens, request_id,"  # noqa: S608
+        f" estimated, expires_at, created_at FROM ledger_entries WHERE {where}"
+        f" ORDER BY seq DESC LIMIT ${len(args)}"
+    )
+    rows = await db.fetch(sql, *args)
+    entries = [EntryView(**dict(r)) for r in rows[:limit]]
+    more = len(rows) > limit
+    return Page(entries, encode_cursor(entries[-1].seq) if more else None)
