@@ -91,13 +91,23 @@ async def cmd_accounts_create(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _check(problems: list[dict[str, str]]) -> None:
+    """Raise the first argument problem as a CLI validation error."""
+    if problems:
+        p = problems[0]
+        raise CliError("VALIDATION_ERROR", f"{p['path']}: {p['message']}")
+
+
 async def cmd_credits_grant(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        amount = ledger.credits_to_micros(args.amount)
-    except ValueError as e:
-        raise CliError("VALIDATION_ERROR", f"AMOUNT: {e}") from None
-    if amount == 0:
-        raise CliError("VALIDATION_ERROR", "AMOUNT: must not be zero")
+    from creditgate.http.admin import admin_idempotency_key, parse_amount, parse_expiry
+
+    problems: list[dict[str, str]] = []
+    amount = parse_amount(args.amount, problems, "AMOUNT")
+    expires_at = parse_expiry(args.expires_at, amount, problems)
+    if not args.reason.strip():
+        problems.append({"path": "--reason", "message": "must not be empty"})
+    _check(problems)
+    assert amount is not None
     conn = await _connect(_settings())
     try:
         account = await ledger.resolve_account(conn, args.account)
@@ -106,18 +116,63 @@ async def cmd_credits_grant(args: argparse.Namespace) -> dict[str, Any]:
             account_id=account.id,
             amount=amount,
             kind="grant" if amount > 0 else "adjustment",
-            idempotency_key=f"cli:{args.idempotency_key or os.urandom(16).hex()}",
+            idempotency_key=admin_idempotency_key(args.idempotency_key or os.urandom(16).hex()),
             reason=args.reason,
+            expires_at=expires_at,
         )
     finally:
         await conn.close()
+    return {**posted.as_json(), "replayed": posted.replayed}
+
+
+async def cmd_accounts_set_overdraft(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        limit = ledger.credits_to_micros(args.limit)
+    except ValueError as e:
+        raise CliError("VALIDATION_ERROR", f"LIMIT: {e}") from None
+    if limit < 0:
+        raise CliError("VALIDATION_ERROR", "LIMIT: must be 0 or more (credits below zero allowed)")
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        await ledger.set_overdraft_limit(conn, account.id, limit)
+        bal = await ledger.get_balance(conn, account.id)
+    finally:
+        await conn.close()
+    log.info("overdraft limit set", extra={"account_id": str(account.id), "limit_micros": limit})
     return {
-        "entryId": str(posted.entry_id),
-        "accountId": str(posted.account_id),
-        "amountMicros": posted.amount,
-        "balanceMicros": posted.balance,
-        "replayed": posted.replayed,
+        "accountId": str(account.id),
+        "overdraftLimit": ledger.micros_to_credits(limit),
+        "overdraftLimitMicros": limit,
+        "availableMicros": bal.available,
     }
+
+
+async def cmd_usage(args: argparse.Namespace) -> dict[str, Any]:
+    from creditgate.http.params import parse_kinds, parse_time
+
+    problems: list[dict[str, str]] = []
+    if not 1 <= args.limit <= ledger.history.MAX_PAGE:
+        problems.append({"path": "--limit", "message": f"must be 1..{ledger.history.MAX_PAGE}"})
+    kinds = parse_kinds(args.kind, ledger.ENTRY_KINDS, problems)
+    since = parse_time(args.since, "--since", problems) if args.since else None
+    until = parse_time(args.until, "--until", problems) if args.until else None
+    _check(problems)
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        page = await ledger.list_entries(
+            conn,
+            account.id,
+            limit=args.limit,
+            cursor=args.cursor,
+            kinds=kinds,
+            since=since,
+            until=until,
+        )
+    finally:
+        await conn.close()
+    return page.as_json()
 
 
 async def cmd_keys_create(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +206,14 @@ async def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await conn.close()
     if not report.ok:
-        _emit(args, report.as_json())
+        n = len(report.problems)
+        _emit(
+            args,
+            {
+                **report.as_json(),
+                "error": {"code": "LEDGER_MISMATCH", "message": f"{n} invariant problem(s) found"},
+            },
+        )
         raise SystemExit(1)
     return report.as_json()
 
@@ -451,6 +513,14 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--org", help="Clerk organization id")
     s.add_argument("--tier", default="free")
     s.set_defaults(run=cmd_accounts_create)
+    s = accounts.add_parser(
+        "set-overdraft",
+        parents=[common],
+        help="let an account's available credits go down to -LIMIT (0 by default)",
+    )
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("limit", help="credits, decimals allowed, ≥ 0")
+    s.set_defaults(run=cmd_accounts_set_overdraft)
 
     credits = sub.add_parser("credits", help="credits").add_subparsers(dest="sub", required=True)
     s = credits.add_parser("grant", parents=[common], help="grant (or, negative, adjust) credits")
@@ -458,7 +528,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("amount", help="credits, decimals allowed; negative adjusts down")
     s.add_argument("--reason", required=True)
     s.add_argument("--idempotency-key", help="repeat it to make the grant exactly once")
+    s.add_argument(
+        "--expires-at", help="a grant's credits expire then (ISO 8601 date or time, UTC default)"
+    )
     s.set_defaults(run=cmd_credits_grant)
+
+    s = sub.add_parser("usage", parents=[common], help="an account's ledger entries, newest first")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.add_argument("--limit", type=int, default=50, help="entries per page, 1..200")
+    s.add_argument("--cursor", help="nextCursor of the previous page")
+    s.add_argument("--kind", action="append", default=[], help="only these kinds (repeatable)")
+    s.add_argument("--since", help="from this time (inclusive, ISO 8601)")
+    s.add_argument("--until", help="before this time (exclusive, ISO 8601)")
+    s.set_defaults(run=cmd_usage)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
     s = keys.add_parser("create", parents=[common], help="create an API key (shown once)")

@@ -15,8 +15,8 @@ from creditgate import ledger, migrations
 from creditgate.auth import AUTH, Authenticator
 from creditgate.billing import setup_billing
 from creditgate.config import Settings
-from creditgate.http import health, keys, orgs, user
-from creditgate.http.metrics import HOLDS_EXPIRED, metrics_route
+from creditgate.http import admin, health, keys, orgs, user
+from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_EXPIRED, metrics_route
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.state import STATE, State
 from creditgate.logs import log
@@ -45,10 +45,12 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/v1/models", proxy.list_models)
     r.add_get("/v1/models/{model}", proxy.get_model)
     r.add_get("/api/user/balance", user.balance)
+    r.add_get("/api/user/usage", user.usage)
     r.add_post("/api/keys", keys.create_key)
     r.add_get("/api/keys", keys.list_keys)
     r.add_delete("/api/keys/{id}", keys.revoke_key)
     r.add_post("/api/orgs/create", orgs.create_org)
+    r.add_post("/api/admin/credits", admin.credits)
     r.add_get("/health", health.health)
     r.add_get("/ready", health.ready)
     r.add_get("/metrics", metrics_route)
@@ -110,7 +112,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
-    """Release holds a crashed process left behind, in every process, safely."""
+    """Release holds a crashed process left behind, and write off expired credits.
+
+    Runs in every process; both sweeps are safe to run concurrently (each hold
+    ends once, each lot write-off locks its account first).
+    """
     st = app[STATE]
     interval = max(1.0, min(30.0, st.settings.config.hold_ttl_seconds / 10))
 
@@ -119,12 +125,17 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(interval)
             try:
                 expired = await ledger.sweep_expired_holds(st.db)
+                # After the holds: an ended hold frees credits a lot write-off may take.
+                written_off = await ledger.sweep_expired_lots(st.db)
             except Exception:
-                log.warning("hold sweep failed", exc_info=True)
+                log.warning("ledger sweep failed", exc_info=True)
                 continue
             if expired:
                 HOLDS_EXPIRED.inc(expired)
                 log.info("expired holds released", extra={"count": expired})
+            if written_off:
+                CREDITS_EXPIRED.inc(written_off)
+                log.info("expired credits written off", extra={"micros": written_off})
 
     task = asyncio.create_task(sweep_forever())
     try:

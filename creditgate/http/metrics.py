@@ -89,6 +89,10 @@ HOLDS_EXPIRED = Counter(
     "creditgate_holds_expired_total",
     "Holds released by the sweeper after their expiry (a process died mid-call).",
 )
+CREDITS_EXPIRED = Counter(
+    "creditgate_credits_expired_micros_total",
+    "Micro-credits of granted lots written off at their expiry.",
+)
 LEDGER_LATENCY = Histogram(
     "creditgate_ledger_operation_seconds",
     "Ledger statement latency by operation.",

@@ -1,4 +1,4 @@
-"""The caller's own account: ``GET /api/user/balance``."""
+"""The caller's own account: ``GET /api/user/balance`` and ``GET /api/user/usage``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ from aiohttp import web
 
 from creditgate import ledger
 from creditgate.auth import authenticate
+from creditgate.errors import ValidationError
 from creditgate.http.envelope import data_response
+from creditgate.http.params import Problems, parse_int, parse_kinds, parse_time
 from creditgate.http.state import STATE
+from creditgate.ledger.history import MAX_PAGE, decode_cursor
+
+_USAGE_PARAMS = ("limit", "cursor", "kind", "since", "until")
 
 
 async def balance(request: web.Request) -> web.Response:
@@ -16,3 +21,46 @@ async def balance(request: web.Request) -> web.Response:
     principal = await authenticate(request)
     bal = await ledger.get_balance(st.db, principal.account_id)
     return data_response(request, bal.as_json())
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's ledger entries, newest first: ``{entries, nextCursor}`` (DESIGN.md §9).
+
+    Query: ``limit`` (1..200, default 50), ``cursor`` (a previous
+    ``nextCursor``), ``kind`` (comma-separated or repeated), ``since``
+    (inclusive) and ``until`` (exclusive) as ISO 8601 times. Only the caller's
+    account is ever read.
+    """
+    st = request.app[STATE]
+    principal = await authenticate(request)
+    q = request.query
+    problems: Problems = []
+    for name in _USAGE_PARAMS:
+        if name != "kind" and len(q.getall(name, [])) > 1:
+            problems.append({"path": name, "message": "given more than once"})
+    limit = 50
+    if "limit" in q:
+        limit = parse_int(q["limit"], "limit", problems, low=1, high=MAX_PAGE) or 50
+    cursor = q.get("cursor")
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except ValidationError as e:
+            problems.extend(e.details)
+    kinds = parse_kinds(q.getall("kind", []), ledger.ENTRY_KINDS, problems)
+    since = parse_time(q["since"], "since", problems) if "since" in q else None
+    until = parse_time(q["until"], "until", problems) if "until" in q else None
+    if since is not None and until is not None and since >= until:
+        problems.append({"path": "until", "message": "must be later than since"})
+    if problems:
+        raise ValidationError("The usage query has invalid parameters.", details=problems)
+    page = await ledger.list_entries(
+        st.db,
+        principal.account_id,
+        limit=limit,
+        cursor=cursor,
+        kinds=kinds,
+        since=since,
+        until=until,
+    )
+    return data_response(request, page.as_json())

@@ -28,6 +28,7 @@ class Posted:
     replayed: bool
 
     def as_json(self) -> dict[str, object]:
+        """The entry and the balance right after it: the same for the first call and a replay."""
         return {
             "entryId": str(self.entry_id),
             "accountId": str(self.account_id),
@@ -38,7 +39,6 @@ class Posted:
             "balanceMicros": self.balance,
             "expiresAt": iso(self.expires_at) if self.expires_at else None,
             "createdAt": iso(self.created_at),
-            "replayed": self.replayed,
         }
 
 

@@ -1,0 +1,111 @@
+"""Admin routes: ``POST /api/admin/credits`` (grant or adjust, exactly once per key)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from creditgate import ledger
+from creditgate.auth import require_admin
+from creditgate.errors import ValidationError
+from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.params import Problems, parse_time
+from creditgate.http.state import STATE
+from creditgate.logs import log
+
+_FIELDS = {"account", "amount", "reason", "idempotencyKey", "expiresAt"}
+MAX_REASON = 500
+MAX_KEY = 200
+
+
+def admin_idempotency_key(key: str) -> str:
+    """The ledger key of an admin write: one namespace for the API and the CLI."""
+    return f"admin:{key}"
+
+
+def _text(body: dict[str, Any], name: str, limit: int, problems: Problems) -> str | None:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        problems.append({"path": name, "message": "required: a non-empty string"})
+        return None
+    if len(value) > limit or not value.isprintable():
+        problems.append({"path": name, "message": f"at most {limit} printable characters"})
+        return None
+    return value
+
+
+def parse_amount(value: Any, problems: Problems, path: str = "amount") -> int | None:
+    """Credits (a JSON number or decimal string, ≤ 6 decimals, not 0) as µc."""
+    try:
+        micros = ledger.credits_to_micros(value)
+    except ValueError as e:
+        problems.append({"path": path, "message": str(e)})
+        return None
+    if micros == 0:
+        problems.append({"path": path, "message": "must not be zero"})
+        return None
+    return micros
+
+
+def parse_expiry(value: Any, amount: int | None, problems: Problems) -> datetime | None:
+    """``expiresAt``: only on a grant, and in the future."""
+    if value is None:
+        return None
+    when = parse_time(value, "expiresAt", problems)
+    if when is None:
+        return None
+    if amount is not None and amount < 0:
+        problems.append({"path": "expiresAt", "message": "only a grant (amount > 0) can expire"})
+    if when <= datetime.now(UTC):
+        problems.append({"path": "expiresAt", "message": "must be in the future"})
+    return when
+
+
+async def credits(request: web.Request) -> web.Response:
+    """Grant (amount > 0, optionally expiring) or adjust down (amount < 0) an account's credits.
+
+    Body ``{account, amount, reason, idempotencyKey, expiresAt?}``; ``account``
+    is an account id or its Clerk user/org id. Answers 201 with the entry and
+    the balance right after it. The same key and body again answers the same
+    (header ``Idempotent-Replayed: true``) and writes nothing; the same key
+    with another body is a 409; an adjustment the account cannot cover a 402.
+    """
+    st = request.app[STATE]
+    await require_admin(request)
+    body = await read_json_object(request)
+    problems: Problems = [
+        {"path": name, "message": "unknown field"} for name in sorted(set(body) - _FIELDS)
+    ]
+    ref = _text(body, "account", 255, problems)
+    amount = parse_amount(body.get("amount"), problems)
+    reason = _text(body, "reason", MAX_REASON, problems)
+    key = _text(body, "idempotencyKey", MAX_KEY, problems)
+    expires_at = parse_expiry(body.get("expiresAt"), amount, problems)
+    if problems:
+        raise ValidationError("The credits request is invalid.", details=problems)
+    assert ref is not None and amount is not None and reason is not None and key is not None
+    account = await ledger.resolve_account(st.db, ref)
+    posted = await ledger.post_entry(
+        st.db,
+        account_id=account.id,
+        amount=amount,
+        kind="grant" if amount > 0 else "adjustment",
+        idempotency_key=admin_idempotency_key(key),
+        reason=reason,
+        expires_at=expires_at,
+    )
+    log.info(
+        "admin credits posted",
+        extra={
+            "account_id": str(account.id),
+            "entry_id": str(posted.entry_id),
+            "amount_micros": posted.amount,
+            "replayed": posted.replayed,
+        },
+    )
+    response = data_response(request, posted.as_json(), status=201)
+    if posted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
