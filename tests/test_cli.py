@@ -145,3 +145,95 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
     # The embedded Postgres stopped with it.
     time.sleep(0.5)
     assert not (tmp_path / "dev" / "pg" / "postmaster.pid").exists()
+
+
+def test_expiring_grant_overdraft_and_usage_commands(services: Services) -> None:
+    user = f"user_{uuid.uuid4().hex}"
+    code, acct = run(services, "accounts", "create", "--user", user)
+    assert code == 0
+    code, grant = run(
+        services, "credits", "grant", user, "5", "--reason", "trial", "--expires-at", "2999-01-01"
+    )
+    assert code == 0 and grant["expiresAt"] == "2999-01-01T00:00:00Z"
+    code, err = run(
+        services, "credits", "grant", user, "5", "--reason", "t", "--expires-at", "2001-01-01"
+    )
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+
+    code, od = run(services, "accounts", "set-overdraft", user, "2.5")
+    assert code == 0 and od["overdraftLimitMicros"] == 2_500_000
+    assert od["accountId"] == acct["id"]
+    code, err = run(services, "accounts", "set-overdraft", user, "-1")
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+    # The overdraft lets an adjustment go below zero, down to the limit and no further.
+    code, adj = run(services, "credits", "grant", user, "-7", "--reason", "fix")
+    assert code == 0 and adj["balanceMicros"] == -2_000_000
+    code, err = run(services, "credits", "grant", user, "-0.6", "--reason", "fix")
+    assert code == 1 and err["error"]["code"] == "INSUFFICIENT_CREDITS"
+    code, err = run(services, "accounts", "set-overdraft", user, "1")
+    assert code == 1 and err["error"]["code"] == "CONFLICT"
+
+    code, page = run(services, "usage", user, "--limit", "1")
+    assert code == 0 and [e["kind"] for e in page["entries"]] == ["adjustment"]
+    code, rest = run(services, "usage", user, "--cursor", page["nextCursor"], "--kind", "grant")
+    assert code == 0 and [e["amountMicros"] for e in rest["entries"]] == [5_000_000]
+    assert rest["nextCursor"] is None
+    code, err = run(services, "usage", user, "--limit", "500")
+    assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_verify_reports_a_tampered_ledger_and_exits_1(services: Services) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from creditgate import ledger, migrations
+    from tests.conftest import _admin_url
+
+    name = f"cg_verify_{uuid.uuid4().hex[:10]}"
+    url = _admin_url(services.database_url, name)
+
+    async def tamper() -> None:
+        admin = await asyncpg.connect(services.database_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(url)
+        try:
+            await migrations.migrate(conn)
+            acct = await ledger.ensure_account(conn, "user", "user_tampered")
+            await ledger.post_entry(
+                conn,
+                account_id=acct.id,
+                amount=5_000_000,
+                kind="grant",
+                idempotency_key="t",
+                reason="t",
+            )
+            # What only a superuser bypassing the schema could do.
+            await conn.execute(
+                "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only"
+            )
+            await conn.execute("UPDATE ledger_entries SET amount = 6000000")
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(services.database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(tamper())
+    try:
+        code, report = run(Services(url, services.redis_url), "verify")
+    finally:
+        asyncio.run(drop())
+    assert code == 1 and report["ok"] is False
+    assert report["error"]["code"] == "LEDGER_MISMATCH"
+    problems = {p["problem"].split(" (")[0] for p in report["problems"]}
+    assert any(p.startswith("balance row differs") for p in problems)
+    assert any(p.startswith("running balance broken") for p in problems)
+    assert any(p.startswith("an invariant's trigger is missing") for p in problems)
