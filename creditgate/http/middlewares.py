@@ -36,6 +36,9 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.OperatorInterventionError,
+    # A session cut mid-statement can leave asyncpg's protocol mid-operation;
+    # releasing it then raises this (asyncpg issue #784) and the pool drops it.
+    asyncpg.InternalClientError,
 )
 
 
