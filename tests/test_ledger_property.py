@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from creditgate import ledger
 from creditgate.errors import Conflict, InsufficientCredits
+from creditgate.ledger.group_commit import GroupCommit
 from tests.conftest import Services
 
 N_ACCOUNTS = 2
@@ -105,6 +106,14 @@ steps = st.one_of(
     st.tuples(st.just("expire_holds")),
     st.tuples(st.just("replay"), pick, st.booleans()),
     st.tuples(st.just("overdraft"), account_ix, st.integers(0, 800)),
+    # Group commit: calls at once through GroupCommit (first alone, the rest batched).
+    st.tuples(
+        st.just("burst_reserve"), account_ix, st.lists(st.integers(0, 600), min_size=2, max_size=6)
+    ),
+    st.tuples(
+        st.just("burst_settle"),
+        st.lists(st.tuples(pick, st.integers(0, 900)), min_size=2, max_size=6),
+    ),
 )
 
 
@@ -184,20 +193,40 @@ class Run:
             )
         )
 
+    def _model_reserve(self, ix: int, hold_id: uuid.UUID, amount: int, ttl: int) -> bool:
+        a = self.accounts[ix]
+        if a.available - amount < -a.overdraft:
+            return False
+        a.reserved += amount
+        self.holds.append(MHold(hold_id, ix, amount, ttl))
+        return True
+
     async def reserve(self, ix: int, amount: int, ttl: int) -> None:
         a = self.accounts[ix]
         hold_id = uuid.uuid4()
-        fits = a.available - amount >= -a.overdraft
         try:
             await ledger.reserve_hold(
                 self.conn, hold_id=hold_id, account_id=a.id, amount=amount, ttl_seconds=ttl
             )
+            done = True
         except InsufficientCredits:
-            assert not fits
-            return
-        assert fits
-        a.reserved += amount
-        self.holds.append(MHold(hold_id, ix, amount, ttl))
+            done = False
+        assert done == self._model_reserve(ix, hold_id, amount, ttl)
+
+    async def burst_reserve(self, ix: int, amounts: list[int]) -> None:
+        # Batched reserves give what the calls one by one, in arrival order, would.
+        gc = GroupCommit(self.conn, lanes=1)
+        ids = [uuid.uuid4() for _ in amounts]
+        got = await asyncio.gather(
+            *(
+                gc.reserve(hold_id=i, account_id=self.accounts[ix].id, amount=a, ttl_seconds=3600)
+                for i, a in zip(ids, amounts, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        for i, a, g in zip(ids, amounts, got, strict=True):
+            assert (not isinstance(g, BaseException)) == self._model_reserve(ix, i, a, 3600), g
+            assert not isinstance(g, BaseException) or isinstance(g, InsufficientCredits), g
 
     async def reserve_again(self, i: int) -> None:
         if not self.holds:
@@ -212,20 +241,13 @@ class Run:
         )
         assert got.id == h.id  # a repeat: the same hold, nothing more reserved
 
-    async def settle(self, i: int, cost: int) -> None:
-        if not self.holds:
-            return
-        h = self.holds[i % len(self.holds)]
+    def _model_settle(self, h: MHold, cost: int) -> tuple[int, int] | type[Exception]:
+        """(debited, uncollected) of settling ``h`` now, or the error it raises."""
         a = self.accounts[h.account]
-        usage = ledger.Usage(1, 1, cost)
         if h.state == "released":
-            with pytest.raises(Conflict):
-                await ledger.settle_hold(self.conn, h.id, usage)
-            return
-        s = await ledger.settle_hold(self.conn, h.id, usage)
+            return Conflict
         if h.result is not None:  # a repeat: the first result, nothing written
-            assert (s.entry_id, s.debited, s.uncollected, s.replayed) == (*h.result, True)
-            return
+            return h.result[1], h.result[2]
         if h.state == "live":
             debit = min(cost, a.available + h.amount + a.overdraft)
             a.reserved -= h.amount
@@ -235,8 +257,75 @@ class Run:
             debit = max(0, min(cost, a.available + a.overdraft))
         a.balance -= debit
         a.consume(debit)
-        h.result = (s.entry_id, debit, cost - debit)
-        assert (s.debited, s.uncollected, s.replayed) == (debit, cost - debit, False)
+        h.result = (uuid.UUID(int=0), debit, cost - debit)  # entry id filled in by the caller
+        return debit, cost - debit
+
+    def _check_settlement(self, h: MHold, fresh: bool, got: Any, want: Any) -> None:
+        if want is Conflict:
+            assert isinstance(got, Conflict), got
+            return
+        assert not isinstance(got, BaseException), got
+        assert (got.debited, got.uncollected, got.replayed) == (*want, not fresh)
+        if fresh:
+            assert h.result is not None
+            h.result = (got.entry_id, *want)
+        else:
+            assert h.result is not None and got.entry_id == h.result[0]
+
+    async def settle(self, i: int, cost: int) -> None:
+        if not self.holds:
+            return
+        h = self.holds[i % len(self.holds)]
+        fresh = h.result is None and h.state != "released"
+        want = self._model_settle(h, cost)
+        try:
+            got: Any = await ledger.settle_hold(self.conn, h.id, ledger.Usage(1, 1, cost))
+        except Conflict as e:
+            got = e
+        self._check_settlement(h, fresh, got, want)
+
+    async def burst_settle(self, picks: list[tuple[int, int]]) -> None:
+        if not self.holds:
+            return
+        chosen: dict[uuid.UUID, tuple[MHold, int]] = {}
+        for i, cost in picks:
+            h = self.holds[i % len(self.holds)]
+            chosen.setdefault(h.id, (h, cost))
+        calls = list(chosen.values())
+        if len(calls) < 2:
+            return
+        gc = GroupCommit(self.conn, lanes=1)
+        got = await asyncio.gather(
+            *(gc.settle(h.id, ledger.Usage(1, 1, cost)) for h, cost in calls),
+            return_exceptions=True,
+        )
+        results = dict(zip([h.id for h, _ in calls], got, strict=True))
+
+        def apply(h: MHold, cost: int) -> None:
+            fresh = h.result is None and h.state != "released"
+            self._check_settlement(h, fresh, results[h.id], self._model_settle(h, cost))
+
+        # The documented order: the first call alone; of the rest, the live holds
+        # of accounts where no debit would be capped settle in one batch, then
+        # every other call one by one — each group in arrival order.
+        first, rest = calls[0], calls[1:]
+        apply(*first)
+        batched: list[tuple[MHold, int]] = []
+        if len(rest) > 1:
+            by_account: dict[int, list[tuple[MHold, int]]] = {}
+            for c in rest:
+                if c[0].state == "live":
+                    by_account.setdefault(c[0].account, []).append(c)
+            for ix, group in by_account.items():
+                a = self.accounts[ix]
+                room, run_cost, run_held, ok = a.available + a.overdraft, 0, 0, True
+                for h, cost in group:
+                    run_cost, run_held = run_cost + cost, run_held + h.amount
+                    ok = ok and run_cost <= room + run_held
+                if ok:
+                    batched.extend(group)
+        for c in [c for c in rest if c in batched] + [c for c in rest if c not in batched]:
+            apply(*c)
 
     async def release(self, i: int) -> None:
         if not self.holds:

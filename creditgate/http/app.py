@@ -19,6 +19,7 @@ from creditgate.http import admin, health, keys, orgs, user
 from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_EXPIRED, metrics_route
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.state import STATE, State
+from creditgate.ledger.group_commit import GroupCommit
 from creditgate.logs import log
 from creditgate.proxy import routes as proxy
 from creditgate.proxy.upstream import UpstreamClient
@@ -71,6 +72,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_size=20,
         server_settings={"application_name": "creditgate"},
     )
+    st.holds = GroupCommit(st.db, max_batch=s.config.group_commit_max_batch)
     async with st.db.acquire() as conn:
         # Refuses to start on an edited applied migration; pending ones only
         # make /ready answer 503 until `creditgate migrate` has run.

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from creditgate.auth import ApiKeyAuth
 from creditgate.config import Settings
+from creditgate.ledger.group_commit import GroupCommit
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import LimitsCache, Throttle
 
@@ -19,6 +20,7 @@ class State:
     settings: Settings
     # Made in the app's startup (http.app._resources):
     db: asyncpg.Pool = field(init=False)
+    holds: GroupCommit = field(init=False)  # reserve/settle with group commit, on db
     redis: aioredis.Redis = field(init=False)
     throttle: Throttle = field(init=False)
     limits: LimitsCache = field(init=False)

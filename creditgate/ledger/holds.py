@@ -111,7 +111,8 @@ async def reserve_hold(
     )
 
 
-def _settle_fingerprint(usage: Usage) -> bytes:
+def settle_fingerprint(usage: Usage) -> bytes:
+    """What identifies a settlement's request (stored on its debit entry)."""
     text = f"settle|{usage.cost}|{usage.input_tokens}|{usage.output_tokens}|{usage.estimated}"
     return hashlib.sha256(text.encode()).digest()
 
@@ -186,7 +187,7 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
     ``uncollected`` on the entry.
     """
     assert usage.cost >= 0 and usage.input_tokens >= 0 and usage.output_tokens >= 0, usage
-    fingerprint = _settle_fingerprint(usage)
+    fingerprint = settle_fingerprint(usage)
     entry_id = uuid.uuid4()
     args = (
         hold_id,

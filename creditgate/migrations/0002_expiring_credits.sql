@@ -105,6 +105,15 @@ DECLARE
     live bigint;
     lot  record;
 BEGIN
+    -- The common case, kept cheap: a debit of an account without live lots.
+    -- (Reading without a lock is safe: every writer of this account holds its
+    -- balance row lock, so no lot appears or changes while this entry's
+    -- statement runs; this query's fresh snapshot sees every committed one.)
+    IF NEW.amount < 0 AND NEW.kind <> 'expiry' AND NOT EXISTS (
+        SELECT 1 FROM credit_lots WHERE account_id = NEW.account_id AND remaining > 0
+    ) THEN
+        RETURN NULL;
+    END IF;
     -- Already held by the writing statement; taken again so the allocation is
     -- serialised per account whatever wrote the entry.
     PERFORM 1 FROM account_balances WHERE account_id = NEW.account_id FOR UPDATE;
@@ -151,3 +160,19 @@ CREATE TRIGGER ledger_entries_allocate_lots
     AFTER INSERT ON ledger_entries
     FOR EACH ROW WHEN (NEW.amount < 0 OR NEW.expires_at IS NOT NULL)
     EXECUTE FUNCTION creditgate_allocate_lots();
+
+-- The hold trigger of 0001, unchanged in effect, now tested in its WHEN clause:
+-- a legal end (the only change on the hot path) no longer calls PL/pgSQL.
+-- Measured: about a fifth of the server CPU of a reserve+settle pair.
+DROP TRIGGER holds_end_once ON holds;
+CREATE TRIGGER holds_end_once
+    BEFORE UPDATE ON holds
+    FOR EACH ROW
+    WHEN (OLD.ended_at IS NOT NULL
+          OR NEW.ended_at IS NULL
+          OR (NEW.id, NEW.account_id, NEW.amount, NEW.request_id, NEW.model,
+              NEW.created_at, NEW.expires_at)
+             IS DISTINCT FROM
+             (OLD.id, OLD.account_id, OLD.amount, OLD.request_id, OLD.model,
+              OLD.created_at, OLD.expires_at))
+    EXECUTE FUNCTION creditgate_hold_end_once();

@@ -86,9 +86,8 @@ class MeteredCall:
         finishing = asyncio.ensure_future(self.st.throttle.finish(self.admission, tokens))
         started = time.perf_counter()
         try:
-            settlement = await asyncio.shield(
-                ledger.settle_hold(self.st.db, self.hold.id, measured)
-            )
+            # Group commit (ledger.group_commit): batched with concurrent settles.
+            settlement = await asyncio.shield(self.st.holds.settle(self.hold.id, measured))
         finally:
             await finishing
         LEDGER_LATENCY.labels("settle").observe(time.perf_counter() - started)

@@ -29,7 +29,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from creditgate import ledger
 from creditgate.auth import authenticate
 from creditgate.errors import ModelNotFound
 from creditgate.http.envelope import json_response, read_json_object
@@ -67,8 +66,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     try:
         started = time.perf_counter()
-        hold = await ledger.reserve_hold(
-            st.db,
+        hold = await st.holds.reserve(
             hold_id=uuid.uuid4(),
             account_id=principal.account_id,
             amount=cost_micros(

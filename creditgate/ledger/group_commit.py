@@ -1,0 +1,333 @@
+"""Group commit: concurrent reserves (and settles) of one process share one statement.
+
+Under load most of a reserve or settle is fixed cost — a round trip, a
+statement, a commit with its WAL flush, and, for a hot account, the wait for
+its balance row lock, which is held through that flush. ``GroupCommit``
+queues the calls that arrive while earlier ones are in flight and runs each
+queue as one multi-row statement (BENCHMARKS.md: about 4× less CPU per pair).
+With no queue (light load) a call runs at once, as the plain one-statement
+``reserve_hold`` / ``settle_hold``: batching adds no latency of its own.
+
+A batch never weakens an invariant, and its results are those of running its
+calls one by one — the batched ones first, then the others, each group in
+arrival order:
+
+* reserve: per account, the longest prefix (arrival order) that fits the
+  available balance is reserved in one statement; every other call is then
+  retried alone, so a call is refused (402) only if it did not fit on its own.
+* settle: accounts where no debit would be capped (every running total of
+  costs fits the available balance plus the running total of holds released)
+  are settled in one statement; the others, and holds no longer live
+  (replays, released, expired), go through ``settle_hold`` one by one.
+* any constraint failure of a batch (a repeated hold id, the CHECK, a
+  deadlock) runs all its calls alone; the database constraints — the CHECK on
+  the balance row, one debit per hold, holds ended once — apply to batches
+  exactly as to single statements.
+
+Lock order is the single statements': a hold row before its account's balance
+row, balance rows in account id order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from creditgate.ledger.db import Db
+from creditgate.ledger.holds import (
+    Hold,
+    Settlement,
+    Usage,
+    release_hold,
+    reserve_hold,
+    settle_fingerprint,
+    settle_hold,
+)
+from creditgate.logs import log
+
+# Failures of a batch's data (not of the connection): its calls are retried alone.
+_RETRY_ALONE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
+
+_RESERVE_BATCH = """
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
+                         $6::integer[])
+        WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, ord)
+),
+bal AS (
+    SELECT account_id, balance - reserved + overdraft_limit AS room
+    FROM account_balances
+    WHERE account_id = ANY($2::uuid[])
+    ORDER BY account_id
+    FOR UPDATE
+),
+fits AS (
+    SELECT r.*,
+           SUM(r.amount) OVER (PARTITION BY r.account_id ORDER BY r.ord) <= b.room AS ok
+    FROM req r JOIN bal b USING (account_id)
+),
+taken AS (
+    UPDATE account_balances a
+    SET reserved = a.reserved + s.total, updated_at = now()
+    FROM (SELECT account_id, SUM(amount) AS total FROM fits WHERE ok GROUP BY account_id) s
+    WHERE a.account_id = s.account_id
+)
+INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
+SELECT hold_id, account_id, amount, request_id, model, now() + ttl * interval '1 second'
+FROM fits WHERE ok
+RETURNING id
+"""
+
+_SETTLE_BATCH = """
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::bytea[], $5::integer[],
+                         $6::integer[], $7::boolean[])
+        WITH ORDINALITY AS r(hold_id, cost, entry_id, fingerprint, input_tokens,
+                             output_tokens, estimated, ord)
+),
+live AS (
+    SELECT r.*, h.account_id, h.amount AS held, h.request_id, h.model
+    FROM req r JOIN holds h ON h.id = r.hold_id
+    WHERE h.ended_at IS NULL
+    ORDER BY h.id
+    FOR UPDATE OF h
+),
+bal AS (
+    -- The array is an InitPlan: every hold of the batch is locked before the
+    -- first balance row is (the single statements' order: hold, then balance).
+    SELECT account_id, balance, balance - reserved + overdraft_limit AS room
+    FROM account_balances
+    WHERE account_id = ANY(ARRAY(SELECT account_id FROM live))
+    ORDER BY account_id
+    FOR UPDATE
+),
+plan AS (
+    SELECT l.*, b.balance, b.room,
+           SUM(l.cost) OVER w AS run_cost,
+           SUM(l.held) OVER w AS run_held
+    FROM live l JOIN bal b USING (account_id)
+    WINDOW w AS (PARTITION BY l.account_id ORDER BY l.ord)
+),
+go AS (
+    SELECT * FROM plan
+    WHERE account_id IN (
+        SELECT account_id FROM plan GROUP BY account_id
+        HAVING bool_and(run_cost <= room + run_held)
+    )
+),
+ended AS (
+    -- Locked by live, so every hold of go is ended here.
+    UPDATE holds SET outcome = 'settled', ended_at = now()
+    FROM go
+    WHERE holds.id = go.hold_id
+),
+debits AS (
+    INSERT INTO ledger_entries
+        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id,
+         model, input_tokens, output_tokens, estimated, uncollected, balance_after)
+    SELECT entry_id, account_id, 'debit', -cost, 'hold:' || hold_id::text, fingerprint,
+           hold_id, request_id, model, input_tokens, output_tokens, estimated, 0,
+           balance - run_cost
+    FROM go
+    ORDER BY account_id, ord
+    RETURNING hold_id
+)
+UPDATE account_balances a
+SET balance = a.balance - s.cost, reserved = a.reserved - s.held, updated_at = now()
+FROM (SELECT account_id, SUM(cost) AS cost, SUM(held) AS held FROM go GROUP BY account_id) s
+WHERE a.account_id = s.account_id
+RETURNING (SELECT array_agg(hold_id) FROM debits) AS settled
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reserve:
+    hold_id: uuid.UUID
+    account_id: uuid.UUID
+    amount: int
+    ttl_seconds: int
+    request_id: str | None
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    hold_id: uuid.UUID
+    usage: Usage
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Queue(Generic[T, R]):
+    """Calls waiting for a batch, and at most ``lanes`` batches running at once."""
+
+    def __init__(
+        self,
+        run: Callable[[list[tuple[T, asyncio.Future[R]]]], Awaitable[None]],
+        lanes: int,
+        max_batch: int,
+    ) -> None:
+        self._run = run
+        self._lanes = lanes
+        self._max_batch = max_batch
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self._waiting and self._running < self._lanes:
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            self._running += 1
+            task = asyncio.create_task(self._lane(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _lane(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            await self._run(batch)
+        except Exception as e:  # the connection failed: every call of the batch fails
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+        finally:
+            self._running -= 1
+            self._dispatch()
+
+
+async def _answer(future: asyncio.Future[R], call: Callable[[], Awaitable[R]]) -> None:
+    """Run one call alone and give its result (or error) to its caller."""
+    try:
+        result = await call()
+    except Exception as e:
+        if not future.done():
+            future.set_exception(e)
+    else:
+        if not future.done():
+            future.set_result(result)
+
+
+class GroupCommit:
+    """``reserve_hold`` and ``settle_hold`` with group commit, for one process's pool.
+
+    ``lanes`` bounds how many batches (so pool connections) run at once per
+    kind; calls arriving while all lanes are busy wait for the next batch.
+    """
+
+    def __init__(self, pool: Db, *, lanes: int = 4, max_batch: int = 64) -> None:
+        # A single connection works too, with lanes=1 (one statement at a time).
+        assert lanes == 1 or isinstance(pool, asyncpg.Pool), "several lanes need a pool"
+        self._pool = pool
+        self.batched_calls = 0  # calls done by a multi-row statement
+        self.alone_calls = 0  # calls done by the one-statement functions
+        self._reserves: _Queue[_Reserve, Hold] = _Queue(self._run_reserves, lanes, max_batch)
+        self._settles: _Queue[_Settle, Settlement] = _Queue(self._run_settles, lanes, max_batch)
+
+    async def reserve(
+        self,
+        *,
+        hold_id: uuid.UUID,
+        account_id: uuid.UUID,
+        amount: int,
+        ttl_seconds: int,
+        request_id: str | None = None,
+        model: str | None = None,
+    ) -> Hold:
+        """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold)."""
+        assert amount >= 0, amount
+        return await self._reserves.submit(
+            _Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model)
+        )
+
+    async def settle(self, hold_id: uuid.UUID, usage: Usage) -> Settlement:
+        """As ``settle_hold`` (exactly once; a repeat returns the first settlement)."""
+        assert usage.cost >= 0 and usage.input_tokens >= 0 and usage.output_tokens >= 0, usage
+        return await self._settles.submit(_Settle(hold_id, usage))
+
+    # ------------------------------------------------------------ reserve
+
+    async def _reserve_alone(self, r: _Reserve) -> Hold:
+        self.alone_calls += 1
+        return await reserve_hold(
+            self._pool,
+            hold_id=r.hold_id,
+            account_id=r.account_id,
+            amount=r.amount,
+            ttl_seconds=r.ttl_seconds,
+            request_id=r.request_id,
+            model=r.model,
+        )
+
+    async def _run_reserves(self, batch: list[tuple[_Reserve, asyncio.Future[Hold]]]) -> None:
+        reserved: set[uuid.UUID] = set()
+        if len(batch) > 1:
+            items = [r for r, _ in batch]
+            try:
+                rows = await self._pool.fetch(
+                    _RESERVE_BATCH,
+                    [r.hold_id for r in items],
+                    [r.account_id for r in items],
+                    [r.amount for r in items],
+                    [r.request_id for r in items],
+                    [r.model for r in items],
+                    [r.ttl_seconds for r in items],
+                )
+                reserved = {row["id"] for row in rows}
+                self.batched_calls += len(reserved)
+            except _RETRY_ALONE:
+                log.info("reserve batch retried call by call", extra={"size": len(batch)})
+        for r, future in batch:
+            if future.cancelled():  # the caller is gone: it must not keep credits held
+                if r.hold_id in reserved:
+                    await release_hold(self._pool, r.hold_id)
+            elif r.hold_id in reserved:
+                future.set_result(Hold(r.hold_id, r.account_id, r.amount))
+            else:
+                await _answer(future, functools.partial(self._reserve_alone, r))
+
+    # ------------------------------------------------------------ settle
+
+    async def _run_settles(self, batch: list[tuple[_Settle, asyncio.Future[Settlement]]]) -> None:
+        settled: set[uuid.UUID] = set()
+        entry_ids = {s.hold_id: uuid.uuid4() for s, _ in batch}
+        if len(batch) > 1 and len(entry_ids) == len(batch):
+            items = [s for s, _ in batch]
+            try:
+                row = await self._pool.fetchrow(
+                    _SETTLE_BATCH,
+                    [s.hold_id for s in items],
+                    [s.usage.cost for s in items],
+                    [entry_ids[s.hold_id] for s in items],
+                    [settle_fingerprint(s.usage) for s in items],
+                    [s.usage.input_tokens for s in items],
+                    [s.usage.output_tokens for s in items],
+                    [s.usage.estimated for s in items],
+                )
+                settled = set(row["settled"] or ()) if row is not None else set()
+                self.batched_calls += len(settled)
+            except _RETRY_ALONE:
+                log.info("settle batch retried call by call", extra={"size": len(batch)})
+        for s, future in batch:
+            if s.hold_id in settled:
+                if not future.done():
+                    future.set_result(
+                        Settlement(entry_ids[s.hold_id], s.usage.cost, 0, replayed=False)
+                    )
+            else:  # runs even for a caller gone: a call's charge is never dropped
+                self.alone_calls += 1
+                alone = functools.partial(settle_hold, self._pool, s.hold_id, s.usage)
+                await _answer(future, alone)
