@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from creditgate.errors import Conflict, NotFound, ValidationError
-from creditgate.ledger.db import Db
+from creditgate.ledger.db import Db, transaction
 from creditgate.ledger.money import micros_to_credits
 
 KINDS = ("user", "org")
@@ -130,12 +130,18 @@ async def set_overdraft_limit(db: Db, account_id: uuid.UUID, limit: int) -> int:
     """
     assert limit >= 0, limit
     try:
-        row = await db.fetchrow(
-            "UPDATE account_balances SET overdraft_limit = $2, updated_at = now()"
-            " WHERE account_id = $1 RETURNING overdraft_limit",
-            account_id,
-            limit,
-        )
+        # Locked first, so the UPDATE's snapshot is the row's latest version and
+        # the CHECK judges the limit against what the account uses now.
+        async with transaction(db) as conn:
+            await conn.execute(
+                "SELECT 1 FROM account_balances WHERE account_id = $1 FOR UPDATE", account_id
+            )
+            row = await conn.fetchrow(
+                "UPDATE account_balances SET overdraft_limit = $2, updated_at = now()"
+                " WHERE account_id = $1 RETURNING overdraft_limit",
+                account_id,
+                limit,
+            )
     except asyncpg.CheckViolationError as e:
         if e.constraint_name != "available_within_overdraft":
             raise

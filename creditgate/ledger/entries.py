@@ -49,10 +49,12 @@ def iso(when: datetime) -> str:
 
 # The balance row is locked (b) before the entry is inserted from it, so every
 # entry of an account gets its seq and balance_after under that account's lock:
-# per account, seq order is commit order and balance_after chains exactly.
+# per account, seq order is commit order and balance_after chains exactly. The
+# UPDATE sets the CHECK's columns from b (see holds._SETTLE for why).
 _POST = """
 WITH b AS (
-    SELECT account_id, balance FROM account_balances WHERE account_id = $2 FOR UPDATE
+    SELECT account_id, balance, reserved, overdraft_limit FROM account_balances
+    WHERE account_id = $2 FOR UPDATE
 ),
 e AS (
     INSERT INTO ledger_entries
@@ -63,8 +65,9 @@ e AS (
     RETURNING account_id, amount, created_at
 )
 UPDATE account_balances a
-SET balance = a.balance + e.amount, updated_at = now()
-FROM e
+SET balance = b.balance + e.amount, reserved = b.reserved,
+    overdraft_limit = b.overdraft_limit, updated_at = now()
+FROM e, b
 WHERE a.account_id = e.account_id
 RETURNING a.balance, e.created_at
 """

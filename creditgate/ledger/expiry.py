@@ -30,7 +30,7 @@ WITH e AS (
     RETURNING account_id, amount
 )
 UPDATE account_balances a
-SET balance = a.balance + e.amount, updated_at = now()
+SET balance = $7 - $3, updated_at = now()
 FROM e
 WHERE a.account_id = e.account_id
 RETURNING -e.amount

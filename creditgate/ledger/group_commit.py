@@ -61,7 +61,8 @@ WITH req AS (
         WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, ord)
 ),
 bal AS (
-    SELECT account_id, balance - reserved + overdraft_limit AS room
+    SELECT account_id, balance, reserved, overdraft_limit,
+           balance - reserved + overdraft_limit AS room
     FROM account_balances
     WHERE account_id = ANY($2::uuid[])
     ORDER BY account_id
@@ -73,9 +74,12 @@ fits AS (
     FROM req r JOIN bal b USING (account_id)
 ),
 taken AS (
+    -- The CHECK's columns from the locked rows, never from the snapshot (holds._SETTLE).
     UPDATE account_balances a
-    SET reserved = a.reserved + s.total, updated_at = now()
+    SET reserved = b.reserved + s.total, balance = b.balance,
+        overdraft_limit = b.overdraft_limit, updated_at = now()
     FROM (SELECT account_id, SUM(amount) AS total FROM fits WHERE ok GROUP BY account_id) s
+    JOIN bal b USING (account_id)
     WHERE a.account_id = s.account_id
 )
 INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
@@ -101,7 +105,8 @@ live AS (
 bal AS (
     -- The array is an InitPlan: every hold of the batch is locked before the
     -- first balance row is (the single statements' order: hold, then balance).
-    SELECT account_id, balance, balance - reserved + overdraft_limit AS room
+    SELECT account_id, balance, reserved, overdraft_limit,
+           balance - reserved + overdraft_limit AS room
     FROM account_balances
     WHERE account_id = ANY(ARRAY(SELECT account_id FROM live))
     ORDER BY account_id
@@ -139,8 +144,10 @@ debits AS (
     RETURNING hold_id
 )
 UPDATE account_balances a
-SET balance = a.balance - s.cost, reserved = a.reserved - s.held, updated_at = now()
+SET balance = b.balance - s.cost, reserved = b.reserved - s.held,
+    overdraft_limit = b.overdraft_limit, updated_at = now()
 FROM (SELECT account_id, SUM(cost) AS cost, SUM(held) AS held FROM go GROUP BY account_id) s
+JOIN bal b USING (account_id)
 WHERE a.account_id = s.account_id
 RETURNING (SELECT array_agg(hold_id) FROM debits) AS settled
 """

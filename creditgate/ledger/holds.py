@@ -119,8 +119,13 @@ def settle_fingerprint(usage: Usage) -> bytes:
 
 # End the hold, debit the actual cost (capped so available stays within the
 # overdraft limit), release the rest of the reservation — in one statement.
-# The FOR UPDATE read of the balance row makes the cap and the update see the
-# same row version.
+# The FOR UPDATE read of the balance row (b) returns its latest version, and
+# the UPDATE sets every column of the CHECK from b, never from its own `a`:
+# under READ COMMITTED, PostgreSQL checks constraints on the row computed from
+# the statement's *snapshot* version before it notices a concurrent update and
+# recomputes — so `balance = a.balance - debit` (snapshot balance, fresh debit)
+# can fail the CHECK although the final row would pass (found by
+# tests/test_group_commit.py, a settle over its hold on a busy account).
 _SETTLE = """
 WITH h AS (
     UPDATE holds SET outcome = 'settled', ended_at = now()
@@ -128,7 +133,7 @@ WITH h AS (
     RETURNING account_id, amount, request_id, model
 ),
 b AS (
-    SELECT a.account_id, a.balance, h.amount AS held,
+    SELECT a.account_id, a.balance, a.reserved, a.overdraft_limit, h.amount AS held,
            LEAST($2::bigint, a.balance - a.reserved + h.amount + a.overdraft_limit) AS debit
     FROM account_balances a JOIN h ON a.account_id = h.account_id
     FOR UPDATE OF a
@@ -143,20 +148,22 @@ e AS (
     RETURNING account_id, amount
 )
 UPDATE account_balances a
-SET balance = a.balance + e.amount, reserved = a.reserved - b.held, updated_at = now()
+SET balance = b.balance - b.debit, reserved = b.reserved - b.held,
+    overdraft_limit = b.overdraft_limit, updated_at = now()
 FROM e, b
 WHERE a.account_id = e.account_id
-RETURNING -e.amount AS debited
+RETURNING b.debit AS debited
 """
 
 # A hold the sweeper expired while its call was still running: the call's
-# usage is real, so it is debited anyway (nothing is reserved any more).
+# usage is real, so it is debited anyway (nothing is reserved any more). The
+# UPDATE sets the CHECK's columns from b, as _SETTLE does.
 _LATE_DEBIT = """
 WITH h AS (
     SELECT account_id, request_id, model FROM holds WHERE id = $1 AND outcome = 'expired'
 ),
 b AS (
-    SELECT a.account_id, a.balance,
+    SELECT a.account_id, a.balance, a.reserved, a.overdraft_limit,
            GREATEST(0, LEAST($2::bigint, a.balance - a.reserved + a.overdraft_limit)) AS debit
     FROM account_balances a JOIN h ON a.account_id = h.account_id
     FOR UPDATE OF a
@@ -171,10 +178,11 @@ e AS (
     RETURNING account_id, amount
 )
 UPDATE account_balances a
-SET balance = a.balance + e.amount, updated_at = now()
-FROM e
+SET balance = b.balance - b.debit, reserved = b.reserved,
+    overdraft_limit = b.overdraft_limit, updated_at = now()
+FROM e, b
 WHERE a.account_id = e.account_id
-RETURNING -e.amount AS debited
+RETURNING b.debit AS debited
 """
 
 
