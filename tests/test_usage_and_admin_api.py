@@ -298,13 +298,18 @@ async def test_admin_credits_validation(
     assert [d["path"] for d in err["details"]] == paths
 
 
-async def test_admin_credits_needs_the_admin_token(api: TestClient, customer_factory: Any) -> None:
+async def test_admin_credits_needs_an_admin(api: TestClient, customer_factory: Any) -> None:
     c = await customer_factory(1)
     body = {"account": str(c.account.id), "amount": 1, "reason": "r", "idempotencyKey": "k"}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, c.auth):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
         resp = await post_credits(api, body, headers)
         assert resp.status == 401, headers
         assert (await resp.json())["error"]["code"] == "UNAUTHORIZED"
+    # A customer's own key authenticates, but is not an admin's.
+    resp = await post_credits(api, body, c.auth)
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "FORBIDDEN"
+    assert (await api.get("/api/user/balance", headers=c.auth)).status == 200
 
 
 async def test_admin_credits_unknown_account_is_404(api: TestClient) -> None:
