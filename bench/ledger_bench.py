@@ -220,7 +220,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=64, help="concurrent reserve+settle callers")
     p.add_argument("--pool-size", type=int, default=20, help="connections (the server's max)")
-    p.add_argument("--lanes", type=int, default=4, help="GroupCommit batches in flight per kind")
+    p.add_argument("--lanes", type=int, default=2, help="GroupCommit batches in flight per kind")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--verify", action="store_true", help="run verify_ledger after each scenario")

@@ -141,6 +141,8 @@ class Config:
     hold_ttl_seconds: int = 900
     # Largest group-commit batch of reserves or settles (1: one statement per call).
     group_commit_max_batch: int = 64
+    # Group-commit batches in flight at once per kind (reserve, settle) per process.
+    group_commit_lanes: int = 2
     max_body_bytes: int = 1024 * 1024
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     shutdown_timeout_seconds: int = 30
@@ -404,7 +406,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         products[pid] = Product(pid, kind, int(micros), tier, plan_name)
 
     ledger = _table(raw.get("ledger", {}), "ledger")
-    _check_keys(ledger, {"hold_ttl_seconds", "group_commit_max_batch"}, "ledger")
+    _check_keys(
+        ledger, {"hold_ttl_seconds", "group_commit_max_batch", "group_commit_lanes"}, "ledger"
+    )
     proxy = _table(raw.get("proxy", {}), "proxy")
     _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
     http = _table(raw.get("http", {}), "http")
@@ -424,6 +428,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         ),
         group_commit_max_batch=_int(
             ledger.get("group_commit_max_batch", 64), "ledger.group_commit_max_batch", minimum=1
+        ),
+        group_commit_lanes=_int(
+            ledger.get("group_commit_lanes", 2), "ledger.group_commit_lanes", minimum=1
         ),
         max_body_bytes=_int(
             http.get("max_body_bytes", 1024 * 1024), "http.max_body_bytes", minimum=1

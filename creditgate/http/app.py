@@ -72,7 +72,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         max_size=20,
         server_settings={"application_name": "creditgate"},
     )
-    st.holds = GroupCommit(st.db, max_batch=s.config.group_commit_max_batch)
+    st.holds = GroupCommit(
+        st.db, lanes=s.config.group_commit_lanes, max_batch=s.config.group_commit_max_batch
+    )
     async with st.db.acquire() as conn:
         # Refuses to start on an edited applied migration; pending ones only
         # make /ready answer 503 until `creditgate migrate` has run.

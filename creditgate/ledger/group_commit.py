@@ -235,7 +235,7 @@ class GroupCommit:
     kind; calls arriving while all lanes are busy wait for the next batch.
     """
 
-    def __init__(self, pool: Db, *, lanes: int = 4, max_batch: int = 64) -> None:
+    def __init__(self, pool: Db, *, lanes: int = 2, max_batch: int = 64) -> None:
         # A single connection works too, with lanes=1 (one statement at a time).
         assert lanes == 1 or isinstance(pool, asyncpg.Pool), "several lanes need a pool"
         self._pool = pool
