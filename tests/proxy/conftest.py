@@ -228,19 +228,22 @@ class Outcome:
 
 
 async def outcome(db: asyncpg.Pool, account_id: uuid.UUID) -> Outcome:
-    bal = await db.fetchrow(
-        "SELECT balance, reserved FROM account_balances WHERE account_id = $1", account_id
-    )
-    holds = await db.fetch(
-        "SELECT coalesce(outcome, 'live') AS o FROM holds WHERE account_id = $1"
-        " ORDER BY created_at",
-        account_id,
-    )
-    debits = await db.fetch(
-        "SELECT -amount AS amount, input_tokens, output_tokens, estimated, uncollected"
-        " FROM ledger_entries WHERE account_id = $1 AND kind = 'debit' ORDER BY seq",
-        account_id,
-    )
+    # One snapshot: read in three statements, a settle committing in between
+    # would show its hold ended and its debit but the balance from before.
+    async with db.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        bal = await conn.fetchrow(
+            "SELECT balance, reserved FROM account_balances WHERE account_id = $1", account_id
+        )
+        holds = await conn.fetch(
+            "SELECT coalesce(outcome, 'live') AS o FROM holds WHERE account_id = $1"
+            " ORDER BY created_at",
+            account_id,
+        )
+        debits = await conn.fetch(
+            "SELECT -amount AS amount, input_tokens, output_tokens, estimated, uncollected"
+            " FROM ledger_entries WHERE account_id = $1 AND kind = 'debit' ORDER BY seq",
+            account_id,
+        )
     return Outcome(
         bal["balance"], bal["reserved"], [h["o"] for h in holds], [Debit(**dict(d)) for d in debits]
     )
