@@ -61,6 +61,17 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query when a pooled connection is released.
+
+    The default sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` — one more round trip after every statement, i.e. two per
+    completion. Pooled connections never carry session state here (no SET,
+    LISTEN, cursors or session-level locks: the exporter's lock has its own
+    connection), and asyncpg still rolls back an unfinished transaction.
+    """
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     st = app[STATE]
     s = st.settings
@@ -71,6 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         min_size=1,
         max_size=20,
         server_settings={"application_name": "creditgate"},
+        reset=_keep_session,
     )
     st.holds = GroupCommit(
         st.db, lanes=s.config.group_commit_lanes, max_batch=s.config.group_commit_max_batch
