@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from creditgate.billing.checkout import POLAR, billing_portal, create_checkout
+from creditgate.billing.checkout import ENDPOINTS, POLAR
 from creditgate.billing.client import make_polar
 from creditgate.billing.export import UsageExporter
 from creditgate.billing.reconcile import run_periodically
@@ -21,13 +21,11 @@ from creditgate.logs import log
 
 
 def setup_billing(app: web.Application) -> None:
-    """Add the billing routes and, when Polar is configured, its client and background tasks."""
+    """When Polar is configured: its client and background tasks (routes: ``ENDPOINTS``)."""
     polar = make_polar(app[STATE].settings)
     if polar is not None:
         app[POLAR] = polar
     app.cleanup_ctx.append(_polar_tasks)
-    app.router.add_post("/api/checkout", create_checkout)
-    app.router.add_post("/api/billing-portal", billing_portal)
 
 
 async def _polar_tasks(app: web.Application) -> AsyncIterator[None]:
@@ -54,4 +52,4 @@ async def _polar_tasks(app: web.Application) -> AsyncIterator[None]:
         await polar.__aexit__(None, None, None)
 
 
-__all__ = ["POLAR", "setup_billing"]
+__all__ = ["ENDPOINTS", "POLAR", "setup_billing"]

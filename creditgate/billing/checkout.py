@@ -25,6 +25,7 @@ from creditgate.billing.client import call_with_retries
 from creditgate.config import PolarConfig
 from creditgate.errors import NotFound, ServiceUnavailable, UpstreamError, ValidationError
 from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.openapi import BOOL, STR, Endpoint, obj
 from creditgate.http.state import STATE
 from creditgate.logs import log
 
@@ -192,3 +193,32 @@ async def billing_portal(request: web.Request) -> web.Response:
     except PolarError as e:
         raise _polar_failed(e) from None
     return data_response(request, {"url": session.customer_portal_url})
+
+
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/checkout",
+        create_checkout,
+        "A Polar checkout for a product (the caller's open one is reused)",
+        "billing",
+        "session",
+        request=obj(
+            {"product": {**STR, "description": "a configured Polar product id"}}, "product"
+        ),
+        response=obj({"url": STR, "checkoutId": STR, "reused": BOOL}, "url", "checkoutId"),
+        also=(200,),
+        status=201,
+        errors=(502, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/billing-portal",
+        billing_portal,
+        "A Polar customer-portal URL for the caller",
+        "billing",
+        "session",
+        response=obj({"url": STR}, "url"),
+        errors=(404, 502, 503),
+    ),
+)

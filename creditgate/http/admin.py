@@ -11,6 +11,18 @@ from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.errors import ValidationError
 from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.openapi import (
+    CREDITS,
+    MICROS,
+    NUM,
+    STR,
+    TIME,
+    UUID,
+    Endpoint,
+    Schema,
+    nullable,
+    obj,
+)
 from creditgate.http.params import Problems, parse_time
 from creditgate.http.state import STATE
 from creditgate.logs import log
@@ -109,3 +121,49 @@ async def credits(request: web.Request) -> web.Response:
     if posted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+POSTED: Schema = obj(
+    {
+        "entryId": UUID,
+        "accountId": UUID,
+        "kind": {"enum": ["grant", "adjustment"]},
+        "amount": CREDITS,
+        "amountMicros": MICROS,
+        "balance": CREDITS,
+        "balanceMicros": MICROS,
+        "expiresAt": nullable(TIME),
+        "createdAt": TIME,
+    },
+    "entryId",
+    "accountId",
+    "kind",
+    "amountMicros",
+    "balanceMicros",
+)
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/admin/credits",
+        credits,
+        "Grant (amount > 0) or adjust down (< 0) an account's credits, once per key",
+        "admin",
+        "admin",
+        request=obj(
+            {
+                "account": {**STR, "description": "account id or Clerk user/org id"},
+                "amount": {"oneOf": [NUM, STR], "description": "credits, at most 6 decimals"},
+                "reason": {**STR, "minLength": 1, "maxLength": MAX_REASON},
+                "idempotencyKey": {**STR, "minLength": 1, "maxLength": MAX_KEY},
+                "expiresAt": nullable(TIME),
+            },
+            "account",
+            "amount",
+            "reason",
+            "idempotencyKey",
+        ),
+        response=POSTED,
+        status=201,
+        errors=(402, 404, 409, 503),
+    ),
+)

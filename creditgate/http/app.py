@@ -11,13 +11,14 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from creditgate import ledger, migrations
+from creditgate import billing, ledger, migrations, webhooks
 from creditgate.auth import AUTH, Authenticator
 from creditgate.billing import setup_billing
 from creditgate.config import Settings
-from creditgate.http import admin, health, keys, orgs, user
-from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_EXPIRED, metrics_route
+from creditgate.http import admin, health, keys, metrics, orgs, user
+from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
+from creditgate.http.openapi import add_endpoints
 from creditgate.http.state import STATE, State
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.logs import log
@@ -27,6 +28,20 @@ from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
 from creditgate.throttle.resp import RedisPipe
 from creditgate.webhooks import setup_webhooks
+
+# Every route, from the tables beside their handlers (they also make /openapi.json).
+ENDPOINTS = (
+    *proxy.ENDPOINTS,
+    *user.ENDPOINTS,
+    *keys.ENDPOINTS,
+    *orgs.ENDPOINTS,
+    *billing.ENDPOINTS,
+    *admin.ENDPOINTS,
+    *throttle_admin.ENDPOINTS,
+    *webhooks.ENDPOINTS,
+    *health.ENDPOINTS,
+    *metrics.ENDPOINTS,
+)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -40,22 +55,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_id_headers)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_hold_sweeper)
-    r = app.router
-    r.add_post("/v1/chat/completions", proxy.chat_completions)
-    r.add_post("/api/chat", proxy.chat_completions)
-    r.add_get("/v1/models", proxy.list_models)
-    r.add_get("/v1/models/{model}", proxy.get_model)
-    r.add_get("/api/user/balance", user.balance)
-    r.add_get("/api/user/usage", user.usage)
-    r.add_post("/api/keys", keys.create_key)
-    r.add_get("/api/keys", keys.list_keys)
-    r.add_delete("/api/keys/{id}", keys.revoke_key)
-    r.add_post("/api/orgs/create", orgs.create_org)
-    r.add_post("/api/admin/credits", admin.credits)
-    r.add_get("/health", health.health)
-    r.add_get("/ready", health.ready)
-    r.add_get("/metrics", metrics_route)
-    throttle_admin.add_routes(r)
+    add_endpoints(app, ENDPOINTS)
     setup_billing(app)
     setup_webhooks(app)
     return app
@@ -143,6 +143,7 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
                 expired = await ledger.sweep_expired_holds(st.db)
                 # After the holds: an ended hold frees credits a lot write-off may take.
                 written_off = await ledger.sweep_expired_lots(st.db)
+                HOLDS_ACTIVE.set(await ledger.count_live_holds(st.db))
             except Exception:
                 log.warning("ledger sweep failed", exc_info=True)
                 continue

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from creditgate import migrations
 from creditgate.http.envelope import json_response
+from creditgate.http.openapi import Endpoint, obj
 from creditgate.http.state import STATE
 
 
@@ -38,3 +39,32 @@ async def ready(request: web.Request) -> web.Response:
     return json_response(
         {"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503
     )
+
+
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/health",
+        health,
+        "Liveness",
+        "operations",
+        "none",
+        response=obj({"status": {"const": "ok"}}, "status"),
+        envelope=False,
+    ),
+    Endpoint(
+        "GET",
+        "/ready",
+        ready,
+        "Readiness: Postgres with every migration applied, and Redis",
+        "operations",
+        "none",
+        response=obj(
+            {"status": {"enum": ["ready", "not ready"]}, "checks": {"type": "object"}},
+            "status",
+            "checks",
+        ),
+        also=(503,),
+        envelope=False,
+    ),
+)

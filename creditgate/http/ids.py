@@ -22,3 +22,4 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 ACCOUNT_ID = web.RequestKey("account_id", uuid.UUID)
 RESPONSE_STARTED = web.RequestKey("response_started", bool)
+STARTED = web.RequestKey("started", float)  # time.perf_counter() when the request arrived

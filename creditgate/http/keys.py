@@ -23,6 +23,7 @@ from creditgate.auth import (
 )
 from creditgate.errors import Forbidden, NotFound, ValidationError
 from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.openapi import STR, TIME, UUID, Endpoint, Schema, arr, nullable, obj
 from creditgate.http.state import STATE
 
 MAX_NAME_LEN = 100
@@ -121,3 +122,79 @@ async def revoke_key(request: web.Request) -> web.Response:
     # This process stops accepting it at once; others within the cache TTL.
     request.app[AUTH].keys.forget(revoked.key_hash)
     return data_response(request, revoked.info.as_json())
+
+
+KEY_INFO: Schema = obj(
+    {
+        "id": UUID,
+        "prefix": STR,
+        "name": STR,
+        "scope": {"enum": ["account", "admin"]},
+        "createdAt": TIME,
+        "lastUsedAt": nullable(TIME),
+        "expiresAt": nullable(TIME),
+        "revokedAt": nullable(TIME),
+    },
+    "id",
+    "prefix",
+    "name",
+    "scope",
+    "createdAt",
+)
+NEW_KEY: Schema = obj(
+    {
+        "id": UUID,
+        "key": {**STR, "description": "the secret: shown in this answer only"},
+        "prefix": STR,
+        "name": STR,
+        "scope": {"enum": ["account", "admin"]},
+        "accountId": UUID,
+        "createdAt": nullable(TIME),
+        "expiresAt": nullable(TIME),
+    },
+    "id",
+    "key",
+    "prefix",
+    "accountId",
+)
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/keys",
+        create_key,
+        f"Create an API key (at most {MAX_LIVE_KEYS} live per account)",
+        "keys",
+        "session",
+        request=obj(
+            {
+                "name": {**STR, "minLength": 1, "maxLength": MAX_NAME_LEN},
+                "expiresAt": nullable(TIME),
+                "scope": {"enum": ["account", "admin"]},
+            },
+            "name",
+        ),
+        response=NEW_KEY,
+        status=201,
+        errors=(409, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/keys",
+        list_keys,
+        "The caller's live API keys (never their secrets)",
+        "keys",
+        "session",
+        response=obj({"keys": arr(KEY_INFO)}, "keys"),
+        errors=(503,),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/keys/{id}",
+        revoke_key,
+        "Revoke one of the caller's API keys (idempotent)",
+        "keys",
+        "session",
+        response=KEY_INFO,
+        errors=(404, 503),
+    ),
+)

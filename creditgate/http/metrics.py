@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from creditgate.errors import Unauthorized
+from creditgate.http.openapi import Endpoint
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -63,6 +64,22 @@ UPSTREAM_FIRST_BYTE = Histogram(
     "Time to the upstream's response headers (time to first token for streams).",
     ["model"],
     buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_DURATION = Histogram(
+    "creditgate_upstream_duration_seconds",
+    "Time a completion spent waiting on the upstream (streams: until its last event).",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+PROXY_OVERHEAD = Histogram(
+    "creditgate_proxy_overhead_seconds",
+    "Time creditgate added to a completion: its whole duration minus the upstream wait.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+)
+HOLDS_ACTIVE = Gauge(
+    "creditgate_holds_active",
+    "Holds not yet ended (calls in flight, or left by a dead process until they expire).",
+    multiprocess_mode="livemax",
 )
 STREAM_ENDS = Counter(
     "creditgate_stream_ends_total",
@@ -125,3 +142,19 @@ async def metrics_route(request: web.Request) -> web.Response:
     resp = web.Response(body=body)
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
+
+
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/metrics",
+        metrics_route,
+        "Prometheus exposition (bearer METRICS_TOKEN when set)",
+        "operations",
+        "metrics",
+        response={"type": "string"},
+        envelope=False,
+        media="text/plain",
+        errors=(401,),
+    ),
+)

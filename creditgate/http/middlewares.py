@@ -23,6 +23,7 @@ from creditgate.http.ids import (
     CORRELATION_ID,
     REQUEST_ID,
     RESPONSE_STARTED,
+    STARTED,
     pick_id,
 )
 from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -75,7 +76,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     request[CORRELATION_ID] = pick_id(
         request.headers.get("x-correlation-id") or request.headers.get("x-request-id")
     )
-    started = time.perf_counter()
+    started = request[STARTED] = time.perf_counter()
     try:
         response = await handler(request)
     except asyncio.CancelledError:

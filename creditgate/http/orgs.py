@@ -9,6 +9,7 @@ from aiohttp import web
 from creditgate.auth import require_session
 from creditgate.errors import Forbidden, ValidationError
 from creditgate.http.envelope import data_response
+from creditgate.http.openapi import STR, UUID, Endpoint, obj
 
 ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
 
@@ -33,3 +34,17 @@ async def create_org(request: web.Request) -> web.Response:
     return data_response(
         request, {"orgId": principal.org_id, "accountId": str(principal.account_id)}
     )
+
+
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/orgs/create",
+        create_org,
+        "The account of the session's active organization (idempotent)",
+        "account",
+        "session",
+        response=obj({"orgId": STR, "accountId": UUID}, "orgId", "accountId"),
+        errors=(400, 503),
+    ),
+)

@@ -8,6 +8,21 @@ from creditgate import ledger
 from creditgate.auth import authenticate
 from creditgate.errors import ValidationError
 from creditgate.http.envelope import data_response
+from creditgate.http.openapi import (
+    BOOL,
+    CREDITS,
+    INT,
+    MICROS,
+    STR,
+    TIME,
+    UUID,
+    Endpoint,
+    Param,
+    Schema,
+    arr,
+    nullable,
+    obj,
+)
 from creditgate.http.params import Problems, parse_int, parse_kinds, parse_time
 from creditgate.http.state import STATE
 from creditgate.ledger.history import MAX_PAGE, decode_cursor
@@ -64,3 +79,80 @@ async def usage(request: web.Request) -> web.Response:
         until=until,
     )
     return data_response(request, page.as_json())
+
+
+BALANCE: Schema = obj(
+    {
+        "accountId": UUID,
+        "balance": CREDITS,
+        "balanceMicros": MICROS,
+        "reserved": CREDITS,
+        "reservedMicros": MICROS,
+        "available": CREDITS,
+        "availableMicros": MICROS,
+        "creditLimit": CREDITS,
+        "creditLimitMicros": MICROS,
+        "tier": STR,
+        "plan": nullable(STR),
+    },
+    "accountId",
+    "balance",
+    "balanceMicros",
+    "reserved",
+    "reservedMicros",
+    "available",
+    "availableMicros",
+    "creditLimit",
+    "creditLimitMicros",
+    "tier",
+    "plan",
+)
+ENTRY: Schema = obj(
+    {
+        "id": UUID,
+        "kind": {"enum": list(ledger.ENTRY_KINDS)},
+        "amount": CREDITS,
+        "amountMicros": MICROS,
+        "model": nullable(STR),
+        "inputTokens": nullable(INT),
+        "outputTokens": nullable(INT),
+        "requestId": nullable(STR),
+        "estimated": BOOL,
+        "expiresAt": nullable(TIME),
+        "createdAt": TIME,
+    },
+    "id",
+    "kind",
+    "amount",
+    "amountMicros",
+    "createdAt",
+)
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/api/user/balance",
+        balance,
+        "The caller's balance, reservations and credits granted",
+        "account",
+        "caller",
+        response=BALANCE,
+        errors=(503,),
+    ),
+    Endpoint(
+        "GET",
+        "/api/user/usage",
+        usage,
+        "The caller's ledger entries, newest first, cursor-paged",
+        "account",
+        "caller",
+        response=obj({"entries": arr(ENTRY), "nextCursor": nullable(STR)}, "entries", "nextCursor"),
+        errors=(400, 503),
+        params=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+            Param("cursor", STR, description="a previous answer's nextCursor"),
+            Param("kind", STR, description="entry kinds, comma-separated"),
+            Param("since", TIME, description="inclusive"),
+            Param("until", TIME, description="exclusive"),
+        ),
+    ),
+)

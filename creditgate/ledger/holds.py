@@ -268,3 +268,8 @@ async def sweep_expired_holds(db: Db, limit: int = 500) -> int:
     for r in ids:
         ended += await release_hold(db, r["id"], expired=True)
     return ended
+
+
+async def count_live_holds(db: Db) -> int:
+    """Holds not yet ended, over every account (a partial index keeps this cheap)."""
+    return int(await db.fetchval("SELECT count(*) FROM holds WHERE ended_at IS NULL"))

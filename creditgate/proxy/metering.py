@@ -38,7 +38,7 @@ def _count(value: Any) -> bool:
 class MeteredCall:
     """The hold and the throttle admission of one call in flight."""
 
-    __slots__ = ("_ended", "admission", "chat", "hold", "request_id", "st")
+    __slots__ = ("_ended", "admission", "chat", "hold", "request_id", "st", "upstream_seconds")
 
     def __init__(
         self,
@@ -54,6 +54,9 @@ class MeteredCall:
         self.admission = admission
         self.request_id = request_id
         self._ended = False
+        # Time spent waiting on the upstream (and, streaming, relaying it):
+        # the rest of the request's time is creditgate's overhead.
+        self.upstream_seconds = 0.0
 
     def measure(self, usage: dict[str, Any] | None, text_bytes: int) -> tuple[ledger.Usage, bool]:
         """The usage to charge, and whether it is the upstream's own count."""

@@ -22,8 +22,10 @@ the request was refused          nothing; no hold was taken
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -32,8 +34,26 @@ from aiohttp import web
 from creditgate.auth import authenticate
 from creditgate.errors import ModelNotFound
 from creditgate.http.envelope import json_response, read_json_object
-from creditgate.http.ids import REQUEST_ID
-from creditgate.http.metrics import LEDGER_LATENCY, STREAM_ENDS
+from creditgate.http.ids import REQUEST_ID, STARTED
+from creditgate.http.metrics import (
+    LEDGER_LATENCY,
+    PROXY_OVERHEAD,
+    STREAM_ENDS,
+    UPSTREAM_DURATION,
+)
+from creditgate.http.openapi import (
+    BOOL,
+    CREDITS,
+    INT,
+    MICROS,
+    NUM,
+    STR,
+    Endpoint,
+    Schema,
+    arr,
+    nullable,
+    obj,
+)
 from creditgate.http.state import STATE
 from creditgate.logs import log
 from creditgate.proxy import relay as ends
@@ -87,6 +107,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _complete(request, call, admission.headers)
     finally:
         await call.close()  # releases the hold unless it was settled
+        UPSTREAM_DURATION.labels(chat.model.name).observe(call.upstream_seconds)
+        PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
+
+
+@contextlib.contextmanager
+def _upstream_time(call: MeteredCall) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        call.upstream_seconds += time.perf_counter() - started
 
 
 async def _client_left(
@@ -104,7 +135,7 @@ async def _complete(
 ) -> web.StreamResponse:
     st = request.app[STATE]
     try:
-        with ClientWatch(request) as watch:
+        with ClientWatch(request) as watch, _upstream_time(call):
             answer = await st.upstream.complete(call.chat.model, call.chat.upstream_body)
     except asyncio.CancelledError:
         # aiohttp cancelled us (handler_cancellation: the client left, or shutdown).
@@ -136,7 +167,7 @@ async def _stream(
     st = request.app[STATE]
     model = call.chat.model
     try:
-        with ClientWatch(request) as watch:
+        with ClientWatch(request) as watch, _upstream_time(call):
             upstream = await st.upstream.stream(model, call.chat.upstream_body)
     except asyncio.CancelledError:
         await _client_left(call)  # as in _complete
@@ -156,7 +187,7 @@ async def _stream(
     try:
         # The headers go now: the upstream's first event is already here.
         await resp.prepare(request)
-        with ClientWatch(request) as watch:
+        with ClientWatch(request) as watch, _upstream_time(call):
             await relay.run(model.timeouts.idle)
     except asyncio.CancelledError:
         # aiohttp cancelled us (the client left, or shutdown): what was generated is owed.
@@ -281,3 +312,120 @@ async def get_model(request: web.Request) -> web.Response:
     if model is None:
         raise ModelNotFound(f"The model {name!r} does not exist or is not served here.")
     return json_response(_model_json(model))
+
+
+# ---------------------------------------------------------------- the endpoint table
+
+_MESSAGE: Schema = obj(
+    {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+        "content": {"oneOf": [STR, arr({"type": "object"}), {"type": "null"}]},
+        "name": STR,
+        "tool_calls": arr({"type": "object"}),
+        "tool_call_id": STR,
+    },
+    "role",
+    extra=True,
+)
+CHAT_REQUEST: Schema = obj(
+    {
+        "model": {**STR, "description": "a model from GET /v1/models"},
+        "messages": arr(_MESSAGE, minItems=1),
+        "stream": nullable(BOOL),
+        "stream_options": nullable(obj({"include_usage": BOOL}, extra=True)),
+        "max_tokens": nullable({"type": "integer", "minimum": 1}),
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 1}),
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": 128}),
+        "tools": nullable(arr({"type": "object"})),
+        "response_format": nullable({"type": "object"}),
+    },
+    "messages",
+    extra=True,  # unknown fields go to the upstream untouched
+)
+USAGE: Schema = obj(
+    {
+        "prompt_tokens": INT,
+        "completion_tokens": INT,
+        "total_tokens": INT,
+        "cost": CREDITS,
+        "cost_micros": MICROS,
+        "estimated": BOOL,
+    },
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "cost_micros",
+    extra=True,
+)
+CHAT_COMPLETION: Schema = obj(
+    {
+        "id": STR,
+        "object": STR,
+        "created": INT,
+        "model": STR,
+        "choices": arr({"type": "object"}),
+        "usage": USAGE,
+    },
+    "choices",
+    "usage",
+    extra=True,
+)
+MODEL: Schema = obj(
+    {
+        "id": STR,
+        "object": {"const": "model"},
+        "created": INT,
+        "owned_by": STR,
+        "pricing": obj({"input": NUM, "output": NUM, "unit": STR}, "input", "output", "unit"),
+        "max_output_tokens": INT,
+    },
+    "id",
+    "object",
+    "pricing",
+)
+
+
+def _chat_endpoint(path: str, summary: str) -> Endpoint:
+    return Endpoint(
+        "POST",
+        path,
+        chat_completions,
+        summary,
+        "completions",
+        "caller",
+        request=CHAT_REQUEST,
+        response=CHAT_COMPLETION,
+        errors=(402, 404, 409, 422, 429, 502, 503, 504),
+        envelope=False,
+        stream=True,
+    )
+
+
+ENDPOINTS = (
+    _chat_endpoint(
+        "/v1/chat/completions", "OpenAI-compatible chat completion, charged to the caller"
+    ),
+    _chat_endpoint("/api/chat", "The same handler as /v1/chat/completions"),
+    Endpoint(
+        "GET",
+        "/v1/models",
+        list_models,
+        "The models served here, with prices",
+        "completions",
+        "caller",
+        response=obj({"object": {"const": "list"}, "data": arr(MODEL)}, "object", "data"),
+        envelope=False,
+        errors=(503,),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/models/{model}",
+        get_model,
+        "One model, with its prices",
+        "completions",
+        "caller",
+        response=MODEL,
+        envelope=False,
+        errors=(404, 503),
+    ),
+)

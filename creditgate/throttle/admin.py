@@ -18,7 +18,9 @@ from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.errors import NotFound
 from creditgate.http.envelope import data_response, read_json
+from creditgate.http.openapi import STR, UUID, Endpoint, Schema, nullable, obj
 from creditgate.http.state import STATE
+from creditgate.throttle.limits import JSON_NAMES, LIMIT_NAMES, MAX_VALUE
 from creditgate.throttle.overrides import describe, key_account, parse_changes, set_overrides
 
 
@@ -48,8 +50,53 @@ async def key_limits(request: web.Request) -> web.Response:
     return data_response(request, await describe(st.db, st.settings.config, account_id, key_id))
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    """Register the override routes."""
-    for method in ("GET", "PATCH"):
-        router.add_route(method, "/api/admin/accounts/{account}/limits", account_limits)
-        router.add_route(method, "/api/admin/keys/{key_id}/limits", key_limits)
+_VALUES = obj({JSON_NAMES[n]: {"type": "integer"} for n in LIMIT_NAMES}, *JSON_NAMES.values())
+_OVERRIDES = obj(
+    {
+        JSON_NAMES[n]: nullable({"type": "integer", "minimum": 1, "maximum": MAX_VALUE[n]})
+        for n in LIMIT_NAMES
+    }
+)
+LIMITS: Schema = obj(
+    {
+        "accountId": UUID,
+        "tier": STR,
+        "tierLimits": _VALUES,
+        "accountOverrides": _OVERRIDES,
+        "accountLimits": _VALUES,
+        "keyId": UUID,
+        "keyOverrides": _OVERRIDES,
+        "effective": _VALUES,
+    },
+    "accountId",
+    "tier",
+    "tierLimits",
+    "accountOverrides",
+    "accountLimits",
+    "effective",
+)
+
+
+def _endpoints() -> tuple[Endpoint, ...]:
+    out = []
+    for path, handler, whose in (
+        ("/api/admin/accounts/{account}/limits", account_limits, "an account"),
+        ("/api/admin/keys/{key_id}/limits", key_limits, "an API key"),
+    ):
+        out.append(
+            Endpoint(
+                "GET", path, handler, f"The limits of {whose}", "admin", "admin",
+                response=LIMITS, errors=(404, 503),
+            )
+        )  # fmt: skip
+        out.append(
+            Endpoint(
+                "PATCH", path, handler,
+                f"Set (integer) or clear (null) limit overrides of {whose}", "admin", "admin",
+                request=_OVERRIDES, response=LIMITS, errors=(404, 503),
+            )
+        )  # fmt: skip
+    return tuple(out)
+
+
+ENDPOINTS = _endpoints()

@@ -11,17 +11,46 @@ import asyncio
 
 from aiohttp import web
 
+from creditgate.http.openapi import BOOL, Endpoint, obj
 from creditgate.webhooks.clerk import clerk_webhook
 from creditgate.webhooks.polar import polar_webhook
 from creditgate.webhooks.worker import WAKE, webhook_worker
 
 
 def setup_webhooks(app: web.Application) -> None:
-    """Add the webhook routes and the worker to ``app``."""
+    """Add the webhook worker to ``app`` (routes: ``ENDPOINTS``)."""
     app[WAKE] = asyncio.Event()
     app.cleanup_ctx.append(webhook_worker)
-    app.router.add_post("/api/webhooks/polar", polar_webhook)
-    app.router.add_post("/api/webhooks/clerk", clerk_webhook)
 
 
-__all__ = ["setup_webhooks"]
+_RECEIPT = obj({"received": {"const": True}, "duplicate": BOOL, "ignored": BOOL}, "received")
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/webhooks/polar",
+        polar_webhook,
+        "Polar events (Standard Webhooks signature over the raw body)",
+        "webhooks",
+        "signature",
+        request={"type": "object", "description": "a Polar webhook event"},
+        response=_RECEIPT,
+        status=202,
+        also=(200,),
+        errors=(401, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/webhooks/clerk",
+        clerk_webhook,
+        "Clerk events (Svix signature over the raw body)",
+        "webhooks",
+        "signature",
+        request={"type": "object", "description": "a Clerk webhook event"},
+        response=_RECEIPT,
+        status=202,
+        also=(200,),
+        errors=(401, 503),
+    ),
+)
+
+__all__ = ["ENDPOINTS", "setup_webhooks"]

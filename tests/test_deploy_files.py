@@ -1,0 +1,100 @@
+"""deploy/: the dashboard, the alert rules and the Kubernetes files say true things."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+
+from creditgate.cli import _parser
+from creditgate.http.app import ENDPOINTS
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+METRIC = re.compile(r"\bcreditgate_[a-z_]+")
+SUFFIXES = ("", "_bucket", "_sum", "_count")
+
+
+def _dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "creditgate.json").read_text())
+
+
+def _alerts() -> dict:
+    return yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+
+
+def test_dashboard_is_importable_json_with_queries() -> None:
+    dash = _dashboard()
+    assert dash["title"] and dash["uid"] and dash["panels"]
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert METRIC.search(target["expr"]), (panel["title"], target["expr"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_every_metric_the_dashboard_and_alerts_name_is_exposed(
+    cg: TestClient, customer_factory
+) -> None:
+    c = await customer_factory(1)
+    body = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await cg.post("/v1/chat/completions", json=body, headers=c.auth)).status == 200
+    scrape = await (await cg.get("/metrics")).text()
+    exposed = set(re.findall(r"^# HELP (creditgate_[a-z_]+)", scrape, re.M))
+    named = set(METRIC.findall(json.dumps(_dashboard())))
+    for group in _alerts()["groups"]:
+        for rule in group["rules"]:
+            named |= set(METRIC.findall(rule["expr"]))
+    missing = {
+        name
+        for name in named
+        if not any(name.removesuffix(s) in exposed for s in SUFFIXES if s) and name not in exposed
+    }
+    assert not missing, f"named but not exposed: {sorted(missing)}"
+
+
+def test_kubernetes_files_match_the_code() -> None:
+    docs = {
+        path.name: list(yaml.safe_load_all(path.read_text()))
+        for path in (DEPLOY / "k8s").glob("*.yaml")
+    }
+    kinds = {d["kind"] for ds in docs.values() for d in ds}
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "Job",
+        "ConfigMap",
+        "Secret",
+    } <= kinds
+    paths = {e.path for e in ENDPOINTS}
+    (deployment,) = docs["deployment.yaml"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready" in paths
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health" in paths
+    (job,) = docs["migrate-job.yaml"]
+    commands = [container["command"], job["spec"]["template"]["spec"]["containers"][0]["command"]]
+    for command in commands:
+        assert command[0] == "creditgate"
+        _parser().parse_args(command[1:])  # exits on an unknown command or flag
+    # The shutdown grace fits inside the pod's termination grace.
+    (config,) = docs["configmap.yaml"]
+    grace = int(
+        re.search(r"shutdown_timeout_seconds = (\d+)", config["data"]["creditgate.toml"])[1]
+    )
+    assert grace + 5 < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
