@@ -15,9 +15,15 @@ from creditgate.ledger.accounts import (
     set_account_tier,
     set_overdraft_limit,
 )
+from creditgate.ledger.alerts import (
+    Threshold,
+    get_low_balance_threshold,
+    set_low_balance_threshold,
+)
 from creditgate.ledger.balances import Balance, get_balance
 from creditgate.ledger.entries import ENTRY_KINDS, Posted, post_entry
 from creditgate.ledger.expiry import expire_lot, sweep_expired_lots
+from creditgate.ledger.external import Recorded, UsageRecord, record_usage
 from creditgate.ledger.history import EntryView, Page, list_entries
 from creditgate.ledger.holds import (
     Hold,
@@ -41,10 +47,13 @@ __all__ = [
     "Hold",
     "Page",
     "Posted",
+    "Recorded",
     "Report",
     "Reversal",
     "Settlement",
+    "Threshold",
     "Usage",
+    "UsageRecord",
     "account_debt",
     "close_account",
     "count_live_holds",
@@ -53,15 +62,18 @@ __all__ = [
     "expire_lot",
     "get_account",
     "get_balance",
+    "get_low_balance_threshold",
     "list_entries",
     "micros_to_credits",
     "post_entry",
+    "record_usage",
     "release_hold",
     "requested_total",
     "reserve_hold",
     "resolve_account",
     "reverse_up_to",
     "set_account_tier",
+    "set_low_balance_threshold",
     "set_overdraft_limit",
     "settle_hold",
     "sweep_expired_holds",
