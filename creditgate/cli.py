@@ -22,6 +22,7 @@ import asyncpg
 from polar import PolarError
 
 from creditgate import ledger, migrations
+from creditgate.auth.api_keys import SCOPES
 from creditgate.config import ConfigError, Settings, load_settings
 from creditgate.errors import ApiError
 from creditgate.logs import log, setup_logging
@@ -182,7 +183,7 @@ async def cmd_keys_create(args: argparse.Namespace) -> dict[str, Any]:
     try:
         account = await ledger.resolve_account(conn, args.account)
         key = await create_api_key(
-            conn, account.id, args.name, scope="admin" if args.admin else "account"
+            conn, account.id, args.name, scope="admin" if args.admin else args.scope
         )
     finally:
         await conn.close()
@@ -546,8 +547,16 @@ def _parser() -> argparse.ArgumentParser:
     s = keys.add_parser("create", parents=[common], help="create an API key (shown once)")
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("--name", default="")
-    s.add_argument(
+    scope = s.add_mutually_exclusive_group()
+    scope.add_argument(
         "--admin", action="store_true", help="an admin key: may also call the admin routes"
+    )
+    scope.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="account",
+        help="account (default); usage:write: may also record usage (POST /api/usage/record)"
+        " for its account; admin: as --admin",
     )
     s.set_defaults(run=cmd_keys_create)
 

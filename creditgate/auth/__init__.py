@@ -19,6 +19,7 @@ from aiohttp import web
 from creditgate.auth.api_keys import (
     KEY_PREFIX,
     MAX_LIVE_KEYS,
+    SCOPES,
     ApiKeyAuth,
     KeyInfo,
     NewKey,
@@ -32,12 +33,14 @@ from creditgate.auth.authenticator import (
     Authenticator,
     bearer_token,
 )
-from creditgate.auth.principal import Principal
+from creditgate.auth.principal import USAGE_WRITE, Principal
 
 __all__ = [
     "AUTH",
     "KEY_PREFIX",
     "MAX_LIVE_KEYS",
+    "SCOPES",
+    "USAGE_WRITE",
     "AdminCaller",
     "ApiKeyAuth",
     "Authenticator",
@@ -50,6 +53,7 @@ __all__ = [
     "list_api_keys",
     "require_admin",
     "require_session",
+    "require_usage_writer",
     "revoke_api_key",
 ]
 
@@ -77,3 +81,13 @@ async def require_admin(request: web.Request) -> AdminCaller:
     fails loudly rather than passing un-awaited).
     """
     return await request.app[AUTH].admin(request)
+
+
+async def require_usage_writer(request: web.Request) -> AdminCaller | Principal:
+    """Admit a caller that may record usage (``POST /api/usage/record``).
+
+    An admin (as ``require_admin``: any account) answers an ``AdminCaller``;
+    an API key with the ``usage:write`` scope answers its Principal (its own
+    account only). 401 without valid credentials; 403 for anyone else.
+    """
+    return await request.app[AUTH].usage_writer(request)

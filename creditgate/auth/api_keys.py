@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from creditgate.auth.last_used import LastUsedRecorder
-from creditgate.auth.principal import Principal
+from creditgate.auth.principal import USAGE_WRITE, Principal
 from creditgate.errors import Conflict, Forbidden, Unauthorized
 from creditgate.ledger.db import Db
 
@@ -31,7 +31,9 @@ KEY_PREFIX = "cg_"
 _KEY_LEN = len(KEY_PREFIX) + 43  # 32 bytes in unpadded base64
 MAX_LIVE_KEYS = 20  # per account: not revoked and not expired
 CACHE_TTL_SECONDS = 5.0  # the documented revocation delay across processes
-SCOPES = ("account", "admin")
+# "account": acts for its account; "usage:write": that, and records usage for
+# it (POST /api/usage/record); "admin": also the admin routes, any account.
+SCOPES = ("account", "admin", USAGE_WRITE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +264,7 @@ class ApiKeyAuth:
                 via="api_key",
                 key_id=row["id"],
                 admin=row["scope"] == "admin",
+                scope=row["scope"],
             )
             entry = _Cached(until, principal, closed=row["status"] == "closed")
         if len(self._cache) >= self._max:

@@ -130,12 +130,7 @@ class Authenticator:
 
         401 without valid credentials; 403 for anyone else authenticated.
         """
-        token = bearer_token(request)
-        if (
-            token is not None
-            and self._admin_token is not None
-            and hmac.compare_digest(token.encode(), self._admin_token.encode())
-        ):
+        if self._is_admin_token(request):
             return AdminCaller("admin_token", None)
         principal = await self.authenticate(request)
         if not principal.admin:
@@ -144,6 +139,28 @@ class Authenticator:
                 " org:admin role in the admin organization."
             )
         return AdminCaller(principal.via, principal)
+
+    async def usage_writer(self, request: web.Request) -> AdminCaller | Principal:
+        """An admin (any account), or a ``usage:write`` API key (its own account)."""
+        if self._is_admin_token(request):
+            return AdminCaller("admin_token", None)
+        principal = await self.authenticate(request)
+        if principal.admin:
+            return AdminCaller(principal.via, principal)
+        if not principal.may_record_usage():
+            raise Forbidden(
+                "Recording usage needs an API key with the 'usage:write' scope, or an admin."
+            )
+        return principal
+
+    def _is_admin_token(self, request: web.Request) -> bool:
+        """The request's bearer token is the operator's ADMIN_TOKEN."""
+        token = bearer_token(request)
+        return (
+            token is not None
+            and self._admin_token is not None
+            and hmac.compare_digest(token.encode(), self._admin_token.encode())
+        )
 
     async def _session(self, request: web.Request, cred: Credential) -> Principal:
         if self.sessions is None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+# The API key scope that may record usage that did not go through the proxy.
+USAGE_WRITE = "usage:write"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -24,3 +27,9 @@ class Principal:
     org_role: str | None = None  # normalised with the "org:" prefix, e.g. "org:admin"
     permissions: frozenset[str] = field(default_factory=frozenset)
     admin: bool = False  # may call the admin routes (admin key, or admin of the admin org)
+    # An API key's scope: "account", "admin" or "usage:write" (sessions: "account").
+    scope: str = "account"
+
+    def may_record_usage(self) -> bool:
+        """May record usage for its own account (``POST /api/usage/record``)."""
+        return self.admin or self.scope == USAGE_WRITE

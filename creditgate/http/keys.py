@@ -16,6 +16,7 @@ from aiohttp import web
 from creditgate.auth import (
     AUTH,
     MAX_LIVE_KEYS,
+    SCOPES,
     create_api_key,
     list_api_keys,
     require_session,
@@ -60,8 +61,10 @@ def _parse_create(body: dict[str, Any]) -> tuple[str, datetime | None, str]:
             if expires_at <= datetime.now(UTC):
                 problems.append({"path": "expiresAt", "message": "must be in the future"})
     scope = body.get("scope", "account")
-    if scope not in ("account", "admin"):
-        problems.append({"path": "scope", "message": "'account' (default) or 'admin'"})
+    if scope not in SCOPES:
+        problems.append(
+            {"path": "scope", "message": "'account' (default), 'usage:write' or 'admin'"}
+        )
     if problems:
         raise ValidationError("Invalid API key request.", details=problems)
     assert isinstance(name, str)
