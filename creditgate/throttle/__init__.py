@@ -12,7 +12,14 @@ Modules: ``limits`` (resolution), ``overrides`` (storage and cache), ``core``
 fallback), ``day`` (the calendar day's zone), ``admin`` (operator routes).
 """
 
-from creditgate.throttle.core import POLICIES, Admission, Check, Throttle, format_duration
+from creditgate.throttle.core import (
+    POLICIES,
+    Admission,
+    Check,
+    Standing,
+    Throttle,
+    format_duration,
+)
 from creditgate.throttle.day import DayZone
 from creditgate.throttle.limits import LIMIT_NAMES, Limits, Overrides, resolve
 from creditgate.throttle.overrides import LimitsCache
@@ -26,6 +33,7 @@ __all__ = [
     "Limits",
     "LimitsCache",
     "Overrides",
+    "Standing",
     "Throttle",
     "format_duration",
     "resolve",

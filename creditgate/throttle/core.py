@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -104,6 +105,15 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class Standing:
+    """One limit as ``check`` found it: the tightest scope's value, what is left, when full."""
+
+    limit: int
+    remaining: int | None  # None: unknown (Redis away under the "open" policy)
+    reset_ms: int | None  # until full again; None for parallel (a call's end frees a slot)
+
+
+@dataclass(frozen=True, slots=True)
 class Check:
     """What ``check`` found, without taking anything (for quota pre-flight checks)."""
 
@@ -111,6 +121,8 @@ class Check:
     limit: str | None  # the limit that refuses, when not allowed
     retry_after: int | None  # whole seconds; None when waiting cannot help
     headers: dict[str, str]
+    # Each limit of LIMIT_NAMES, before this request would take anything.
+    standings: dict[str, Standing] = field(default_factory=dict)
 
 
 class Throttle:
@@ -215,19 +227,56 @@ class Throttle:
     async def check(self, limits: Limits, tokens: int, *, required_tokens: int = 0) -> Check:
         """Would ``admit`` take this request now? Takes nothing from any limit."""
         tpm = limits.value("tokens_per_minute")
-        if required_tokens > tpm:
-            return Check(False, "tokens_per_minute", None, _limit_headers(limits))
         out, _ = await self._decide(self._call(limits, "q", 1, min(tokens, tpm), "x", 1))
+        standings = self._standings(limits, out)
+        if required_tokens > tpm:
+            return Check(False, "tokens_per_minute", None, _limit_headers(limits), standings)
         if out is None:
-            return Check(True, None, None, _limit_headers(limits))
+            return Check(True, None, None, _limit_headers(limits), standings)
         if out[0]:
-            return Check(True, None, None, _headers(limits, out))
+            return Check(True, None, None, _headers(limits, out), standings)
         return Check(
             False,
             _deciding(limits, out[1])[1],
             max(1, math.ceil(out[2] / 1000)),
             _headers(limits, out),
+            standings,
         )
+
+    def _standings(self, limits: Limits, out: list[int] | None) -> dict[str, Standing]:
+        """Each limit's tightest scope, from the script's per-scope reply (admit.lua)."""
+        offset, offset_end = self.day_zone.offsets_ms()
+        now_ms = int(time.time() * 1000)
+        day = (now_ms + offset) // 86_400_000
+        to_midnight = (day + 1) * 86_400_000 - offset_end - now_ms
+        found: dict[str, Standing] = {}
+        for k, name in enumerate(LIMIT_NAMES):
+            best: Standing | None = None
+            for i, scope in enumerate(limits.scopes):
+                value = scope.values[k]
+                if value <= 0:
+                    continue
+                remaining: int | None = None
+                reset: int | None = None
+                if out is not None:
+                    base = 4 + 6 * i
+                    remaining, reset = (
+                        (out[base], out[base + 1]),
+                        (out[base + 2], out[base + 3]),
+                        (out[base + 4], None),
+                        (out[base + 5], to_midnight),
+                    )[k]
+                elif k == 3:
+                    reset = to_midnight
+                candidate = Standing(value, remaining, reset)
+                if best is None or (
+                    candidate.remaining is not None
+                    and (best.remaining is None or candidate.remaining < best.remaining)
+                ):
+                    best = candidate
+            assert best is not None  # the account scope limits all four
+            found[name] = best
+        return found
 
     async def finish(self, admission: Admission, actual_tokens: int | None) -> None:
         """Correct the token buckets by the actual usage and return the lease; once.
