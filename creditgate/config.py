@@ -127,6 +127,19 @@ class PolarConfig:
     reconcile_lag_seconds: int = 3 * 3600  # Polar's meters trail ingestion by up to 3 h
     success_url: str | None = None
     portal_return_url: str | None = None
+    # GET /api/subscription asks Polar again when its stored state is older.
+    subscription_max_age_seconds: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsConfig:
+    """The ``[notifications]`` table: delivery of low-balance webhooks."""
+
+    request_timeout_seconds: float = 10.0
+    max_attempts: int = 5  # per alert, with exponential backoff and jitter
+    retry_initial_seconds: float = 1.0
+    retry_max_seconds: float = 60.0
+    poll_interval_seconds: float = 5.0  # besides LISTEN: finds alerts whose sender died
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,7 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     shutdown_timeout_seconds: int = 30
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +324,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             "proxy",
             "http",
             "throttle",
+            "notifications",
         },
         "config",
     )
@@ -442,6 +457,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         shutdown_timeout_seconds=_int(
             http.get("shutdown_timeout_seconds", 30), "http.shutdown_timeout_seconds", minimum=0
         ),
+        notifications=_notifications_config(_table(raw.get("notifications", {}), "notifications")),
     )
     longest = max(m.timeouts.total for m in models.values())
     if config.hold_ttl_seconds <= longest:
@@ -496,6 +512,28 @@ def _polar_config(t: dict[str, Any]) -> PolarConfig:
         reconcile_lag_seconds=whole("reconcile_lag_seconds", d.reconcile_lag_seconds, 0),
         success_url=opt_url("success_url"),
         portal_return_url=opt_url("portal_return_url"),
+        subscription_max_age_seconds=whole(
+            "subscription_max_age_seconds", d.subscription_max_age_seconds, 0
+        ),
+    )
+
+
+def _notifications_config(t: dict[str, Any]) -> NotificationsConfig:
+    d = NotificationsConfig()
+    _check_keys(t, set(NotificationsConfig.__dataclass_fields__), "notifications")
+
+    def num(name: str, default: float) -> float:
+        return _seconds(t[name], f"notifications.{name}") if name in t else default
+
+    max_attempts = d.max_attempts
+    if "max_attempts" in t:
+        max_attempts = _int(t["max_attempts"], "notifications.max_attempts", minimum=1)
+    return NotificationsConfig(
+        request_timeout_seconds=num("request_timeout_seconds", d.request_timeout_seconds),
+        max_attempts=max_attempts,
+        retry_initial_seconds=num("retry_initial_seconds", d.retry_initial_seconds),
+        retry_max_seconds=num("retry_max_seconds", d.retry_max_seconds),
+        poll_interval_seconds=num("poll_interval_seconds", d.poll_interval_seconds),
     )
 
 

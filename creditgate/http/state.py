@@ -11,6 +11,7 @@ from aiohttp import web
 from creditgate.auth import ApiKeyAuth
 from creditgate.config import Settings
 from creditgate.ledger.group_commit import GroupCommit
+from creditgate.preferences.cache import DefaultModels
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import LimitsCache, Throttle
 
@@ -26,6 +27,7 @@ class State:
     limits: LimitsCache = field(init=False)
     upstream: UpstreamClient = field(init=False)
     keys: ApiKeyAuth = field(init=False)
+    default_models: DefaultModels = field(init=False)  # per account, for requests naming none
 
 
 STATE = web.AppKey("creditgate", State)

@@ -76,16 +76,24 @@ def _output_cap(p: v.Problems, body: dict[str, Any], model: Model | None) -> int
 
 
 def parse_chat_request(
-    body: dict[str, Any], models: Mapping[str, Model], bytes_per_token: int
+    body: dict[str, Any],
+    models: Mapping[str, Model],
+    bytes_per_token: int,
+    *,
+    default_model: str | None = None,
 ) -> ChatRequest:
     """Validate ``body`` into a ChatRequest.
 
     Raises ValidationError (400) listing every problem as ``{path, message}``,
     or ModelNotFound (404) for a well-formed request naming an unknown model.
     Fields creditgate does not know pass through to the upstream untouched.
+    A body without ``model`` (or ``null``) uses ``default_model`` when given
+    (the account's preference).
     """
     p = v.Problems()
     name = body.get("model")
+    if name is None:
+        name = default_model
     model: Model | None = None
     if not isinstance(name, str) or not name:
         p.add("model", "required: the name of a model (see GET /v1/models)")

@@ -77,8 +77,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     principal = await authenticate(request)
     config = st.settings.config
+    body = await read_json_object(request)
+    # Only a request naming no model asks for the account's default (cached).
+    default_model = (
+        await st.default_models.get(principal.account_id) if body.get("model") is None else None
+    )
     chat = parse_chat_request(
-        await read_json_object(request), config.models, config.estimate_bytes_per_token
+        body, config.models, config.estimate_bytes_per_token, default_model=default_model
     )
     limits = await st.limits.get(principal.account_id, principal.key_id)
     admission = await st.throttle.admit(
