@@ -9,7 +9,11 @@ it back with ``polar.deserialize`` — and behaves like Polar where it matters:
   ``external_id`` forever (first write wins) and answers ``{inserted, duplicates}``;
 * ``GET /v1/customer-meters/`` sums the ingested events' metadata property
   per customer (plus a per-test offset to fake drift), paged;
-* ``POST/GET /v1/checkouts/`` and ``POST /v1/customer-sessions/``.
+* ``POST/GET /v1/checkouts/`` and ``POST /v1/customer-sessions/``;
+* ``GET /v1/subscriptions/{id}`` and ``PATCH /v1/subscriptions/{id}`` (cancel
+  at period end, as ``subscriptions.update(id, cancel_at_period_end=True)``
+  sends it): tests put a subscription in with ``put_subscription``; the PATCH
+  changes it here only — Polar's webhook is the test's to deliver.
 
 It can fail on demand: 5xx, 429 with Retry-After, responses slower than the
 client's timeout (before or after storing the events), or hanging after
@@ -268,6 +272,8 @@ class FakePolar:
         self.meter_property = "credits"  # what the meter sums (creditgate's default)
         self.checkouts: dict[str, dict[str, Any]] = {}
         self.customers: set[str] = set()  # external customer ids Polar knows
+        self.subscriptions: dict[str, dict[str, Any]] = {}  # id → Subscription body
+        self.subscription_requests: Counter[tuple[str, str]] = Counter()  # (method, id) → n
         self.hanging = threading.Event()  # set while a request hangs after storing
         self.release = threading.Event()
         self.url = ""
@@ -289,6 +295,15 @@ class FakePolar:
     def fail(self, *failures: Failure) -> None:
         with self.lock:
             self.failures.extend(failures)
+
+    def put_subscription(self, body: dict[str, Any]) -> None:
+        """Polar's current state of a subscription (a ``subscription_payload``)."""
+        with self.lock:
+            self.subscriptions[body["id"]] = dict(body)
+
+    def subscription_calls(self, method: str, subscription_id: str) -> int:
+        with self.lock:
+            return self.subscription_requests[(method, subscription_id)]
 
     def times_received(self, external_id: str) -> int:
         with self.lock:
@@ -339,6 +354,8 @@ class FakePolar:
         app.router.add_post("/v1/checkouts/", self.create_checkout)
         app.router.add_get("/v1/checkouts/{id}", self.get_checkout)
         app.router.add_post("/v1/customer-sessions/", self.customer_session)
+        app.router.add_get("/v1/subscriptions/{id}", self.get_subscription)
+        app.router.add_patch("/v1/subscriptions/{id}", self.update_subscription)
         return app
 
     @web.middleware
@@ -543,3 +560,54 @@ class FakePolar:
             ),
             status=201,
         )
+
+    @staticmethod
+    def _not_found() -> web.Response:
+        return web.json_response({"error": "ResourceNotFound", "detail": "Not found"}, status=404)
+
+    async def get_subscription(self, request: web.Request) -> web.Response:
+        sub_id = request.match_info["id"]
+        with self.lock:
+            self.subscription_requests[("GET", sub_id)] += 1
+            body = self.subscriptions.get(sub_id)
+        if body is None:
+            return self._not_found()
+        deserialize(body, outputs.Subscription)
+        return web.json_response(body)
+
+    async def update_subscription(self, request: web.Request) -> web.Response:
+        """Polar's subscription update, for the one form creditgate sends: cancel at period end."""
+        sub_id = request.match_info["id"]
+        change = await request.json()
+        with self.lock:
+            self.subscription_requests[("PATCH", sub_id)] += 1
+            body = self.subscriptions.get(sub_id)
+            if body is None:
+                return self._not_found()
+            if set(change) - {
+                "cancel_at_period_end",
+                "customer_cancellation_reason",
+                "customer_cancellation_comment",
+            }:
+                return self._invalid(["body"], "only a cancellation is supported here")
+            if body["status"] not in ("active", "trialing"):
+                return web.json_response(
+                    {"error": "InactiveSubscription", "detail": "not active"}, status=403
+                )
+            wanted = change.get("cancel_at_period_end")
+            if wanted is True and body["cancel_at_period_end"]:
+                return web.json_response(
+                    {"error": "AlreadyCanceledSubscription", "detail": "already canceled"},
+                    status=403,
+                )
+            now = iso(datetime.now(UTC))
+            body = {
+                **body,
+                "cancel_at_period_end": bool(wanted),
+                "canceled_at": now if wanted else None,
+                "ends_at": body["current_period_end"] if wanted else None,
+                "modified_at": now,
+            }
+            self.subscriptions[sub_id] = body
+        deserialize(body, outputs.Subscription)
+        return web.json_response(body)

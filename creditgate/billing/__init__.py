@@ -1,4 +1,4 @@
-"""The Polar adapter: usage export (outbox), reconciliation, checkout, customer portal.
+"""The Polar adapter: usage export (outbox), reconciliation, checkout, portal, subscription.
 
 The ledger stays the source of truth; Polar bills from it. Nothing here
 writes money: grants and reversals go through ``creditgate.ledger``.
@@ -12,12 +12,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from creditgate.billing.checkout import ENDPOINTS, POLAR
+from creditgate.billing import subscription
+from creditgate.billing.checkout import ENDPOINTS as CHECKOUT_ENDPOINTS
+from creditgate.billing.checkout import POLAR
 from creditgate.billing.client import make_polar
 from creditgate.billing.export import UsageExporter
 from creditgate.billing.reconcile import run_periodically
 from creditgate.http.state import STATE
 from creditgate.logs import log
+
+ENDPOINTS = (*CHECKOUT_ENDPOINTS, *subscription.ENDPOINTS)
 
 
 def setup_billing(app: web.Application) -> None:

@@ -15,13 +15,25 @@ from creditgate import billing, ledger, migrations, webhooks
 from creditgate.auth import AUTH, Authenticator
 from creditgate.billing import setup_billing
 from creditgate.config import Settings
-from creditgate.http import admin, health, keys, metrics, orgs, user
+from creditgate.http import (
+    admin,
+    health,
+    keys,
+    metrics,
+    orgs,
+    preferences,
+    quota,
+    usage_record,
+    user,
+)
 from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.openapi import add_endpoints
 from creditgate.http.state import STATE, State
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.logs import log
+from creditgate.notify import setup_notifications
+from creditgate.preferences import DefaultModels
 from creditgate.proxy import routes as proxy
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
@@ -33,6 +45,9 @@ from creditgate.webhooks import setup_webhooks
 ENDPOINTS = (
     *proxy.ENDPOINTS,
     *user.ENDPOINTS,
+    *quota.ENDPOINTS,
+    *usage_record.ENDPOINTS,
+    *preferences.ENDPOINTS,
     *keys.ENDPOINTS,
     *orgs.ENDPOINTS,
     *billing.ENDPOINTS,
@@ -58,6 +73,7 @@ def create_app(settings: Settings) -> web.Application:
     add_endpoints(app, ENDPOINTS)
     setup_billing(app)
     setup_webhooks(app)
+    setup_notifications(app)
     return app
 
 
@@ -113,6 +129,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     await st.throttle.start()
     st.limits = LimitsCache(st.db, s.config)
+    st.default_models = DefaultModels(st.db)
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys

@@ -32,6 +32,8 @@ UUID: Schema = {"type": "string", "format": "uuid"}
 TIME: Schema = {"type": "string", "format": "date-time"}
 CREDITS: Schema = {"type": "number", "description": "credits, at most 6 decimals"}
 MICROS: Schema = {"type": "integer", "description": "micro-credits (1 credit = 1,000,000)"}
+# Credits as an exact decimal string, ≥ 0 (what a JSON float cannot always say).
+CREDITS_TEXT: Schema = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$"}
 
 
 def obj(props: Mapping[str, Schema], *required: str, extra: bool = False) -> Schema:
