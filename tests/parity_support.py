@@ -1,0 +1,106 @@
+"""Shared pieces of the billing-parity tests (issue 10): an app with everything connected.
+
+The app has an ADMIN_TOKEN, Clerk sessions (the local JWKS), Polar (the
+session's fake), and notification retries short enough for a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from creditgate.config import Settings, parse_config
+from creditgate.http.app import create_app
+from tests.billing_support import (
+    CLERK_WEBHOOK_SECRET,
+    POLAR_WEBHOOK_SECRET,
+    billing_toml,
+)
+from tests.conftest import Services
+from tests.fake_clerk import ISSUER, PARTY, FakeClerk
+from tests.logcapture import remember_secret
+from tests.polar_fake import TOKEN
+
+ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+remember_secret(ADMIN_TOKEN)
+
+NOTIFICATIONS_TOML = """
+[notifications]
+request_timeout_seconds = 2
+max_attempts = 3
+retry_initial_seconds = 0.01
+retry_max_seconds = 0.05
+poll_interval_seconds = 0.2
+"""
+
+
+def parity_settings(
+    services: Services,
+    upstream_url: str,
+    *,
+    polar_url: str | None,
+    clerk: FakeClerk | None = None,
+    extra_toml: str = "",
+) -> Settings:
+    """Settings with admin token, Polar (``polar_url``; None: off) and Clerk (if given)."""
+    raw = tomllib.loads(
+        billing_toml(upstream_url, NOTIFICATIONS_TOML + extra_toml), parse_float=Decimal
+    )
+    settings = Settings(
+        config=parse_config(raw, {}),
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        admin_token=ADMIN_TOKEN,
+        polar_access_token=TOKEN if polar_url else None,
+        polar_base_url=polar_url,
+        polar_webhook_secret=POLAR_WEBHOOK_SECRET,
+        clerk_webhook_secret=CLERK_WEBHOOK_SECRET,
+    )
+    if clerk is not None:
+        settings = dataclasses.replace(
+            settings,
+            clerk_jwks_url=clerk.url,
+            clerk_issuer=ISSUER,
+            clerk_authorized_parties=(PARTY,),
+        )
+    return settings
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[TestClient]:
+    """A creditgate server for ``settings`` and a client for it."""
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def signed_in(app: TestClient, clerk: FakeClerk) -> tuple[dict[str, str], str]:
+    """A new Clerk user's session headers, and the account creditgate made for it."""
+    headers = {"Authorization": f"Bearer {clerk.token(f'user_{uuid.uuid4().hex}')}"}
+    resp = await app.get("/api/user/balance", headers=headers)
+    assert resp.status == 200
+    return headers, (await resp.json())["data"]["accountId"]
+
+
+def app_of(client: TestClient) -> web.Application:
+    """The creditgate application behind a test client."""
+    server = client.server
+    assert isinstance(server, TestServer)
+    return server.app
+
+
+async def json_of(resp: Any) -> dict[str, Any]:
+    body: dict[str, Any] = await resp.json()
+    return body
