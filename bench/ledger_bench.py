@@ -179,12 +179,19 @@ async def main(args: argparse.Namespace) -> int:
             for scenario in args.scenario:
                 n = args.accounts if scenario == "a" else 1
                 accounts = await _fund(pool, n)
+                if args.low_balance_threshold is not None:
+                    # Armed, but far below the balance: the crossing trigger's
+                    # WHEN clause is evaluated on every update and never fires.
+                    micros = ledger.credits_to_micros(args.low_balance_threshold)
+                    for account_id in accounts:
+                        await ledger.set_low_balance_threshold(pool, account_id, micros)
                 result = await _scenario(
                     pool, api, accounts, args.workers, args.seconds, args.warmup
                 )
                 out = {
                     "scenario": scenario,
                     "mode": args.mode,
+                    "low_balance_threshold": args.low_balance_threshold,
                     "accounts": n,
                     "workers": args.workers,
                     "pool": size,
@@ -224,6 +231,10 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--verify", action="store_true", help="run verify_ledger after each scenario")
+    p.add_argument(
+        "--low-balance-threshold",
+        help="set every account's low-balance threshold (credits) below its balance",
+    )
     return p.parse_args(argv)
 
 
