@@ -24,6 +24,7 @@ from tests.conftest import Customer, Services, ledger_footprint
 from tests.fake_clerk import FakeClerk
 from tests.logcapture import remember_secret
 from tests.parity_support import ADMIN, parity_settings, running, signed_in
+from tests.schema_check import assert_conforms, request_schema, response_schema
 
 CREDIT = 1_000_000
 MESSAGES = [{"role": "user", "content": "Hello there"}]
@@ -100,13 +101,19 @@ def low_balance_total() -> float:
 
 
 async def patch(app: TestClient, body: Any, headers: dict[str, str]) -> Any:
-    return await app.patch("/api/preferences", json=body, headers=headers)
+    resp = await app.patch("/api/preferences", json=body, headers=headers)
+    if resp.status == 200:
+        assert_conforms(body, request_schema("patch", "/api/preferences"))
+        assert_conforms(await resp.json(), response_schema("patch", "/api/preferences", 200))
+    return resp
 
 
 async def prefs(app: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     resp = await app.get("/api/preferences", headers=headers)
     assert resp.status == 200
-    data: dict[str, Any] = (await resp.json())["data"]
+    body = await resp.json()
+    assert_conforms(body, response_schema("get", "/api/preferences", 200))
+    data: dict[str, Any] = body["data"]
     return data
 
 

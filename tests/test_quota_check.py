@@ -18,6 +18,7 @@ from creditgate.proxy.request import parse_chat_request
 from tests.billing_support import eventually
 from tests.conftest import Customer, Services, ledger_footprint
 from tests.parity_support import parity_settings, running
+from tests.schema_check import assert_conforms, response_schema
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
@@ -47,7 +48,9 @@ async def quota(app: TestClient, c: Customer, **params: Any) -> dict[str, Any]:
         "/api/quota/check", params={k: str(v) for k, v in params.items()}, headers=c.auth
     )
     assert resp.status == 200, await resp.text()
-    data: dict[str, Any] = (await resp.json())["data"]
+    body = await resp.json()
+    assert_conforms(body, response_schema("get", "/api/quota/check", 200))
+    data: dict[str, Any] = body["data"]
     return data
 
 

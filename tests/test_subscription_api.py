@@ -17,6 +17,7 @@ from tests.conftest import Services
 from tests.fake_clerk import FakeClerk
 from tests.parity_support import parity_settings, running, signed_in
 from tests.polar_fake import FakePolar, order_payload, subscription_payload
+from tests.schema_check import assert_conforms, response_schema
 from tests.test_polar_webhooks import applied, deliver
 
 CREDIT = 1_000_000
@@ -89,7 +90,9 @@ async def webhook(app: TestClient, db: asyncpg.Pool, event: str, data: dict[str,
 async def view(app: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     resp = await app.get("/api/subscription", headers=headers)
     assert resp.status == 200, await resp.text()
-    data: dict[str, Any] = (await resp.json())["data"]
+    body = await resp.json()
+    assert_conforms(body, response_schema("get", "/api/subscription", 200))
+    data: dict[str, Any] = body["data"]
     return data
 
 
@@ -146,7 +149,9 @@ async def test_cancel_asks_polar_once_and_the_tier_changes_with_the_webhook(
     session, _, plan = await subscribed(app, db, clerk, fake)
     resp = await app.delete("/api/subscription", headers=session)
     assert resp.status == 202, await resp.text()
-    data = (await resp.json())["data"]
+    answer = await resp.json()
+    assert_conforms(answer, response_schema("delete", "/api/subscription", 202))
+    data = answer["data"]
     assert data["cancelRequestedAt"] is not None
     assert (data["tier"], data["status"], data["cancelAtPeriodEnd"]) == ("pro", "active", False)
     assert fake.subscription_calls("PATCH", plan.id) == 1

@@ -18,9 +18,11 @@ from tests.conftest import Customer, Services, ledger_footprint
 from tests.logcapture import remember_secret
 from tests.parity_support import ADMIN, parity_settings, running
 from tests.polar_fake import FakePolar
+from tests.schema_check import assert_conforms, problems, request_schema, response_schema
 from tests.test_cli import run as cli
 
 CREDIT = 1_000_000
+PATH = "/api/usage/record"
 
 
 @pytest.fixture
@@ -64,9 +66,12 @@ async def test_tokens_are_priced_and_debited_exactly_with_a_settled_hold(
         "occurredAt": "2026-01-02T03:04:05Z",
         "metadata": {"job": "nightly", "rows": 12},
     }
+    assert_conforms(body, request_schema("post", PATH))
     resp = await record(app, body, headers)
     assert resp.status == 201, await resp.text()
-    data = (await resp.json())["data"]
+    answer = await resp.json()
+    assert_conforms(answer, response_schema("post", PATH, 201))
+    data = answer["data"]
     # ceil(1000 × 0.15 + 2000 × 0.60) µc
     assert data["costMicros"] == 1350 and data["cost"] == 0.00135
     assert data["balanceMicros"] == 2 * CREDIT - 1350
@@ -105,7 +110,9 @@ async def test_an_explicit_cost_needs_no_priced_model(
         headers,
     )
     assert resp.status == 201, await resp.text()
-    data = (await resp.json())["data"]
+    answer = await resp.json()
+    assert_conforms(answer, response_schema("post", PATH, 201))
+    data = answer["data"]
     assert (data["costMicros"], data["balanceMicros"]) == (250_000, 750_000)
     assert data["model"] == "some-provider/model-x" and data["inputTokens"] is None
 
@@ -226,6 +233,9 @@ async def test_bad_bodies_are_400_listing_each_problem_and_write_nothing(
     err = (await resp.json())["error"]
     assert err["code"] == "VALIDATION_ERROR"
     assert {d["path"] for d in err["details"]} == paths
+    # The declared request schema refuses it too (what the schema can say).
+    if body.get("idempotencyKey") != "" and "metadata" not in body and "occurredAt" not in body:
+        assert problems(body, request_schema("post", PATH)), body
     assert await ledger_footprint(db, c.account.id) == before
 
 
