@@ -140,6 +140,8 @@ class NotificationsConfig:
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 60.0
     poll_interval_seconds: float = 5.0  # besides LISTEN: finds alerts whose sender died
+    # Hosts a notificationUrl may name (lower case); empty: any host.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +527,9 @@ def _notifications_config(t: dict[str, Any]) -> NotificationsConfig:
     def num(name: str, default: float) -> float:
         return _seconds(t[name], f"notifications.{name}") if name in t else default
 
+    hosts = t.get("allowed_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError("notifications.allowed_hosts: a list of host names or addresses")
     max_attempts = d.max_attempts
     if "max_attempts" in t:
         max_attempts = _int(t["max_attempts"], "notifications.max_attempts", minimum=1)
@@ -534,6 +539,7 @@ def _notifications_config(t: dict[str, Any]) -> NotificationsConfig:
         retry_initial_seconds=num("retry_initial_seconds", d.retry_initial_seconds),
         retry_max_seconds=num("retry_max_seconds", d.retry_max_seconds),
         poll_interval_seconds=num("poll_interval_seconds", d.poll_interval_seconds),
+        allowed_hosts=tuple(h.lower() for h in hosts),
     )
 
 

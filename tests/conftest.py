@@ -58,6 +58,16 @@ requests_per_minute = 2
 tokens_per_minute = 10000000
 max_parallel = 50
 messages_per_day = 100000
+
+# Low-balance webhooks: only ever to this machine (the tests' receivers), and
+# retried fast.
+[notifications]
+allowed_hosts = ["127.0.0.1", "localhost"]
+request_timeout_seconds = 2
+max_attempts = 3
+retry_initial_seconds = 0.01
+retry_max_seconds = 0.05
+poll_interval_seconds = 1
 """
 
 

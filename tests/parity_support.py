@@ -1,7 +1,8 @@
 """Shared pieces of the billing-parity tests (issue 10): an app with everything connected.
 
-The app has an ADMIN_TOKEN, Clerk sessions (the local JWKS), Polar (the
-session's fake), and notification retries short enough for a test.
+The app has an ADMIN_TOKEN, Clerk sessions (the local JWKS) and Polar (the
+session's fake); TEST_CONFIG keeps notifications on this machine and their
+retries short.
 """
 
 from __future__ import annotations
@@ -33,15 +34,6 @@ ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 remember_secret(ADMIN_TOKEN)
 
-NOTIFICATIONS_TOML = """
-[notifications]
-request_timeout_seconds = 2
-max_attempts = 3
-retry_initial_seconds = 0.01
-retry_max_seconds = 0.05
-poll_interval_seconds = 0.2
-"""
-
 
 def parity_settings(
     services: Services,
@@ -52,9 +44,7 @@ def parity_settings(
     extra_toml: str = "",
 ) -> Settings:
     """Settings with admin token, Polar (``polar_url``; None: off) and Clerk (if given)."""
-    raw = tomllib.loads(
-        billing_toml(upstream_url, NOTIFICATIONS_TOML + extra_toml), parse_float=Decimal
-    )
+    raw = tomllib.loads(billing_toml(upstream_url, extra_toml), parse_float=Decimal)
     settings = Settings(
         config=parse_config(raw, {}),
         database_url=services.database_url,

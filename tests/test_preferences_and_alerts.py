@@ -231,6 +231,7 @@ async def test_preferences_start_empty_and_change_only_for_the_caller(
         ({"notificationUrl": "https://user:pw@example.com/"}, {"notificationUrl"}),
         ({"notificationUrl": "https://example.com/" + "x" * 2048}, {"notificationUrl"}),
         ({"notificationUrl": 5}, {"notificationUrl"}),
+        ({"notificationUrl": "https://example.com/hook"}, {"notificationUrl"}),  # allowed_hosts
         ({"defaultModel": "gpt-unknown"}, {"defaultModel"}),
         ({"rotateSigningSecret": "yes"}, {"rotateSigningSecret"}),
         ({"theme": "dark"}, {"theme"}),
@@ -390,6 +391,25 @@ async def test_without_a_url_the_crossing_is_counted_and_nothing_is_sent(
     [row] = await settled(db, c, 1)
     assert row["status"] == "skipped"
     assert low_balance_total() == counted + 1
+
+
+async def test_a_host_outside_allowed_hosts_is_never_contacted(
+    app: TestClient, customer_factory: Any, db: asyncpg.Pool, receiver: Receiver
+) -> None:
+    c = await customer_factory(1)
+    await watch(app, c, receiver.url, "0.99")
+    # As if the URL had been set before an operator narrowed [notifications] allowed_hosts.
+    await db.execute(
+        "UPDATE account_preferences SET notification_url = 'https://example.com/hook'"
+        " WHERE account_id = $1",
+        c.account.id,
+    )
+    await chat(app, c)
+    [row] = await settled(db, c, 1)
+    assert row["status"] == "failed"
+    error = await db.fetchval("SELECT last_error FROM low_balance_alerts WHERE id = $1", row["id"])
+    assert error == "host not allowed"
+    assert receiver.hits == []
 
 
 async def test_reservations_alone_never_cross(

@@ -47,7 +47,7 @@ MAX_URL = 2048
 _FIELDS = ("lowBalanceThreshold", "notificationUrl", "defaultModel", "rotateSigningSecret")
 
 
-def _url(value: Any, problems: Problems) -> str | None:
+def _url(value: Any, problems: Problems, allowed_hosts: tuple[str, ...]) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
@@ -66,13 +66,15 @@ def _url(value: Any, problems: Problems) -> str | None:
         message = "must not carry credentials; authenticate the webhook by its signature"
     elif url.fragment:
         message = "must not have a #fragment"
+    elif allowed_hosts and url.host.lower() not in allowed_hosts:
+        message = f"this deployment sends notifications only to {', '.join(allowed_hosts)}"
     if message is not None:
         problems.append({"path": "notificationUrl", "message": message})
         return None
     return value
 
 
-def parse_patch(body: dict[str, Any], models: Any) -> Changes:
+def parse_patch(body: dict[str, Any], models: Any, allowed_hosts: tuple[str, ...] = ()) -> Changes:
     """The changes a PATCH body asks for; ValidationError (400) listing every problem."""
     problems: Problems = [
         {"path": name, "message": f"unknown field (allowed: {', '.join(_FIELDS)})"}
@@ -96,7 +98,7 @@ def parse_patch(body: dict[str, Any], models: Any) -> Changes:
                     )
     url: Any = UNSET
     if "notificationUrl" in body:
-        url = _url(body["notificationUrl"], problems)
+        url = _url(body["notificationUrl"], problems, allowed_hosts)
     model: Any = UNSET
     if "defaultModel" in body:
         model = body["defaultModel"]
@@ -127,7 +129,10 @@ async def patch_prefs(request: web.Request) -> web.Response:
     """Change the caller's account's preferences; a new signing secret is shown here once."""
     st = request.app[STATE]
     principal = await authenticate(request)
-    changes = parse_patch(await read_json_object(request), st.settings.config.models)
+    config = st.settings.config
+    changes = parse_patch(
+        await read_json_object(request), config.models, config.notifications.allowed_hosts
+    )
     prefs, secret = await update_preferences(st.db, principal.account_id, changes)
     st.default_models.forget(principal.account_id)  # this process uses the new one at once
     log.info(

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
+import yarl
 from aiohttp import web
 from prometheus_client import Counter
 
@@ -88,6 +89,13 @@ class AlertWorker:
                 log.info("low balance crossed; no notification URL", extra=ids)
                 return
             url, secret = target
+            allowed = self._cfg.allowed_hosts
+            if allowed and (yarl.URL(url).host or "").lower() not in allowed:
+                # Set before the operator narrowed allowed_hosts: never sent.
+                await finish_alert(self._db, alert.id, "failed", "host not allowed")
+                NOTIFICATIONS.labels("failed").inc()
+                log.warning("low-balance webhook host not allowed; not sent", extra=ids)
+                return
             try:
                 status = await deliver(self._session, url, secret, alert, self._cfg)
             except Exception as e:  # every retry spent: recorded, never raised further
