@@ -334,7 +334,10 @@ _MESSAGE: Schema = obj(
 )
 CHAT_REQUEST: Schema = obj(
     {
-        "model": {**STR, "description": "a model from GET /v1/models"},
+        "model": {
+            **STR,
+            "description": "a model from GET /v1/models; default: the account's defaultModel",
+        },
         "messages": arr(_MESSAGE, minItems=1),
         "stream": nullable(BOOL),
         "stream_options": nullable(obj({"include_usage": BOOL}, extra=True)),
