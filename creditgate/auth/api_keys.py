@@ -10,22 +10,18 @@ it). The cache also answers repeated bad keys without the database.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from creditgate.auth.last_used import LastUsedRecorder
 from creditgate.auth.principal import USAGE_WRITE, Principal
 from creditgate.errors import Conflict, Forbidden, Unauthorized
-from creditgate.ledger.db import Db
+from creditgate.ledger.db import Db, transaction
 
 KEY_PREFIX = "cg_"
 _KEY_LEN = len(KEY_PREFIX) + 43  # 32 bytes in unpadded base64
@@ -93,16 +89,6 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-@contextlib.asynccontextmanager
-async def _transaction(db: Db) -> AsyncIterator[asyncpg.Connection]:
-    if isinstance(db, asyncpg.Pool):
-        async with db.acquire() as conn, conn.transaction():
-            yield conn
-    else:
-        async with db.transaction():
-            yield db
-
-
 async def create_api_key(
     db: Db,
     account_id: uuid.UUID,
@@ -125,7 +111,7 @@ async def create_api_key(
     assert len(key) == _KEY_LEN
     key_id = uuid.uuid4()
     prefix = key[: len(KEY_PREFIX) + 8]
-    async with _transaction(db) as conn:
+    async with transaction(db) as conn:
         await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
         live = await conn.fetchval(
             "SELECT count(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL"
