@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -70,3 +72,20 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def run_cli(services: Services, *args: str) -> tuple[int, dict[str, Any]]:
+    """``creditgate ARGS --json`` against the test databases: (exit code, its JSON output)."""
+    env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "creditgate", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    with log_file("cli") as f:
+        f.write(proc.stderr.encode())
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) <= 1, proc.stdout  # exactly one JSON object, or nothing on a usage error
+    return proc.returncode, json.loads(lines[0]) if lines else {}

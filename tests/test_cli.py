@@ -17,22 +17,7 @@ import pytest
 
 from tests.conftest import Services
 from tests.logcapture import log_file, remember_secret
-
-
-def run(services: Services, *args: str) -> tuple[int, dict]:
-    env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url}
-    proc = subprocess.run(
-        [sys.executable, "-m", "creditgate", *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    with log_file("cli") as f:
-        f.write(proc.stderr.encode())
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) <= 1, proc.stdout  # exactly one JSON object, or nothing on a usage error
-    return proc.returncode, json.loads(lines[0]) if lines else {}
+from tests.procs import run_cli as run
 
 
 def test_operator_commands(services: Services) -> None:

@@ -18,8 +18,8 @@ from tests.conftest import Customer, Services, ledger_footprint
 from tests.logcapture import remember_secret
 from tests.parity_support import ADMIN, parity_settings, running
 from tests.polar_fake import FakePolar
+from tests.procs import run_cli as cli
 from tests.schema_check import assert_conforms, problems, request_schema, response_schema
-from tests.test_cli import run as cli
 
 CREDIT = 1_000_000
 PATH = "/api/usage/record"

@@ -58,12 +58,8 @@ __all__ = [
 ]
 
 
-async def authenticate(request: web.Request, keys: object = None) -> Principal:
-    """The caller of ``request`` (API key or Clerk session); 401 / 403 otherwise.
-
-    ``keys`` is ignored: it keeps callers written against the first
-    skeleton's ``authenticate(request, st.keys)`` working.
-    """
+async def authenticate(request: web.Request) -> Principal:
+    """The caller of ``request`` (API key or Clerk session); 401 / 403 otherwise."""
     return await request.app[AUTH].authenticate(request)
 
 

@@ -51,7 +51,7 @@ def _ts(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _polar_failed(e: PolarError) -> UpstreamError:
+def polar_failed(e: PolarError) -> UpstreamError:
     log.warning(
         "polar request failed",
         extra={"error": type(e).__name__, "status": getattr(e, "status_code", None)},
@@ -100,7 +100,7 @@ async def create_checkout(request: web.Request) -> web.Response:
                 max_wait_seconds=2.0,
             )
         except PolarError as e:
-            raise _polar_failed(e) from None
+            raise polar_failed(e) from None
         await conn.execute(
             """
             INSERT INTO polar_checkouts (id, account_id, product_id, url, status, expires_at)
@@ -189,9 +189,9 @@ async def billing_portal(request: web.Request) -> web.Response:
             raise NotFound(
                 "This account has no Polar customer yet: buy a plan or credits first."
             ) from None
-        raise _polar_failed(e) from None
+        raise polar_failed(e) from None
     except PolarError as e:
-        raise _polar_failed(e) from None
+        raise polar_failed(e) from None
     return data_response(request, {"url": session.customer_portal_url})
 
 

@@ -29,7 +29,7 @@ from polar.v2026_10.outputs import AlreadyCanceledSubscription
 
 from creditgate import ledger
 from creditgate.auth import authenticate, require_session
-from creditgate.billing.checkout import POLAR, _polar_failed
+from creditgate.billing.checkout import POLAR, polar_failed
 from creditgate.billing.client import call_with_retries
 from creditgate.billing.polar_events import (
     RetryLater,
@@ -209,7 +209,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
         except ResourceNotFound:
             raise NotFound("Polar does not know this subscription.") from None
         except PolarError as e:
-            raise _polar_failed(e) from None
+            raise polar_failed(e) from None
         await conn.execute(
             "UPDATE subscriptions SET cancel_requested_at = now() WHERE id = $1", subscription_id
         )
