@@ -1,25 +1,37 @@
-"""What creditgate adds to a call: through creditgate vs straight to the upstream.
+"""What creditgate adds to a call, against a bare aiohttp pass-through and LiteLLM Proxy.
 
-    .venv/bin/python bench/proxy_bench.py            # ~3 minutes; prints a Markdown table
+    .venv/bin/python bench/proxy_bench.py            # ~6 minutes; prints Markdown tables
 
-Starts ``creditgate mock-upstream`` and ``creditgate serve`` (one process, pinned
-to core 0 with ``taskset``), seeds an account and an API key, and runs a
-closed-loop load generator (this process and the mock pinned to core 1). For
-every scenario the same requests go to each target — straight to the mock,
-and through creditgate with the whole path on (API-key auth, throttle,
-ledger reserve + settle, metrics, logs) — in interleaved rounds (A B B A …),
-so drift on this shared machine hits both alike.
+One run measures, in interleaved rounds (A B C, C B A, …) so drift on this
+shared machine hits every target alike:
 
-Reported per scenario and target: requests/s, latency p50/p99, time to first
-byte (streams), and for creditgate the added p50/p99, added time to first
-byte, CPU ms per request (``/proc/<pid>/stat``) and, for the paced stream,
-how much later each chunk reaches the client than it left the upstream.
+* ``direct``      straight to ``creditgate mock-upstream``;
+* ``bare``        through ``bench/bare_proxy.py``, a bare aiohttp pass-through
+                  (the floor any aiohttp proxy pays; issue 9's baseline);
+* ``creditgate``  through ``creditgate serve``, the whole path on: API-key auth,
+                  validation, throttle (Redis), ledger reserve + settle
+                  (Postgres, durable commits), metrics, one log line a request;
+* ``litellm``     through LiteLLM Proxy (one worker, no database), when a
+                  ``litellm`` executable is found (``--litellm PATH``; by default
+                  ``/tmp/litellm-venv/bin/litellm``). Never a project dependency:
+                  ``python3 -m venv /tmp/litellm-venv &&
+                  /tmp/litellm-venv/bin/pip install 'litellm[proxy]==1.106.0'``.
 
-PostgreSQL and Redis: ``DATABASE_URL`` / ``REDIS_URL`` when set (a fresh
-database is created on that server and dropped after), else embedded ones.
+Every proxy is one process pinned to core 0 (``taskset``), one at a time under
+load; the mock, this load generator (closed loop, aiohttp, uvloop) and the
+bench's own ``redis-server`` and PostgreSQL (pgserver, in a temporary
+directory, ``fsync`` on) run on core 1 — they are started here, so their CPU
+is measurable and no one else's traffic is in it.
 
-Extending it: a scenario is a ``Scenario`` row and a target a ``Target`` row
-(a URL, headers, a process to measure); the harness does the rest.
+Reported per scenario and target: requests/s, the proxy core's busy share and
+requests/s per core (1 / proxy CPU per request), latency p50/p99, added p50
+vs direct, time to first byte for streams, per-chunk delay for the paced
+stream, CPU ms per request of the proxy and of Postgres + Redis; idle and peak
+RSS per proxy; creditgate's own step timings; and a verdict per issue-9
+target, as a ratio to the bare proxy measured in the same run.
+
+Extending it: a scenario is a ``Scenario`` row, a target a ``Target`` row and a
+verdict a ``Goal`` row; the harness does the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -40,7 +53,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -54,6 +66,7 @@ from creditgate.auth import create_api_key  # noqa: E402
 
 PROXY_CORE, LOAD_CORE = 0, 1
 MODEL = "bench-model"
+CHUNKS = 20
 CONFIG = """
 [upstreams.main]
 base_url = "{upstream}"
@@ -70,6 +83,16 @@ tokens_per_minute = 1000000000
 max_parallel = 1000
 messages_per_day = 1000000000
 """
+LITELLM_CONFIG = """
+model_list:
+  - model_name: {model}
+    litellm_params:
+      model: openai/{model}
+      api_base: {upstream}
+      api_key: bench-not-a-key
+litellm_settings:
+  telemetry: false
+"""
 
 
 @dataclass(frozen=True)
@@ -79,7 +102,7 @@ class Scenario:
     name: str
     stream: bool
     concurrency: int
-    chunks: int = 20  # completion tokens; one SSE event each when streaming
+    chunks: int = CHUNKS  # completion tokens; one SSE event each when streaming
     chunk_delay_ms: int = 0  # the upstream's pace between chunks
     stamp: bool = False  # chunks carry the mock's send time: measures per-chunk delay
 
@@ -100,6 +123,16 @@ class Scenario:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def headers(self) -> dict[str, str]:
+        """The same settings as headers: they reach the mock through proxies that
+        drop unknown body fields (LiteLLM forwards neither, the mock's defaults apply)."""
+        h = {"x-mock-chunks": str(self.chunks)}
+        if self.chunk_delay_ms:
+            h["x-mock-chunk-delay-ms"] = str(self.chunk_delay_ms)
+        if self.stamp:
+            h["x-mock-stamp"] = "true"
+        return h
+
 
 SCENARIOS = (
     Scenario("json, c=1", stream=False, concurrency=1),
@@ -112,12 +145,13 @@ SCENARIOS = (
 
 @dataclass
 class Target:
-    """Where requests go; ``pid`` (if any) is the process whose CPU is charged to it."""
+    """Where requests go; ``pid`` (if any) is the proxy process whose CPU is charged to it."""
 
     name: str
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
+    idle_rss_mb: float = float("nan")
 
 
 @dataclass
@@ -127,17 +161,34 @@ class Sample:
     chunk_delay: list[float] = field(default_factory=list)  # seconds, upstream send → arrival
     errors: int = 0
     elapsed: float = 0.0
-    cpu_ticks: int = 0
+    proxy_ticks: int = 0  # the proxy process's CPU, in clock ticks
+    backing_ticks: int = 0  # Postgres' and Redis' CPU, in clock ticks
+
+
+@dataclass(frozen=True)
+class Backing:
+    """The bench's own Postgres and Redis, whose CPU is charged per request."""
+
+    postmaster: int
+    redis: int
+
+    def ticks(self) -> int:
+        return _tree_ticks(self.postmaster) + _cpu_ticks(self.redis)
 
 
 # ---------------------------------------------------------------- load
 
 
 async def one_call(
-    session: aiohttp.ClientSession, target: Target, payload: bytes, scenario: Scenario, s: Sample
+    session: aiohttp.ClientSession,
+    target: Target,
+    payload: bytes,
+    headers: dict[str, str],
+    scenario: Scenario,
+    s: Sample,
 ) -> None:
     started = time.perf_counter()
-    async with session.post(target.url, data=payload, headers=target.headers) as resp:
+    async with session.post(target.url, data=payload, headers=headers) as resp:
         if not scenario.stream:
             await resp.read()
             s.latency.append(time.perf_counter() - started)
@@ -174,55 +225,91 @@ def _chunk_delays(reads: list[tuple[float, bytes]]) -> Iterator[float]:
             for choice in orjson.loads(event[6:]).get("choices") or []:
                 content = (choice.get("delta") or {}).get("content") or ""
                 if content.strip():
-                    yield arrived - float(content)
+                    with contextlib.suppress(ValueError):
+                        yield arrived - float(content)
 
 
 async def run_batch(
-    session: aiohttp.ClientSession, target: Target, scenario: Scenario, seconds: float, s: Sample
+    session: aiohttp.ClientSession,
+    target: Target,
+    scenario: Scenario,
+    seconds: float,
+    s: Sample,
+    backing: Backing,
 ) -> None:
     payload = orjson.dumps(scenario.body())
+    headers = {**target.headers, **scenario.headers(), "Content-Type": "application/json"}
     stop = time.perf_counter() + seconds
-    ticks_before = _cpu_ticks(target.pid)
+    proxy_before, backing_before = _cpu_ticks(target.pid), backing.ticks()
 
     async def worker() -> None:
         while time.perf_counter() < stop:
             try:
-                await one_call(session, target, payload, scenario, s)
+                await one_call(session, target, payload, headers, scenario, s)
             except aiohttp.ClientError:
                 s.errors += 1
+                await asyncio.sleep(0.01)  # a refused connection must not spin
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(scenario.concurrency)))
     s.elapsed += time.perf_counter() - started
-    s.cpu_ticks += _cpu_ticks(target.pid) - ticks_before
+    s.proxy_ticks += _cpu_ticks(target.pid) - proxy_before
+    s.backing_ticks += backing.ticks() - backing_before
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def _cpu_ticks(pid: int | None) -> int:
+    """utime + stime (fields 14 and 15 of /proc/<pid>/stat): every thread of the process."""
     if pid is None:
         return 0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
-def _rss_mb(pid: int) -> float:
+def _tree_ticks(root: int) -> int:
+    """CPU of a process, its live children, and its children already reaped (cutime +
+    cstime): Postgres' postmaster and its backends, checkpointer, WAL writer, …"""
+    try:
+        fields = _stat_fields(root)
+    except OSError:
+        return 0
+    total = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            child = _stat_fields(int(entry.name))
+            if int(child[1]) == root:  # field 4: the parent's pid
+                total += int(child[11]) + int(child[12])
+    return total
+
+
+def _rss_mb(pid: int, field_name: str = "VmRSS") -> float:
+    """Resident memory in MB: VmRSS now, or VmHWM (the peak since the process started)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field_name + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 async def run_scenario(
-    targets: list[Target], scenario: Scenario, rounds: int, seconds: float
+    targets: list[Target], scenario: Scenario, rounds: int, seconds: float, backing: Backing
 ) -> dict[str, Sample]:
     results = {t.name: Sample() for t in targets}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         for t in targets:  # warm up connections, caches and the JIT-less rest
-            await run_batch(session, t, scenario, min(1.0, seconds), Sample())
+            await run_batch(session, t, scenario, min(1.0, seconds), Sample(), backing)
         for r in range(rounds):
-            order = targets if r % 2 == 0 else list(reversed(targets))  # A B, B A, …
+            order = targets if r % 2 == 0 else list(reversed(targets))  # A B C, C B A, …
             for t in order:
-                await run_batch(session, t, scenario, seconds, results[t.name])
+                await run_batch(session, t, scenario, seconds, results[t.name], backing)
     return results
 
 
@@ -240,52 +327,181 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def report(scenario: Scenario, results: dict[str, Sample], base: str, clk_tck: int) -> list[str]:
+@dataclass
+class Row:
+    """One scenario × target, summarised (also what ``--json`` writes)."""
+
+    scenario: str
+    target: str
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float | None
+    ttfb_p50_ms: float | None
+    added_ttfb_p50_ms: float | None
+    chunk_delay_ms: tuple[float, float, float] | None  # p50, p99, max
+    proxy_cpu_ms: float | None  # per request
+    proxy_busy: float | None  # share of its core
+    backing_cpu_ms: float  # Postgres + Redis, per request
+
+    @property
+    def rps_per_core(self) -> float | None:
+        """Requests/s one fully used core would serve at this CPU cost per request."""
+        return 1000 / self.proxy_cpu_ms if self.proxy_cpu_ms else None
+
+
+def summarise(
+    scenario: Scenario, results: dict[str, Sample], targets: list[Target], clk_tck: int
+) -> list[Row]:
+    base = results["direct"]
     rows = []
-    b = results[base]
-    for name, s in results.items():
+    for t in targets:
+        s = results[t.name]
         n = len(s.latency)
-        row = [
-            scenario.name,
-            name,
-            str(n),
-            f"{n / s.elapsed:.0f}" if s.elapsed else "-",
-            ms(pct(s.latency, 0.5)),
-            ms(pct(s.latency, 0.99)),
-        ]
-        if name == base:
-            row += ["", ""]
-        else:
-            row += [
-                "+" + ms(pct(s.latency, 0.5) - pct(b.latency, 0.5)),
-                "+" + ms(pct(s.latency, 0.99) - pct(b.latency, 0.99)),
-            ]
-        if scenario.stream:
-            ttfb = ms(pct(s.ttfb, 0.5))
-            if name != base:
-                ttfb += f" (+{ms(pct(s.ttfb, 0.5) - pct(b.ttfb, 0.5))})"
-            row.append(ttfb)
-        else:
-            row.append("")
-        if scenario.stamp and s.chunk_delay:
-            row.append(
-                f"{ms(statistics.median(s.chunk_delay))} / {ms(pct(s.chunk_delay, 0.99))}"
-                f" / {ms(max(s.chunk_delay))}"
+        direct = t.name == "direct"
+        cpu = s.proxy_ticks / clk_tck / n * 1000 if n and t.pid is not None else None
+        rows.append(
+            Row(
+                scenario=scenario.name,
+                target=t.name,
+                requests=n,
+                errors=s.errors,
+                rps=n / s.elapsed if s.elapsed else 0.0,
+                p50_ms=pct(s.latency, 0.5) * 1000,
+                p99_ms=pct(s.latency, 0.99) * 1000,
+                added_p50_ms=None
+                if direct
+                else (pct(s.latency, 0.5) - pct(base.latency, 0.5)) * 1000,
+                ttfb_p50_ms=pct(s.ttfb, 0.5) * 1000 if scenario.stream else None,
+                added_ttfb_p50_ms=(pct(s.ttfb, 0.5) - pct(base.ttfb, 0.5)) * 1000
+                if scenario.stream and not direct
+                else None,
+                chunk_delay_ms=(
+                    statistics.median(s.chunk_delay) * 1000,
+                    pct(s.chunk_delay, 0.99) * 1000,
+                    max(s.chunk_delay) * 1000,
+                )
+                if s.chunk_delay
+                else None,
+                proxy_cpu_ms=cpu,
+                proxy_busy=s.proxy_ticks / clk_tck / s.elapsed
+                if s.elapsed and t.pid is not None
+                else None,
+                backing_cpu_ms=s.backing_ticks / clk_tck / n * 1000 if n else float("nan"),
             )
-        else:
-            row.append("")
-        cpu = s.cpu_ticks / clk_tck / n * 1000 if n and name != base else None
-        row.append(f"{cpu:.3f}" if cpu is not None else "")
-        row.append(str(s.errors))
-        rows.append("| " + " | ".join(row) + " |")
+        )
     return rows
 
 
+def _f(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None or value != value:  # None or NaN
+        return ""
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
 HEADER = (
-    "| scenario | target | requests | req/s | p50 ms | p99 ms | added p50 | added p99 "
-    "| TTFB p50 ms (added) | chunk delay p50/p99/max ms | proxy CPU ms/req | errors |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| scenario | target | req/s | proxy core busy | req/s per core | p50 ms | p99 ms "
+    "| added p50 | TTFB p50 ms (added) | chunk delay p50/p99/max ms | proxy CPU ms/req "
+    "| PG + Redis CPU ms/req | errors |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def table_row(r: Row) -> str:
+    ttfb = ""
+    if r.ttfb_p50_ms is not None:
+        ttfb = _f(r.ttfb_p50_ms)
+        if r.added_ttfb_p50_ms is not None:
+            ttfb += f" ({_f(r.added_ttfb_p50_ms, sign=True)})"
+    delay = " / ".join(_f(v) for v in r.chunk_delay_ms) if r.chunk_delay_ms else ""
+    cells = [
+        r.scenario,
+        r.target,
+        f"{r.rps:.0f}",
+        f"{r.proxy_busy:.0%}" if r.proxy_busy is not None else "",
+        f"{r.rps_per_core:.0f}" if r.rps_per_core else "",
+        _f(r.p50_ms),
+        _f(r.p99_ms),
+        _f(r.added_p50_ms, sign=True),
+        ttfb,
+        delay,
+        _f(r.proxy_cpu_ms, 3),
+        _f(r.backing_cpu_ms, 3) if r.target == "creditgate" else "",
+        str(r.errors),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of issue 9's targets: creditgate's figure against the bare proxy's, as a ratio.
+
+    The issue's absolute numbers (creditgate target / bare proxy on the issue's
+    machine) give the ratio; ``higher`` says which way is better.
+    """
+
+    name: str
+    scenario: str
+    metric: str  # a Row attribute
+    issue_target: float
+    issue_bare: float
+    higher: bool = False
+
+    @property
+    def ratio(self) -> float:
+        return self.issue_target / self.issue_bare
+
+
+GOALS = (
+    Goal("added p50, non-streaming, c=1", "json, c=1", "added_p50_ms", 1.0, 0.1),
+    Goal("added p50, streaming, c=1", "stream 20 chunks, c=1", "added_p50_ms", 1.5, 0.16),
+    Goal("proxy CPU per request, non-streaming", "json, c=1", "proxy_cpu_ms", 0.8, 0.1),
+    Goal(
+        "requests/s per core, non-streaming, c=32", "json, c=32", "rps_per_core", 1200, 8700, True
+    ),
+    Goal("streams/s per core, c=32", "stream 20 chunks, c=32", "rps_per_core", 800, 2800, True),
+)
+IDLE_RSS_TARGET_MB = 120
+
+
+def verdicts(rows: list[Row], targets: list[Target]) -> list[str]:
+    by = {(r.scenario, r.target): r for r in rows}
+    out = [
+        "| target (issue 9) | bare | creditgate | litellm | creditgate / bare | allowed"
+        " | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g in GOALS:
+        vals = {}
+        for name in ("bare", "creditgate", "litellm"):
+            row = by.get((g.scenario, name))
+            vals[name] = getattr(row, g.metric) if row is not None else None
+        bare, cg = vals["bare"], vals["creditgate"]
+        if bare is None or cg is None or bare <= 0:
+            out.append(f"| {g.name} | {_f(bare)} | {_f(cg)} | {_f(vals['litellm'])} | | | n/a |")
+            continue
+        ratio = cg / bare
+        met = ratio >= g.ratio if g.higher else ratio <= g.ratio
+        bound = f"{'≥' if g.higher else '≤'} {g.ratio:.3g}×"
+        digits = 0 if g.higher else 3
+        out.append(
+            f"| {g.name} | {_f(bare, digits)} | {_f(cg, digits)} | {_f(vals['litellm'], digits)}"
+            f" | {ratio:.3g}× | {bound} | {'met' if met else 'NOT met'} |"
+        )
+    cg_target = next((t for t in targets if t.name == "creditgate"), None)
+    if cg_target is not None:
+        idle = cg_target.idle_rss_mb
+        met = idle <= IDLE_RSS_TARGET_MB
+        bare_t = next((t for t in targets if t.name == "bare"), None)
+        lite = next((t for t in targets if t.name == "litellm"), None)
+        out.append(
+            f"| idle RSS per worker, MB | {_f(bare_t.idle_rss_mb, 0) if bare_t else ''}"
+            f" | {idle:.0f} | {_f(lite.idle_rss_mb, 0) if lite else ''} | |"
+            f" ≤ {IDLE_RSS_TARGET_MB} MB | {'met' if met else 'NOT met'} |"
+        )
+    return out
 
 
 # ---------------------------------------------------------------- set-up
@@ -302,8 +518,10 @@ def pinned(core: int, argv: list[str]) -> list[str]:
     return [taskset, "-c", str(core), *argv] if taskset else argv
 
 
-async def wait_ready(url: str, what: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
+async def wait_ready(
+    url: str, what: str, proc: subprocess.Popen[bytes], timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while True:
             if proc.poll() is not None:
@@ -314,37 +532,45 @@ async def wait_ready(url: str, what: str, proc: subprocess.Popen[bytes]) -> None
                         return
             if time.monotonic() > deadline:
                 raise SystemExit(f"{what} did not start")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
 
 @contextlib.contextmanager
-def services() -> Iterator[tuple[str, str]]:
-    """(base Postgres URL, Redis URL): the environment's, or embedded ones."""
-    stops = []
-    data = Path(tempfile.mkdtemp(prefix="cg-bench-"))
-    pg, rd = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+def services(data: Path) -> Iterator[tuple[str, str, Backing]]:
+    """The bench's own Postgres (pgserver, fsync on) and redis-server, on core 1.
+
+    Both inherit this process's affinity (set to the load core first)."""
+    from creditgate.embedded import EmbeddedPostgres
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise SystemExit("redis-server is required (apt-get install redis-server)")
+    pg = EmbeddedPostgres(data)
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        [
+            redis_server,
+            "--port", str(redis_port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        if not pg:
-            from creditgate.embedded import EmbeddedPostgres
-
-            e = EmbeddedPostgres(data)
-            stops.append(e.stop)
-            pg = e.url
-        if not rd:
-            from creditgate.embedded import EmbeddedRedis
-
-            r = EmbeddedRedis(data)
-            stops.append(r.stop)
-            rd = r.url
-        yield pg, rd
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", redis_port)):
+                break
+            if time.monotonic() > deadline or redis.poll() is not None:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.05)
+        yield pg.url, f"redis://127.0.0.1:{redis_port}/0", Backing(pg._server.get_pid(), redis.pid)
     finally:
-        for stop in reversed(stops):
-            stop()
-        shutil.rmtree(data, ignore_errors=True)
-
-
-def on_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+        redis.terminate()
+        redis.wait(timeout=10)
+        pg.stop()
 
 
 async def seed(database_url: str) -> str:
@@ -452,88 +678,233 @@ def commit() -> str:
         return "unknown"
 
 
+def litellm_version(exe: str) -> str:
+    python = Path(exe).parent / "python"
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 async def main(args: argparse.Namespace) -> None:
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setaffinity(0, {LOAD_CORE})
+        os.sched_setaffinity(0, {LOAD_CORE})  # and so Postgres, Redis, the mock
     scenarios = [s for s in SCENARIOS if not args.only or any(o in s.name for o in args.only)]
+    wanted = set(args.targets)
     creditgate = [str(Path(sys.executable).parent / "creditgate")]
-    with services() as (pg_base, redis_url), tempfile.TemporaryDirectory() as tmp:
-        db_name = f"cg_bench_{uuid.uuid4().hex[:10]}"
-        admin = await asyncpg.connect(pg_base)
-        await admin.execute(f'CREATE DATABASE "{db_name}"')
-        await admin.close()
-        database_url = on_database(pg_base, db_name)
+    litellm = args.litellm if args.litellm and Path(args.litellm).exists() else None
+    if "litellm" in wanted and litellm is None:
+        print(f"(no LiteLLM at {args.litellm}: its column is left out)")
+        wanted.discard("litellm")
+    with (
+        tempfile.TemporaryDirectory(prefix="cg-bench-") as tmp,
+        services(Path(tmp)) as (
+            pg_url,
+            redis_url,
+            backing,
+        ),
+    ):
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            key = await seed(database_url)
-            mock_port, cg_port = free_port(), free_port()
+            key = await seed(pg_url)
+            mock_port, cg_port, bare_port, lite_port = (free_port() for _ in range(4))
             mock = subprocess.Popen(
-                pinned(LOAD_CORE, [*creditgate, "mock-upstream", "--port", str(mock_port)]),
+                pinned(
+                    LOAD_CORE,
+                    [*creditgate, "mock-upstream", "--port", str(mock_port), "--chunks", "20"],
+                ),
                 stderr=subprocess.DEVNULL,
             )
             procs.append(mock)
-            config = Path(tmp) / "bench.toml"
-            config.write_text(
-                CONFIG.format(upstream=f"http://127.0.0.1:{mock_port}/v1", model=MODEL)
-            )
-            env = {
-                **os.environ,
-                "CREDITGATE_CONFIG": str(config),
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
-                "LOG_LEVEL": args.log_level,
-            }
-            cg = subprocess.Popen(
-                pinned(PROXY_CORE, [*creditgate, "serve", "--port", str(cg_port)]),
-                env=env,
-                stderr=subprocess.DEVNULL,  # JSON logs: formatted (the cost counts), discarded
-            )
-            procs.append(cg)
-            await wait_ready(f"http://127.0.0.1:{mock_port}/v1/models", "mock-upstream", mock)
-            await wait_ready(f"http://127.0.0.1:{cg_port}/health", "creditgate", cg)
-            targets = [
-                Target("direct", f"http://127.0.0.1:{mock_port}/v1/chat/completions"),
-                Target(
-                    "creditgate",
-                    f"http://127.0.0.1:{cg_port}/v1/chat/completions",
-                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                    cg.pid,
-                ),
-            ]
+            upstream = f"http://127.0.0.1:{mock_port}/v1"
+            await wait_ready(f"{upstream}/models", "mock-upstream", mock)
+            targets = [Target("direct", f"{upstream}/chat/completions")]
+            if "bare" in wanted:
+                bare = subprocess.Popen(
+                    pinned(
+                        PROXY_CORE,
+                        [
+                            sys.executable,
+                            str(ROOT / "bench" / "bare_proxy.py"),
+                            "--port",
+                            str(bare_port),
+                            "--upstream",
+                            upstream,
+                        ],
+                    )
+                )
+                procs.append(bare)
+                await wait_ready(f"http://127.0.0.1:{bare_port}/health", "bare proxy", bare)
+                targets.append(
+                    Target(
+                        "bare", f"http://127.0.0.1:{bare_port}/v1/chat/completions", pid=bare.pid
+                    )
+                )
+            if "creditgate" in wanted:
+                config = Path(tmp) / "bench.toml"
+                config.write_text(CONFIG.format(upstream=upstream, model=MODEL))
+                env = {
+                    **os.environ,
+                    "CREDITGATE_CONFIG": str(config),
+                    "DATABASE_URL": pg_url,
+                    "REDIS_URL": redis_url,
+                    "LOG_LEVEL": args.log_level,
+                }
+                cg = subprocess.Popen(
+                    pinned(PROXY_CORE, [*creditgate, "serve", "--port", str(cg_port)]),
+                    env=env,
+                    stderr=subprocess.DEVNULL,  # JSON logs: formatted (the cost counts), discarded
+                )
+                procs.append(cg)
+                await wait_ready(f"http://127.0.0.1:{cg_port}/health", "creditgate", cg)
+                targets.append(
+                    Target(
+                        "creditgate",
+                        f"http://127.0.0.1:{cg_port}/v1/chat/completions",
+                        {"Authorization": f"Bearer {key}"},
+                        cg.pid,
+                    )
+                )
+            if litellm is not None:
+                lite_config = Path(tmp) / "litellm.yaml"
+                lite_config.write_text(LITELLM_CONFIG.format(upstream=upstream, model=MODEL))
+                lite_env = {
+                    k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")
+                }
+                lite_env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+                # It refuses to start without one; with no database it checks it per request.
+                lite_key = "sk-bench-" + uuid.uuid4().hex
+                lite_env["LITELLM_MASTER_KEY"] = lite_key
+                lite = subprocess.Popen(
+                    pinned(
+                        PROXY_CORE,
+                        [
+                            litellm,
+                            "--config",
+                            str(lite_config),
+                            "--port",
+                            str(lite_port),
+                            "--host",
+                            "127.0.0.1",
+                            "--num_workers",
+                            "1",
+                        ],
+                    ),
+                    env=lite_env,
+                    cwd=tmp,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                procs.append(lite)
+                await wait_ready(
+                    f"http://127.0.0.1:{lite_port}/health/liveliness", "litellm", lite, 120
+                )
+                targets.append(
+                    Target(
+                        "litellm",
+                        f"http://127.0.0.1:{lite_port}/v1/chat/completions",
+                        {"Authorization": f"Bearer {lite_key}"},
+                        _server_pid(lite.pid),
+                    )
+                )
+            await asyncio.sleep(1.0)  # let start-up work settle before idle RSS
+            for t in targets:
+                if t.pid is not None:
+                    t.idle_rss_mb = _rss_mb(t.pid)
             clk_tck = os.sysconf("SC_CLK_TCK")
             print(f"commit {commit()}, {args.rounds} rounds × {args.seconds:g} s per target")
-            print(await floor(database_url, redis_url) + "\n")
-            print(HEADER)
+            print(f"load average at start: {loadavg()}")
+            if litellm is not None:
+                print(f"LiteLLM {litellm_version(litellm)}")
+            print(await floor(pg_url, redis_url) + "\n")
+            print(HEADER, flush=True)
             metrics_url = f"http://127.0.0.1:{cg_port}/metrics"
-            means = []
+            has_cg = any(t.name == "creditgate" for t in targets)
+            means, rows, loads = [], [], [loadavg()]
             for scenario in scenarios:
-                before = await step_totals(metrics_url)
-                results = await run_scenario(targets, scenario, args.rounds, args.seconds)
-                means.append(
-                    f"- {scenario.name}: {step_means(before, await step_totals(metrics_url))}"
+                before = await step_totals(metrics_url) if has_cg else {}
+                results = await run_scenario(targets, scenario, args.rounds, args.seconds, backing)
+                if has_cg:
+                    after = await step_totals(metrics_url)
+                    means.append(f"- {scenario.name}: {step_means(before, after)}")
+                for row in summarise(scenario, results, targets, clk_tck):
+                    rows.append(row)
+                    print(table_row(row), flush=True)
+                loads.append(loadavg())
+            print("\n| proxy | idle RSS MB | peak RSS MB |\n|---|---|---|")
+            for t in targets:
+                if t.pid is not None:
+                    peak = _rss_mb(t.pid, "VmHWM")
+                    print(f"| {t.name} | {t.idle_rss_mb:.0f} | {peak:.0f} |")
+            print()
+            print("\n".join(verdicts(rows, targets)))
+            print(f"\nload average after each scenario: {' → '.join(loads)}")
+            if means:
+                print("mean ms per step, as creditgate's own histograms record them:")
+                print("\n".join(means))
+            if args.json:
+                Path(args.json).write_text(
+                    json.dumps(
+                        {
+                            "commit": commit(),
+                            "load": loads,
+                            "rows": [r.__dict__ for r in rows],
+                            "rss": {t.name: t.idle_rss_mb for t in targets},
+                        },
+                        indent=1,
+                    )
                 )
-                for row in report(scenario, results, "direct", clk_tck):
-                    print(row, flush=True)
-            print(f"\ncreditgate RSS after the run: {_rss_mb(cg.pid):.0f} MB")
-            print("mean ms per step, as creditgate's own histograms record them:")
-            print("\n".join(means))
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                try:
                     p.wait(timeout=10)
-            admin = await asyncpg.connect(pg_base)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-            await admin.close()
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _server_pid(pid: int) -> int:
+    """The process that serves: LiteLLM's CLI runs uvicorn in-process, but if it
+    forked a single child, that child is the one to measure."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        children = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if int(_stat_fields(int(entry.name))[1]) == pid:
+                        children.append(int(entry.name))
+        if len(children) == 1 and _rss_mb(children[0]) > _rss_mb(pid):
+            return children[0]
+        time.sleep(0.2)
+    return pid
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per scenario")
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per target per round")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per target per round")
     parser.add_argument("--only", nargs="*", help="run the scenarios whose name contains these")
+    parser.add_argument(
+        "--targets",
+        nargs="*",
+        default=["bare", "creditgate", "litellm"],
+        help="proxies to measure besides direct (default: bare creditgate litellm)",
+    )
+    parser.add_argument(
+        "--litellm",
+        default="/tmp/litellm-venv/bin/litellm",
+        help="the litellm executable of a separate venv (its column is skipped if absent)",
+    )
     parser.add_argument("--log-level", default="info", help="creditgate's LOG_LEVEL (default info)")
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     with contextlib.suppress(ImportError):
         import uvloop
