@@ -26,10 +26,13 @@ from creditgate.http.ids import (
     STARTED,
     pick_id,
 )
+from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from creditgate.logs import log
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_requests = cached_labels(HTTP_REQUESTS)
+_latency = cached_labels(HTTP_LATENCY)
 
 # The database (or Redis) is unreachable: 503, not 500.
 UNAVAILABLE = (
@@ -72,10 +75,12 @@ def _as_api_error(request: web.Request, exc: BaseException) -> ApiError:
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Ids in, ids out; every error as the envelope; one metric and log line per request."""
-    request[REQUEST_ID] = pick_id(request.headers.get("x-request-id"))
-    request[CORRELATION_ID] = pick_id(
-        request.headers.get("x-correlation-id") or request.headers.get("x-request-id")
-    )
+    headers = request.headers
+    request_id = request[REQUEST_ID] = pick_id(headers.get("x-request-id"))
+    correlation = headers.get("x-correlation-id")
+    # Without its own header the correlation id is the request id (the supplied
+    # one, or the one just made: a second UUID would correlate nothing).
+    request[CORRELATION_ID] = request_id if not correlation else pick_id(correlation)
     started = request[STARTED] = time.perf_counter()
     try:
         response = await handler(request)
@@ -96,8 +101,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = error_response(request, err)
     route = _route(request)
     elapsed = time.perf_counter() - started
-    HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+    _requests(route, request.method, response.status).inc()
+    _latency(route, request.method).observe(elapsed)
     log.info(
         "request",
         extra={

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from creditgate import ledger
+from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
 from creditgate.logs import log
 from creditgate.proxy.pricing import cost_micros, estimate_text_tokens
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from creditgate.http.state import State
     from creditgate.proxy.request import ChatRequest
     from creditgate.throttle import Admission
+
+_SETTLE_LATENCY = LEDGER_LATENCY.labels("settle")
+_tokens = cached_labels(TOKENS)
+_credits_charged = cached_labels(CREDITS_CHARGED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +91,21 @@ class MeteredCall:
         self._ended = True
         measured, exact = self.measure(usage, text_bytes)
         tokens = measured.input_tokens + measured.output_tokens
-        finishing = asyncio.ensure_future(self.st.throttle.finish(self.admission, tokens))
         started = time.perf_counter()
+        # Queued first (group commit, ledger.group_commit: batched with
+        # concurrent settles), so the statement is on its way while the
+        # throttle's correction makes its Redis round trip in this task; the
+        # settlement runs to the end even if this task is cancelled meanwhile.
+        settling = self.st.holds.settle_soon(self.hold.id, measured)
         try:
-            # Group commit (ledger.group_commit): batched with concurrent settles.
-            settlement = await asyncio.shield(self.st.holds.settle(self.hold.id, measured))
+            await self.st.throttle.finish(self.admission, tokens)
         finally:
-            await finishing
-        LEDGER_LATENCY.labels("settle").observe(time.perf_counter() - started)
+            settlement = await asyncio.shield(settling)
+        _SETTLE_LATENCY.observe(time.perf_counter() - started)
         model = self.chat.model.name
-        TOKENS.labels(model, "input").inc(measured.input_tokens)
-        TOKENS.labels(model, "output").inc(measured.output_tokens)
-        CREDITS_CHARGED.labels(model).inc(settlement.debited)
+        _tokens(model, "input").inc(measured.input_tokens)
+        _tokens(model, "output").inc(measured.output_tokens)
+        _credits_charged(model).inc(settlement.debited)
         if settlement.uncollected:
             log.warning(
                 "cost above what the account could cover",

@@ -35,6 +35,7 @@ from creditgate.auth import authenticate
 from creditgate.errors import ModelNotFound
 from creditgate.http.envelope import json_response, read_json_object
 from creditgate.http.ids import REQUEST_ID, STARTED
+from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import (
     LEDGER_LATENCY,
     PROXY_OVERHEAD,
@@ -64,6 +65,9 @@ from creditgate.proxy.relay import Relay
 from creditgate.proxy.request import parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 
+_RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
+_stream_ends = cached_labels(STREAM_ENDS)
+_upstream_duration = cached_labels(UPSTREAM_DURATION)
 _CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -101,7 +105,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             request_id=request[REQUEST_ID],
             model=chat.model.name,
         )
-        LEDGER_LATENCY.labels("reserve").observe(time.perf_counter() - started)
+        _RESERVE_LATENCY.observe(time.perf_counter() - started)
     except BaseException:
         await st.throttle.finish(admission, None)  # never served: all given back
         raise
@@ -112,7 +116,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _complete(request, call, admission.headers)
     finally:
         await call.close()  # releases the hold unless it was settled
-        UPSTREAM_DURATION.labels(chat.model.name).observe(call.upstream_seconds)
+        _upstream_duration(chat.model.name).observe(call.upstream_seconds)
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
 
 
@@ -197,14 +201,14 @@ async def _stream(
     except asyncio.CancelledError:
         # aiohttp cancelled us (the client left, or shutdown): what was generated is owed.
         upstream.close()
-        STREAM_ENDS.labels(model.name, "cancelled").inc()
+        _stream_ends(model.name, "cancelled").inc()
         await call.settle(relay.usage, relay.text_bytes)
         raise
     except BaseException:
         upstream.close()
         raise
     end = ends.CLIENT_GONE if watch.gone else relay.end
-    STREAM_ENDS.labels(model.name, end).inc()
+    _stream_ends(model.name, end).inc()
     if end != ends.DONE_END:
         upstream.close()  # the upstream stops generating
     if end == ends.CLIENT_GONE:

@@ -47,6 +47,7 @@ from tenacity import (
 
 from creditgate.config import Deployment, Model
 from creditgate.errors import ApiError, UpstreamBadRequest, UpstreamError, UpstreamTimeout
+from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import UPSTREAM_FIRST_BYTE, UPSTREAM_REQUESTS
 from creditgate.proxy.routing import attempt_order
 from creditgate.proxy.sse import EventSplitter, event_data, inspect_chunk
@@ -60,6 +61,8 @@ MAX_ERROR_BYTES = 64 * 1024
 ERROR_BODY_TIMEOUT = 5.0  # seconds to read an error answer's body
 DRAIN_TIMEOUT = 1.0  # seconds to wait for a stream's end after [DONE]
 DRAIN_BYTES = 64 * 1024
+_upstream_requests = cached_labels(UPSTREAM_REQUESTS)
+_first_byte = cached_labels(UPSTREAM_FIRST_BYTE)
 
 
 class _Retryable(Exception):
@@ -214,13 +217,27 @@ class UpstreamClient:
                 break
             payload = orjson.dumps({**body, "model": deployment.model})
             try:
+                # The first attempt runs outside tenacity: building its
+                # retrying machinery costs ~25 µs, paid only once a retry is due.
+                try:
+                    attempts += 1
+                    return await self._attempt(
+                        model, deployment, payload, attempts, deadline, stream=stream
+                    )
+                except _Retryable as e:
+                    failed: _Retryable | None = e
                 async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(ATTEMPTS_PER_DEPLOYMENT) | stop_before_delay(remaining),
+                    stop=stop_after_attempt(ATTEMPTS_PER_DEPLOYMENT)
+                    | stop_before_delay(deadline - loop.time()),
                     wait=_wait,
                     retry=retry_if_exception_type(_Retryable),
                     reraise=True,
                 ):
                     with attempt:
+                        if failed is not None:
+                            # Attempt 1, already made: tenacity judges it like any other.
+                            first, failed = failed, None
+                            raise first
                         attempts += 1
                         return await self._attempt(
                             model, deployment, payload, attempts, deadline, stream=stream
@@ -279,12 +296,12 @@ class UpstreamClient:
                 if stream:
                     head = await self._stream_head(resp)
         except aiohttp.ConnectionTimeoutError:  # `connect` ran out: a connection error
-            UPSTREAM_REQUESTS.labels(*labels, "connect_error").inc()
+            _upstream_requests(*labels, "connect_error").inc()
             raise _Retryable(UpstreamError("Could not connect to the upstream provider.")) from None
         except TimeoutError:
             if resp is not None:
                 resp.close()
-            UPSTREAM_REQUESTS.labels(*labels, "timeout").inc()
+            _upstream_requests(*labels, "timeout").inc()
             waited = min(t.first_byte, t.total)
             raise _NextDeployment(
                 UpstreamTimeout(f"The upstream sent nothing within {waited:g} s.")
@@ -292,28 +309,28 @@ class UpstreamClient:
         except (aiohttp.ClientError, OSError):
             if resp is not None:
                 resp.close()
-            UPSTREAM_REQUESTS.labels(*labels, "connect_error").inc()
+            _upstream_requests(*labels, "connect_error").inc()
             raise _Retryable(UpstreamError("Could not reach the upstream provider.")) from None
         except BaseException:  # _Retryable, _NextDeployment, UpstreamBadRequest, cancellation
             if resp is not None:
                 resp.close()
             raise
-        UPSTREAM_FIRST_BYTE.labels(model.name).observe(loop.time() - started)
+        _first_byte(model.name).observe(loop.time() - started)
         if stream:
-            UPSTREAM_REQUESTS.labels(*labels, "ok").inc()
+            _upstream_requests(*labels, "ok").inc()
             return Stream(resp, head, deployment, attempts, deadline)
         try:
             async with asyncio.timeout_at(deadline):
                 raw = await _read_body(resp)
         except TimeoutError:
             resp.close()
-            UPSTREAM_REQUESTS.labels(*labels, "timeout").inc()
+            _upstream_requests(*labels, "timeout").inc()
             raise _NextDeployment(
                 UpstreamTimeout(f"The upstream's answer took longer than {t.total:g} s.")
             ) from None
         except aiohttp.ClientError:
             resp.close()
-            UPSTREAM_REQUESTS.labels(*labels, "read_error").inc()
+            _upstream_requests(*labels, "read_error").inc()
             raise _Retryable(UpstreamError("The upstream connection failed mid-answer.")) from None
         finally:
             resp.release()
@@ -322,15 +339,15 @@ class UpstreamClient:
         except orjson.JSONDecodeError:
             answer = None
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
-            UPSTREAM_REQUESTS.labels(*labels, "garbage").inc()
+            _upstream_requests(*labels, "garbage").inc()
             raise _garbage("something that is not a chat completion")
-        UPSTREAM_REQUESTS.labels(*labels, "ok").inc()
+        _upstream_requests(*labels, "ok").inc()
         return Answer(answer, deployment, attempts)
 
     async def _refused(self, resp: aiohttp.ClientResponse, labels: tuple[str, str]) -> NoReturn:
         """Classify a non-200 answer: raise the error it amounts to."""
         status = resp.status
-        UPSTREAM_REQUESTS.labels(*labels, f"http_{status // 100}xx").inc()
+        _upstream_requests(*labels, f"http_{status // 100}xx").inc()
         try:
             message = await _error_message(resp)
         finally:
