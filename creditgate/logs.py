@@ -46,6 +46,13 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # What no line of ours prints, so no record needs to collect it: the
+    # caller's file and line (a stack walk per record), thread and process
+    # names (the logging HOWTO's "Optimization" switches). ~30% of a record's cost.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiohttp's access log repeats what our middleware logs, in free text.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("pgserver").setLevel(logging.WARNING)

@@ -358,18 +358,19 @@ class Throttle:
             )
         )
         reply: asyncio.Future[Any] | None = None
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    reply = self._redis.request(count, encoded)
-                    out: list[int] = await asyncio.shield(reply)
-                except RedisReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):
-                        raise
-                    # Redis restarted or flushed its scripts: load once, call again.
+            try:
+                reply = self._redis.request(count, encoded)
+                out: list[int] = await _within(reply, deadline)
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                # Redis restarted or flushed its scripts: load once, call again.
+                async with asyncio.timeout_at(deadline):
                     await self._redis.execute("SCRIPT", "LOAD", _ADMIT.text)
-                    reply = self._redis.request(count, encoded)
-                    out = await asyncio.shield(reply)
+                reply = self._redis.request(count, encoded)
+                out = await _within(reply, deadline)
         except TimeoutError as exc:
             if reply is not None and call.head[0] == "a":
                 # It may still be admitted in Redis after this request moved on.
@@ -483,6 +484,36 @@ class Throttle:
                 )
         except (RedisDown, RedisReplyError, TimeoutError) as exc:
             self._degrade(exc)
+
+
+async def _within(reply: asyncio.Future[Any], deadline: float) -> Any:
+    """``reply``'s result if it comes by ``deadline`` (loop time), else TimeoutError.
+
+    ``reply`` itself is never cancelled — not by the deadline, nor by the
+    caller's cancellation — so a late reply can still be read (``_undo_late``).
+    The same as ``asyncio.timeout`` around ``asyncio.shield(reply)``, with one
+    timer and one callback instead of a Timeout, a second future and two
+    callbacks: this runs twice per request.
+    """
+    if reply.done():
+        return reply.result()
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    reply.add_done_callback(wake)
+    timer = loop.call_at(deadline, wake, None)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        reply.remove_done_callback(wake)
+    if not reply.done():
+        raise TimeoutError
+    return reply.result()
 
 
 def _deciding(limits: Limits, index: int) -> tuple[str, str, int]:
