@@ -699,7 +699,9 @@ async def main(args: argparse.Namespace) -> None:
     wanted = set(args.targets)
     creditgate = [str(Path(sys.executable).parent / "creditgate")]
     litellm = args.litellm if args.litellm and Path(args.litellm).exists() else None
-    if "litellm" in wanted and litellm is None:
+    if "litellm" not in wanted:
+        litellm = None
+    elif litellm is None:
         print(f"(no LiteLLM at {args.litellm}: its column is left out)")
         wanted.discard("litellm")
     with (
