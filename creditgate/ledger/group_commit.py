@@ -190,10 +190,14 @@ class _Queue(Generic[T, R]):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` (its batch may start at once); the future of its result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._dispatch()
-        return await future
+        return future
 
     def _dispatch(self) -> None:
         while self._waiting and self._running < self._lanes:
@@ -262,8 +266,18 @@ class GroupCommit:
 
     async def settle(self, hold_id: uuid.UUID, usage: Usage) -> Settlement:
         """As ``settle_hold`` (exactly once; a repeat returns the first settlement)."""
+        return await self.settle_soon(hold_id, usage)
+
+    def settle_soon(self, hold_id: uuid.UUID, usage: Usage) -> asyncio.Future[Settlement]:
+        """``settle``, queued now: the future of its settlement.
+
+        The settlement runs whatever becomes of the future: cancelling it (or
+        a caller that stops waiting) never drops a charge. Awaiting it under
+        ``asyncio.shield`` keeps the caller's cancellation off it at the cost
+        of no task (a coroutine under ``shield`` gets a task of its own).
+        """
         assert usage.cost >= 0 and usage.input_tokens >= 0 and usage.output_tokens >= 0, usage
-        return await self._settles.submit(_Settle(hold_id, usage))
+        return self._settles.enqueue(_Settle(hold_id, usage))
 
     # ------------------------------------------------------------ reserve
 
