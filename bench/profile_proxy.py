@@ -101,6 +101,16 @@ def report_cprofile(path: Path, requests: int, top: int) -> None:
     print("| package | share of self time | ms per request |\n|---|---|---|")
     for pkg, t in by_pkg.most_common(20):
         print(f"| {pkg} | {t / total:.1%} | {t / max(requests, 1) * 1000:.3f} |")
+    print("\ncreditgate's own functions by cumulative time (callees included):\n")
+    print("| function | calls/request | cumulative µs/request |\n|---|---|---|")
+    ours = [kv for kv in raw.items() if package_of(kv[0][0]).startswith("creditgate.")]
+    for (filename, line, name), (_, ncalls, _, cumtime, _) in sorted(
+        ours, key=lambda kv: kv[1][3], reverse=True
+    )[:top]:
+        print(
+            f"| {package_of(filename)}:{Path(filename).name}:{line} {name} "
+            f"| {ncalls / max(requests, 1):.1f} | {cumtime / max(requests, 1) * 1e6:.1f} |"
+        )
     print(f"\ntop {top} functions by self time:\n")
     print("| function | calls/request | self µs/request | share |\n|---|---|---|---|")
     ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]

@@ -210,7 +210,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + model.timeouts.total
         attempts = 0
-        last: ApiError = UpstreamError("The upstream provider failed.")
+        last: ApiError | None = None  # made only when it is needed: off the happy path
         for deployment in attempt_order(model.deployments, self._rng):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -247,6 +247,8 @@ class UpstreamClient:
             except UpstreamBadRequest as e:
                 e.headers["x-creditgate-attempts"] = str(attempts)
                 raise
+        if last is None:
+            last = UpstreamError("The upstream provider failed.")
         if loop.time() >= deadline and not isinstance(last, UpstreamTimeout):
             last = UpstreamTimeout(
                 f"The upstream did not answer within {model.timeouts.total:g} s"
