@@ -72,10 +72,17 @@ class Relay:
                     self.end = CLIENT_GONE
             if self.end:
                 return self.end
-            wake = loop.time() + idle
+            now = loop.time()
+            if now >= deadline:
+                self.end = TOTAL_TIMEOUT
+                return self.end
             try:
-                async with asyncio.timeout_at(min(wake, deadline)):
-                    chunk = await content.readany()
+                # What arrived while we wrote is taken without a timer; only an
+                # actual wait is bounded (idle, or what is left of the total).
+                chunk = content.read_nowait()
+                if not chunk and not content.at_eof():
+                    async with asyncio.timeout_at(min(now + idle, deadline)):
+                        chunk = await content.readany()
             except TimeoutError:
                 self.end = TOTAL_TIMEOUT if loop.time() >= deadline else IDLE_TIMEOUT
                 return self.end

@@ -106,6 +106,12 @@ class _Content:
         self.reads += 1
         return self.chunks.pop(0) if self.chunks else b""
 
+    def read_nowait(self) -> bytes:
+        return b""  # nothing is buffered ahead: every chunk comes by readany
+
+    def at_eof(self) -> bool:
+        return False
+
 
 class _SlowClient:
     """A client response whose writes complete only when the test lets them."""
