@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/profile_proxy.py                      # cProfile, JSON c=1, 20 s
     .venv/bin/python bench/profile_proxy.py --stream --concurrency 32
-    .venv/bin/python bench/profile_proxy.py --tool py-spy        # sampling, no overhead
+    .venv/bin/python bench/profile_proxy.py --tool py-spy        # sampling (pip install py-spy)
 
 Same set-up as ``bench/proxy_bench.py`` (its own Postgres and Redis, the mock
 and this load generator on core 1, creditgate pinned to core 0, the whole
@@ -205,6 +205,8 @@ async def main(args: argparse.Namespace) -> None:
                 await pb.run_batch(session, target, scenario, 2.0, pb.Sample(), backing)
                 if args.tool == "py-spy":
                     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                    if not Path(pyspy).exists():
+                        raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
                     spy = subprocess.Popen(
                         pb.pinned(
                             pb.LOAD_CORE,
