@@ -1,6 +1,6 @@
 """What creditgate adds to a call, against a bare aiohttp pass-through and LiteLLM Proxy.
 
-    .venv/bin/python bench/proxy_bench.py            # ~6 minutes; prints Markdown tables
+    .venv/bin/python bench/proxy_bench.py            # ~5 minutes; prints Markdown tables
 
 One run measures, in interleaved rounds (A B C, C B A, …) so drift on this
 shared machine hits every target alike:
