@@ -10,7 +10,7 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.errors import ValidationError
-from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.envelope import read_json_object, written_response
 from creditgate.http.openapi import (
     CREDITS,
     MICROS,
@@ -117,10 +117,7 @@ async def credits(request: web.Request) -> web.Response:
             "replayed": posted.replayed,
         },
     )
-    response = data_response(request, posted.as_json(), status=201)
-    if posted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return written_response(request, posted.as_json(), replayed=posted.replayed)
 
 
 POSTED: Schema = obj(

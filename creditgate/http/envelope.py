@@ -38,6 +38,14 @@ def data_response(request: web.Request, data: Any, *, status: int = 200) -> web.
     return json_response({"data": data, "correlationId": request[CORRELATION_ID]}, status=status)
 
 
+def written_response(request: web.Request, data: Any, *, replayed: bool) -> web.Response:
+    """201 with what an idempotent write wrote; a replay says so (``Idempotent-Replayed``)."""
+    response = data_response(request, data, status=201)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 def error_response(request: web.Request, err: ApiError) -> web.Response:
     """``{"error": {code, message, type, details?}, "correlationId": …}``."""
     return json_response(

@@ -25,7 +25,7 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import AdminCaller, Principal, require_usage_writer
 from creditgate.errors import Forbidden, ModelNotFound, ValidationError
-from creditgate.http.envelope import data_response, read_json_object
+from creditgate.http.envelope import read_json_object, written_response
 from creditgate.http.ids import REQUEST_ID
 from creditgate.http.openapi import (
     BOOL,
@@ -219,10 +219,7 @@ async def record_usage(request: web.Request) -> web.Response:
             "replayed": recorded.replayed,
         },
     )
-    response = data_response(request, recorded.as_json(), status=201)
-    if recorded.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return written_response(request, recorded.as_json(), replayed=recorded.replayed)
 
 
 _TOKENS: Schema = {**INT, "minimum": 0, "maximum": MAX_TOKENS}
