@@ -8,16 +8,18 @@ import time
 import tomllib
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from aiohttp.test_utils import TestClient
 
 from creditgate import ledger
 from creditgate.config import Config, Settings, parse_config
 from tests.conftest import TEST_CONFIG, Services
 from tests.logcapture import remember_secret
-from tests.polar_fake import EVENT_NAME, METER_ID, TOKEN, FakePolar
+from tests.polar_fake import EVENT_NAME, METER_ID, TOKEN, FakePolar, sign_polar, webhook_body
 
 PACK = "8a7f0d4e-1f6c-4a59-9d3b-0c1e2f3a4b5c"  # a one-time credit pack: 10 credits
 PRO = "3c9e7b21-5d4f-4e8a-b6c1-7f2a9d0e1b3c"  # a monthly plan: 25 credits a period, tier pro
@@ -134,3 +136,39 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def deliver(
+    client: TestClient,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    webhook_id: str | None = None,
+    secret: str = POLAR_WEBHOOK_SECRET,
+    at: datetime | None = None,
+) -> tuple[int, str]:
+    """POST one signed delivery; (status, webhook-id)."""
+    body = webhook_body(event_type, data)
+    headers = sign_polar(body, secret, webhook_id=webhook_id, at=at)
+    resp = await client.post("/api/webhooks/polar", data=body, headers=headers)
+    return resp.status, headers["webhook-id"]
+
+
+async def applied(db: asyncpg.Pool, webhook_id: str) -> asyncpg.Record:
+    """The stored event once the worker has applied it."""
+
+    async def done() -> bool:
+        status = await db.fetchval(
+            "SELECT status FROM webhook_events WHERE source = 'polar' AND webhook_id = $1",
+            webhook_id,
+        )
+        return status is not None and status != "pending"
+
+    await eventually(done, what=f"webhook {webhook_id} to be applied")
+    row = await db.fetchrow(
+        "SELECT status, outcome, attempts FROM webhook_events"
+        " WHERE source = 'polar' AND webhook_id = $1",
+        webhook_id,
+    )
+    assert row is not None
+    return row

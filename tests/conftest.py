@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -30,6 +30,10 @@ from creditgate.http.app import create_app
 from creditgate.logs import JsonFormatter
 from creditgate.proxy.mock_upstream import create_mock_app
 from tests.logcapture import LOG_DIR, remember_secret
+
+if TYPE_CHECKING:
+    from tests.fake_clerk import FakeClerk
+    from tests.polar_fake import FakePolar
 
 TEST_CONFIG = """
 [upstreams.main]
@@ -262,3 +266,29 @@ async def ledger_footprint(db: asyncpg.Pool, account_id: uuid.UUID) -> tuple[int
         account_id,
     )
     return row["entries"], row["holds"], row["balance"], row["reserved"]
+
+
+@pytest.fixture
+async def clerk() -> AsyncIterator[FakeClerk]:
+    """A local Clerk: a JWKS server with generated RSA keys that mints session tokens."""
+    from tests.fake_clerk import FakeClerk
+
+    fake = FakeClerk()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePolar]:
+    """The session's local Polar (driven by the real polar-sdk), with default behaviour."""
+    from tests.billing_support import shared_fake_polar  # it imports this module
+
+    polar = shared_fake_polar()
+    polar.reset_behaviour()
+    try:
+        yield polar
+    finally:
+        polar.reset_behaviour()

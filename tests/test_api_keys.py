@@ -24,16 +24,6 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    fake = FakeClerk()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
-
-@pytest.fixture
 async def cgc(
     services: Services, upstream: TestServer, clerk: FakeClerk, db: asyncpg.Pool
 ) -> AsyncIterator[TestClient]:

@@ -28,16 +28,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    fake = FakeClerk()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
-
 async def _admin_probe(request: web.Request) -> web.Response:
     caller = await require_admin(request)
     return web.json_response({"via": caller.via})

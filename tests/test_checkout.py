@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -18,28 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Settings
 from creditgate.http.app import create_app
-from tests.billing_support import PACK, PRO, billing_settings, shared_fake_polar
+from tests.billing_support import PACK, PRO, billing_settings
 from tests.conftest import Services, ledger_footprint
 from tests.fake_clerk import ISSUER, PARTY, FakeClerk
 from tests.polar_fake import FakePolar
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    yield polar
-    polar.reset_behaviour()
-
-
-@pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    fake = FakeClerk()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 def with_clerk(settings: Settings, clerk: FakeClerk) -> Settings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -22,20 +22,9 @@ from tests.billing_support import (
     billing_settings,
     eventually,
     settle_debit,
-    shared_fake_polar,
 )
 from tests.conftest import Services
 from tests.polar_fake import TOKEN, Failure, FakePolar
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    try:
-        yield polar
-    finally:
-        polar.reset_behaviour()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -28,21 +27,12 @@ from tests.billing_support import (
     billing_toml,
     eventually,
     settle_debit,
-    shared_fake_polar,
 )
 from tests.conftest import Services
 from tests.logcapture import log_file
 from tests.polar_fake import TOKEN, Failure, FakePolar
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    yield polar
-    polar.reset_behaviour()
 
 
 def free_port() -> int:

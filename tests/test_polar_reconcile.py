@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,9 @@ from tests.billing_support import (
     billing_toml,
     eventually,
     settle_debit,
-    shared_fake_polar,
 )
 from tests.conftest import Services
 from tests.polar_fake import TOKEN, FakePolar
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    yield polar
-    polar.reset_behaviour()
 
 
 @pytest.fixture

@@ -19,8 +19,10 @@ from tests.billing_support import (
     PACK,
     POLAR_WEBHOOK_SECRET,
     PRO,
+    applied,
     billing_config,
     billing_settings,
+    deliver,
     eventually,
     settle_debit,
     shared_fake_polar,
@@ -46,42 +48,6 @@ async def app(services: Services, upstream: TestServer, db: asyncpg.Pool) -> Asy
         yield client
     finally:
         await client.close()
-
-
-async def deliver(
-    client: TestClient,
-    event_type: str,
-    data: dict[str, Any],
-    *,
-    webhook_id: str | None = None,
-    secret: str = POLAR_WEBHOOK_SECRET,
-    at: datetime | None = None,
-) -> tuple[int, str]:
-    """POST one signed delivery; (status, webhook-id)."""
-    body = webhook_body(event_type, data)
-    headers = sign_polar(body, secret, webhook_id=webhook_id, at=at)
-    resp = await client.post("/api/webhooks/polar", data=body, headers=headers)
-    return resp.status, headers["webhook-id"]
-
-
-async def applied(db: asyncpg.Pool, webhook_id: str) -> asyncpg.Record:
-    """The stored event once the worker has applied it."""
-
-    async def done() -> bool:
-        status = await db.fetchval(
-            "SELECT status FROM webhook_events WHERE source = 'polar' AND webhook_id = $1",
-            webhook_id,
-        )
-        return status is not None and status != "pending"
-
-    await eventually(done, what=f"webhook {webhook_id} to be applied")
-    row = await db.fetchrow(
-        "SELECT status, outcome, attempts FROM webhook_events"
-        " WHERE source = 'polar' AND webhook_id = $1",
-        webhook_id,
-    )
-    assert row is not None
-    return row
 
 
 async def balance(client: TestClient, c: Customer) -> dict[str, Any]:

@@ -76,16 +76,6 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    fake = FakeClerk()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
-
-@pytest.fixture
 def settings(services: Services, upstream: TestServer, clerk: FakeClerk) -> Settings:
     return parity_settings(services, str(upstream.make_url("/v1")), polar_url=None, clerk=clerk)
 

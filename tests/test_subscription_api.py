@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,33 +12,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Settings
-from tests.billing_support import PRO, shared_fake_polar
+from tests.billing_support import PRO, applied, deliver
 from tests.conftest import Services
 from tests.fake_clerk import FakeClerk
 from tests.parity_support import parity_settings, running, signed_in
 from tests.polar_fake import FakePolar, order_payload, subscription_payload
 from tests.schema_check import assert_conforms, response_schema
-from tests.test_polar_webhooks import applied, deliver
 
 CREDIT = 1_000_000
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    yield polar
-    polar.reset_behaviour()
-
-
-@pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    fake = FakeClerk()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate import ledger
 from creditgate.auth import create_api_key
-from tests.billing_support import eventually, shared_fake_polar
+from tests.billing_support import eventually
 from tests.conftest import Customer, Services, ledger_footprint
 from tests.logcapture import remember_secret
 from tests.parity_support import ADMIN, parity_settings, running
@@ -23,14 +23,6 @@ from tests.schema_check import assert_conforms, problems, request_schema, respon
 
 CREDIT = 1_000_000
 PATH = "/api/usage/record"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePolar]:
-    polar = shared_fake_polar()
-    polar.reset_behaviour()
-    yield polar
-    polar.reset_behaviour()
 
 
 @pytest.fixture
