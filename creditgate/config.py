@@ -158,6 +158,9 @@ class Config:
     group_commit_max_batch: int = 64
     # Group-commit batches in flight at once per kind (reserve, settle) per process.
     group_commit_lanes: int = 2
+    # Non-streaming calls reserve without waiting for the WAL flush: their
+    # settlement's flush covers it (ledger.group_commit). False: all durable.
+    async_reserve: bool = True
     max_body_bytes: int = 1024 * 1024
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     shutdown_timeout_seconds: int = 30
@@ -424,7 +427,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
 
     ledger = _table(raw.get("ledger", {}), "ledger")
     _check_keys(
-        ledger, {"hold_ttl_seconds", "group_commit_max_batch", "group_commit_lanes"}, "ledger"
+        ledger,
+        {"hold_ttl_seconds", "group_commit_max_batch", "group_commit_lanes", "async_reserve"},
+        "ledger",
     )
     proxy = _table(raw.get("proxy", {}), "proxy")
     _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
@@ -449,6 +454,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         group_commit_lanes=_int(
             ledger.get("group_commit_lanes", 2), "ledger.group_commit_lanes", minimum=1
         ),
+        async_reserve=_bool(ledger.get("async_reserve", True), "ledger.async_reserve"),
         max_body_bytes=_int(
             http.get("max_body_bytes", 1024 * 1024), "http.max_body_bytes", minimum=1
         ),

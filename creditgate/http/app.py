@@ -100,8 +100,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "creditgate"},
         reset=_keep_session,
     )
+    lanes = s.config.group_commit_lanes
+    reserve_db = None
+    if s.config.async_reserve:
+        # Reserves of non-streaming calls commit without waiting for the flush;
+        # their settlement's flush covers them (ledger.group_commit).
+        reserve_db = await asyncpg.create_pool(
+            s.database_url,
+            min_size=1,
+            max_size=lanes,
+            server_settings={"application_name": "creditgate", "synchronous_commit": "off"},
+            reset=_keep_session,
+        )
     st.holds = GroupCommit(
-        st.db, lanes=s.config.group_commit_lanes, max_batch=s.config.group_commit_max_batch
+        st.db, lanes=lanes, max_batch=s.config.group_commit_max_batch, reserve_db=reserve_db
     )
     async with st.db.acquire() as conn:
         # Refuses to start on an edited applied migration; pending ones only
@@ -141,6 +153,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await throttle_redis.aclose()
         await session.close()
         await st.redis.aclose()
+        if reserve_db is not None:
+            await reserve_db.close()
         await st.db.close()
 
 

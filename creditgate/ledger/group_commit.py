@@ -26,6 +26,19 @@ arrival order:
 
 Lock order is the single statements': a hold row before its account's balance
 row, balance rows in account id order.
+
+Reserves with ``durable=False`` run on ``reserve_db``, a pool whose sessions
+commit with ``synchronous_commit = off``: the reserve returns once its commit
+is written, without waiting for the WAL flush (one flush fewer per call, of
+the two the whole path makes). Such a hold is visible to every transaction at
+once and every invariant holds at each commit as before; what a crash of
+Postgres could lose is the newest few of these reservations, each whole. A
+synchronous commit flushes the WAL up to its own commit record, so every
+commit made before it: once the hold's settlement (synchronous) has
+committed, the reservation is on disk too. Hence the rule for callers: **serve
+nothing on a non-durable hold before its settlement has committed** — a
+non-streaming answer, sent whole after its settlement, qualifies; a stream,
+whose first bytes go out before it, reserves durably.
 """
 
 from __future__ import annotations
@@ -237,15 +250,27 @@ class GroupCommit:
 
     ``lanes`` bounds how many batches (so pool connections) run at once per
     kind; calls arriving while all lanes are busy wait for the next batch.
+    ``reserve_db`` runs the reserves made with ``durable=False`` (module
+    docstring); without it every reserve is durable.
     """
 
-    def __init__(self, pool: Db, *, lanes: int = 2, max_batch: int = 64) -> None:
+    def __init__(
+        self, pool: Db, *, lanes: int = 2, max_batch: int = 64, reserve_db: Db | None = None
+    ) -> None:
         # A single connection works too, with lanes=1 (one statement at a time).
         assert lanes == 1 or isinstance(pool, asyncpg.Pool), "several lanes need a pool"
         self._pool = pool
         self.batched_calls = 0  # calls done by a multi-row statement
         self.alone_calls = 0  # calls done by the one-statement functions
-        self._reserves: _Queue[_Reserve, Hold] = _Queue(self._run_reserves, lanes, max_batch)
+        self.unflushed_reserves = 0  # reserves sent to reserve_db (durable=False)
+        self._reserves: _Queue[_Reserve, Hold] = _Queue(
+            functools.partial(self._run_reserves, pool), lanes, max_batch
+        )
+        self._fast_reserves = (
+            self._reserves
+            if reserve_db is None
+            else _Queue(functools.partial(self._run_reserves, reserve_db), lanes, max_batch)
+        )
         self._settles: _Queue[_Settle, Settlement] = _Queue(self._run_settles, lanes, max_batch)
 
     async def reserve(
@@ -257,12 +282,52 @@ class GroupCommit:
         ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
+        durable: bool = True,
     ) -> Hold:
-        """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold)."""
-        assert amount >= 0, amount
-        return await self._reserves.submit(
-            _Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model)
+        """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold).
+
+        ``durable=False``: committed without waiting for the flush; nothing may
+        be served on the hold before its settlement commits (module docstring).
+        """
+        return await self.reserve_soon(
+            hold_id=hold_id,
+            account_id=account_id,
+            amount=amount,
+            ttl_seconds=ttl_seconds,
+            request_id=request_id,
+            model=model,
+            durable=durable,
         )
+
+    def reserve_soon(
+        self,
+        *,
+        hold_id: uuid.UUID,
+        account_id: uuid.UUID,
+        amount: int,
+        ttl_seconds: int,
+        request_id: str | None = None,
+        model: str | None = None,
+        durable: bool = True,
+    ) -> asyncio.Future[Hold]:
+        """``reserve``, queued now: the future of its hold.
+
+        Cancelling the future gives the credits back: a reserve cancelled before
+        it ran never runs, one cancelled while it ran is released. A hold no
+        longer wanted once made is ended with ``give_back`` (or as any other).
+        """
+        assert amount >= 0, amount
+        queue = self._reserves if durable else self._fast_reserves
+        if queue is not self._reserves:
+            self.unflushed_reserves += 1
+        return queue.enqueue(_Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model))
+
+    async def give_back(self, holding: asyncio.Future[Hold]) -> None:
+        """End a reservation of ``reserve_soon`` no longer wanted, however far it got:
+        cancelled if still queued or running (its lane releases it), released if made."""
+        if holding.cancel() or holding.cancelled() or holding.exception() is not None:
+            return
+        await release_hold(self._pool, holding.result().id)
 
     async def settle(self, hold_id: uuid.UUID, usage: Usage) -> Settlement:
         """As ``settle_hold`` (exactly once; a repeat returns the first settlement)."""
@@ -281,10 +346,10 @@ class GroupCommit:
 
     # ------------------------------------------------------------ reserve
 
-    async def _reserve_alone(self, r: _Reserve) -> Hold:
+    async def _reserve_alone(self, db: Db, r: _Reserve) -> Hold:
         self.alone_calls += 1
         return await reserve_hold(
-            self._pool,
+            db,
             hold_id=r.hold_id,
             account_id=r.account_id,
             amount=r.amount,
@@ -293,12 +358,14 @@ class GroupCommit:
             model=r.model,
         )
 
-    async def _run_reserves(self, batch: list[tuple[_Reserve, asyncio.Future[Hold]]]) -> None:
+    async def _run_reserves(
+        self, db: Db, batch: list[tuple[_Reserve, asyncio.Future[Hold]]]
+    ) -> None:
         reserved: set[uuid.UUID] = set()
         if len(batch) > 1:
             items = [r for r, _ in batch]
             try:
-                rows = await self._pool.fetch(
+                rows = await db.fetch(
                     _RESERVE_BATCH,
                     [r.hold_id for r in items],
                     [r.account_id for r in items],
@@ -318,7 +385,9 @@ class GroupCommit:
             elif r.hold_id in reserved:
                 future.set_result(Hold(r.hold_id, r.account_id, r.amount))
             else:
-                await _answer(future, functools.partial(self._reserve_alone, r))
+                await _answer(future, functools.partial(self._reserve_alone, db, r))
+                if future.cancelled():  # cancelled while it ran: nobody else ends it
+                    await release_hold(self._pool, r.hold_id)
 
     # ------------------------------------------------------------ settle
 
