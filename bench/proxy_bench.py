@@ -11,6 +11,11 @@ shared machine hits every target alike:
 * ``creditgate``  through ``creditgate serve``, the whole path on: API-key auth,
                   validation, throttle (Redis), ledger reserve + settle
                   (Postgres, durable commits), metrics, one log line a request;
+* ``creditgate-seq`` (only when asked: ``--targets … creditgate-seq``) the same
+                  server with admission, reservation and upstream call one
+                  after the other and every reserve flushed
+                  (``speculative_upstream`` and ``async_reserve`` off): what
+                  those two save, in the same run;
 * ``litellm``     through LiteLLM Proxy (one worker, no database), when a
                   ``litellm`` executable is found (``--litellm PATH``; by default
                   ``/tmp/litellm-venv/bin/litellm``). Never a project dependency:
@@ -82,6 +87,13 @@ requests_per_minute = 100000000
 tokens_per_minute = 1000000000
 max_parallel = 1000
 messages_per_day = 1000000000
+"""
+SEQUENTIAL = """
+[ledger]
+async_reserve = false
+
+[proxy]
+speculative_upstream = false
 """
 LITELLM_CONFIG = """
 model_list:
@@ -428,7 +440,7 @@ def table_row(r: Row) -> str:
         ttfb,
         delay,
         _f(r.proxy_cpu_ms, 3),
-        _f(r.backing_cpu_ms, 3) if r.target == "creditgate" else "",
+        _f(r.backing_cpu_ms, 3) if r.target.startswith("creditgate") else "",
         str(r.errors),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -752,9 +764,18 @@ async def main(args: argparse.Namespace) -> None:
                         "bare", f"http://127.0.0.1:{bare_port}/v1/chat/completions", pid=bare.pid
                     )
                 )
-            if "creditgate" in wanted:
-                config = Path(tmp) / "bench.toml"
-                config.write_text(CONFIG.format(upstream=upstream, model=MODEL))
+            # creditgate-seq: the same server with the steps of a call one after
+            # the other and every reserve flushed (no speculative upstream call,
+            # no unflushed reserve): what those two save, measured in the same run.
+            for name, extra in (
+                ("creditgate", ""),
+                ("creditgate-seq", SEQUENTIAL),
+            ):
+                if name not in wanted:
+                    continue
+                port = cg_port if name == "creditgate" else free_port()
+                config = Path(tmp) / f"{name}.toml"
+                config.write_text(CONFIG.format(upstream=upstream, model=MODEL) + extra)
                 env = {
                     **os.environ,
                     "CREDITGATE_CONFIG": str(config),
@@ -763,16 +784,16 @@ async def main(args: argparse.Namespace) -> None:
                     "LOG_LEVEL": args.log_level,
                 }
                 cg = subprocess.Popen(
-                    pinned(PROXY_CORE, [*creditgate, "serve", "--port", str(cg_port)]),
+                    pinned(PROXY_CORE, [*creditgate, "serve", "--port", str(port)]),
                     env=env,
                     stderr=subprocess.DEVNULL,  # JSON logs: formatted (the cost counts), discarded
                 )
                 procs.append(cg)
-                await wait_ready(f"http://127.0.0.1:{cg_port}/health", "creditgate", cg)
+                await wait_ready(f"http://127.0.0.1:{port}/health", name, cg)
                 targets.append(
                     Target(
-                        "creditgate",
-                        f"http://127.0.0.1:{cg_port}/v1/chat/completions",
+                        name,
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
                         {"Authorization": f"Bearer {key}"},
                         cg.pid,
                     )

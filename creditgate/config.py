@@ -153,6 +153,9 @@ class Config:
     products: Mapping[str, Product] = field(default_factory=dict)
     polar: PolarConfig = field(default_factory=PolarConfig)
     estimate_bytes_per_token: int = 3
+    # Start the upstream call with the admission and reservation, for accounts
+    # recently admitted (proxy.speculation); False: one after the other.
+    speculative_upstream: bool = True
     hold_ttl_seconds: int = 900
     # Largest group-commit batch of reserves or settles (1: one statement per call).
     group_commit_max_batch: int = 64
@@ -432,7 +435,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         "ledger",
     )
     proxy = _table(raw.get("proxy", {}), "proxy")
-    _check_keys(proxy, {"estimate_bytes_per_token"}, "proxy")
+    _check_keys(proxy, {"estimate_bytes_per_token", "speculative_upstream"}, "proxy")
     http = _table(raw.get("http", {}), "http")
     _check_keys(http, {"max_body_bytes", "shutdown_timeout_seconds"}, "http")
     throttle = _table(raw.get("throttle", {}), "throttle")
@@ -444,6 +447,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         polar=_polar_config(_table(raw.get("polar", {}), "polar")),
         estimate_bytes_per_token=_int(
             proxy.get("estimate_bytes_per_token", 3), "proxy.estimate_bytes_per_token", minimum=1
+        ),
+        speculative_upstream=_bool(
+            proxy.get("speculative_upstream", True), "proxy.speculative_upstream"
         ),
         hold_ttl_seconds=_int(
             ledger.get("hold_ttl_seconds", 900), "ledger.hold_ttl_seconds", minimum=10

@@ -35,6 +35,7 @@ from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
 from creditgate.proxy import routes as proxy
+from creditgate.proxy.speculation import Speculation
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
@@ -142,6 +143,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await st.throttle.start()
     st.limits = LimitsCache(st.db, s.config)
     st.default_models = DefaultModels(st.db)
+    st.speculation = Speculation(enabled=s.config.speculative_upstream)
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ import orjson
 from aiohttp import web
 
 from creditgate.auth import authenticate
-from creditgate.errors import ModelNotFound
+from creditgate.errors import ApiError, ModelNotFound
 from creditgate.http.envelope import json_response, read_json_object
 from creditgate.http.ids import REQUEST_ID, STARTED
 from creditgate.http.labelled import cached_labels
@@ -41,6 +42,7 @@ from creditgate.http.metrics import (
     PROXY_OVERHEAD,
     STREAM_ENDS,
     UPSTREAM_DURATION,
+    UPSTREAM_SPECULATION,
 )
 from creditgate.http.openapi import (
     BOOL,
@@ -55,17 +57,20 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.state import STATE
+from creditgate.http.state import STATE, State
 from creditgate.logs import log
 from creditgate.proxy import relay as ends
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.pricing import cost_micros
 from creditgate.proxy.relay import Relay
-from creditgate.proxy.request import parse_chat_request
+from creditgate.proxy.request import ChatRequest, parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
+from creditgate.proxy.upstream import Answer, Stream
 
 _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
+_speculation_used = UPSTREAM_SPECULATION.labels("used")
+_speculation_dropped = UPSTREAM_SPECULATION.labels("dropped")
 _stream_ends = cached_labels(STREAM_ENDS)
 _upstream_duration = cached_labels(UPSTREAM_DURATION)
 _CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
@@ -90,34 +95,82 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body, config.models, config.estimate_bytes_per_token, default_model=default_model
     )
     limits = await st.limits.get(principal.account_id, principal.key_id)
-    admission = await st.throttle.admit(
-        limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
+    account_id = principal.account_id
+    reserve = functools.partial(
+        st.holds.reserve_soon,
+        hold_id=uuid.uuid4(),
+        account_id=account_id,
+        amount=cost_micros(chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens),
+        ttl_seconds=config.hold_ttl_seconds,
+        request_id=request[REQUEST_ID],
+        model=chat.model.name,
+        # A stream's first bytes go out before its settlement: its hold must be
+        # on disk at once. An answer sent whole after its settlement need not
+        # wait for the flush: the settlement's flush covers it (ledger.group_commit).
+        durable=chat.stream,
     )
+    upstream: asyncio.Future[Any] | None = None
+    if st.speculation.allowed(account_id):
+        # The upstream call starts now, with the admission and then the
+        # reservation (proxy.speculation); nothing of its answer is sent before
+        # both are confirmed, and a refusal drops it.
+        upstream = asyncio.ensure_future(_call_upstream(st, chat))
     try:
-        started = time.perf_counter()
-        hold = await st.holds.reserve(
-            hold_id=uuid.uuid4(),
-            account_id=principal.account_id,
-            amount=cost_micros(
-                chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens
-            ),
-            ttl_seconds=config.hold_ttl_seconds,
-            request_id=request[REQUEST_ID],
-            model=chat.model.name,
+        admission = await st.throttle.admit(
+            limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
         )
+    except BaseException as e:
+        if upstream is not None:
+            _drop(upstream)
+            _refused(st, account_id, e)
+        raise
+    started = time.perf_counter()
+    holding = reserve()
+    try:
+        hold = await holding
         _RESERVE_LATENCY.observe(time.perf_counter() - started)
-    except BaseException:
+    except BaseException as e:
+        if upstream is not None:
+            _drop(upstream)
+        await st.holds.give_back(holding)  # made, but this handler was cancelled meanwhile
+        _refused(st, account_id, e)
         await st.throttle.finish(admission, None)  # never served: all given back
         raise
+    st.speculation.admitted(account_id)
+    if upstream is not None:
+        _speculation_used.inc()
     call = MeteredCall(st, chat, hold, admission, request[REQUEST_ID])
     try:
         if chat.stream:
-            return await _stream(request, call, admission.headers)
-        return await _complete(request, call, admission.headers)
+            return await _stream(request, call, admission.headers, upstream)
+        return await _complete(request, call, admission.headers, upstream)
     finally:
         await call.close()  # releases the hold unless it was settled
         _upstream_duration(chat.model.name).observe(call.upstream_seconds)
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
+
+
+async def _call_upstream(st: State, chat: ChatRequest) -> Answer | Stream:
+    """The upstream call: the whole answer, or a stream whose first event is here."""
+    if chat.stream:
+        return await st.upstream.stream(chat.model, chat.upstream_body)
+    return await st.upstream.complete(chat.model, chat.upstream_body)
+
+
+def _refused(st: State, account_id: uuid.UUID, error: BaseException) -> None:
+    if isinstance(error, ApiError):  # a refusal (429, 402, 503), not a client gone
+        st.speculation.refused(account_id)
+
+
+def _drop(upstream: asyncio.Future[Any]) -> None:
+    """Stop a speculative upstream call whose request was refused."""
+    _speculation_dropped.inc()
+    if not upstream.done():
+        upstream.cancel()  # closes its connection: the upstream stops generating
+    elif not upstream.cancelled() and upstream.exception() is None:
+        result = upstream.result()
+        if isinstance(result, Stream):
+            result.close()
 
 
 @contextlib.contextmanager
@@ -140,12 +193,19 @@ async def _client_left(
 
 
 async def _complete(
-    request: web.Request, call: MeteredCall, headers: dict[str, str]
+    request: web.Request,
+    call: MeteredCall,
+    headers: dict[str, str],
+    upstream: asyncio.Future[Any] | None,
 ) -> web.StreamResponse:
     st = request.app[STATE]
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
-            answer = await st.upstream.complete(call.chat.model, call.chat.upstream_body)
+            # Awaiting the started call (a task) cancels it if this handler is.
+            answer = await (
+                upstream or st.upstream.complete(call.chat.model, call.chat.upstream_body)
+            )
+            assert isinstance(answer, Answer), answer
     except asyncio.CancelledError:
         # aiohttp cancelled us (handler_cancellation: the client left, or shutdown).
         await _client_left(call)
@@ -171,13 +231,17 @@ async def _complete(
 
 
 async def _stream(
-    request: web.Request, call: MeteredCall, headers: dict[str, str]
+    request: web.Request,
+    call: MeteredCall,
+    headers: dict[str, str],
+    started: asyncio.Future[Any] | None,
 ) -> web.StreamResponse:
     st = request.app[STATE]
     model = call.chat.model
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
-            upstream = await st.upstream.stream(model, call.chat.upstream_body)
+            upstream = await (started or st.upstream.stream(model, call.chat.upstream_body))
+            assert isinstance(upstream, Stream), upstream
     except asyncio.CancelledError:
         await _client_left(call)  # as in _complete
         raise
