@@ -99,6 +99,14 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         if request.get(RESPONSE_STARTED):
             raise  # a stream already under way cannot become an error response
         response = error_response(request, err)
+    if not response.prepared:
+        # Sent now, whole (aiohttp then finds it finished): the metrics and the
+        # log line below no longer delay the client's last byte.
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; the status it would have had is logged
     route = _route(request)
     elapsed = time.perf_counter() - started
     _requests(route, request.method, response.status).inc()
