@@ -16,7 +16,7 @@ from creditgate import ledger
 from creditgate.http.state import STATE
 from creditgate.proxy.mock_upstream import MockStats
 from creditgate.proxy.speculation import Speculation
-from tests.proxy.conftest import outcome
+from tests.proxy.conftest import Outcome, outcome
 from tests.proxy.test_faults import body, read_stream, wait_for
 
 
@@ -25,6 +25,20 @@ def speculated(outcome_: str) -> float:
         REGISTRY.get_sample_value("creditgate_upstream_speculation_total", {"outcome": outcome_})
         or 0.0
     )
+
+
+async def emptied(db, account_id: uuid.UUID) -> Outcome:
+    """Take the account's whole balance (an adjustment); its ledger from before."""
+    before = await outcome(db, account_id)
+    await ledger.post_entry(
+        db,
+        account_id=account_id,
+        amount=-before.balance,
+        kind="adjustment",
+        idempotency_key=f"test:{uuid.uuid4()}",
+        reason="emptied",
+    )
+    return before
 
 
 def test_speculation_follows_admissions_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,15 +102,7 @@ async def test_a_refused_reservation_drops_the_upstream_call_and_changes_nothing
         await gw.post("/v1/chat/completions", json=body("mock-model", key), headers=c.auth)
     ).status == 200
     # The account is emptied between two calls (as by another process or an admin).
-    before = await outcome(db, c.account.id)
-    await ledger.post_entry(
-        db,
-        account_id=c.account.id,
-        amount=-before.balance,
-        kind="adjustment",
-        idempotency_key=f"test:{uuid.uuid4()}",
-        reason="emptied",
-    )
+    before = await emptied(db, c.account.id)
     dropped = speculated("dropped")
     resp = await gw.post("/v1/chat/completions", json=body("mock-model", key), headers=c.auth)
     assert resp.status == 402
@@ -144,15 +150,7 @@ async def test_a_stream_dropped_after_it_started_is_closed(
         "/v1/chat/completions", json=body("mock-model", key, stream=True), headers=c.auth
     )
     await read_stream(ok)
-    before = await outcome(db, c.account.id)
-    await ledger.post_entry(
-        db,
-        account_id=c.account.id,
-        amount=-before.balance,
-        kind="adjustment",
-        idempotency_key=f"test:{uuid.uuid4()}",
-        reason="emptied",
-    )
+    before = await emptied(db, c.account.id)
     # A slow stream: its first event comes at once, the rest would take seconds.
     resp = await gw.post(
         "/v1/chat/completions",
