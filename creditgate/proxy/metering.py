@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from creditgate import ledger
+from creditgate.errors import NotFound, ServiceUnavailable
 from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
 from creditgate.logs import log
@@ -98,9 +99,18 @@ class MeteredCall:
         # settlement runs to the end even if this task is cancelled meanwhile.
         settling = self.st.holds.settle_soon(self.hold.id, measured)
         try:
-            await self.st.throttle.finish(self.admission, tokens)
-        finally:
-            settlement = await asyncio.shield(settling)
+            try:
+                await self.st.throttle.finish(self.admission, tokens)
+            finally:
+                settlement = await asyncio.shield(settling)
+        except NotFound:
+            # No such hold: only an unflushed reserve (ledger.group_commit) that a
+            # Postgres crash lost; nothing was sent on it, nothing is charged.
+            log.warning("hold lost before its settlement", extra=self._ids())
+            raise ServiceUnavailable(
+                "The database restarted during this call and its reservation was lost;"
+                " nothing was charged. Retry the request."
+            ) from None
         _SETTLE_LATENCY.observe(time.perf_counter() - started)
         model = self.chat.model.name
         _tokens(model, "input").inc(measured.input_tokens)
@@ -109,11 +119,7 @@ class MeteredCall:
         if settlement.uncollected:
             log.warning(
                 "cost above what the account could cover",
-                extra={
-                    "request_id": self.request_id,
-                    "hold_id": str(self.hold.id),
-                    "uncollected_micros": settlement.uncollected,
-                },
+                extra={**self._ids(), "uncollected_micros": settlement.uncollected},
             )
         seen: dict[str, Any]
         if exact:
@@ -134,6 +140,9 @@ class MeteredCall:
                 "cost_micros": settlement.debited,
             },
         )
+
+    def _ids(self) -> dict[str, str]:
+        return {"request_id": self.request_id, "hold_id": str(self.hold.id)}
 
     async def release(self) -> None:
         """End the hold with no charge and give the throttle its tokens back."""
