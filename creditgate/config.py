@@ -153,8 +153,8 @@ class Config:
     products: Mapping[str, Product] = field(default_factory=dict)
     polar: PolarConfig = field(default_factory=PolarConfig)
     estimate_bytes_per_token: int = 3
-    # Start the upstream call with the admission and reservation, for accounts
-    # recently admitted (proxy.speculation); False: one after the other.
+    # Start the upstream call with the throttle check (before the reservation)
+    # for accounts recently admitted (proxy.speculation); False: after both.
     speculative_upstream: bool = True
     hold_ttl_seconds: int = 900
     # Largest group-commit batch of reserves or settles (1: one statement per call).

@@ -132,7 +132,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BaseException as e:
         if upstream is not None:
             _drop(upstream)
-        await st.holds.give_back(holding)  # made, but this handler was cancelled meanwhile
+        # Made, but this handler was cancelled meanwhile: given back even if
+        # it is cancelled again.
+        await asyncio.shield(st.holds.give_back(holding))
         _refused(st, account_id, e)
         await st.throttle.finish(admission, None)  # never served: all given back
         raise
