@@ -89,8 +89,8 @@ STREAM_ENDS = Counter(
 )
 UPSTREAM_SPECULATION = Counter(
     "creditgate_upstream_speculation_total",
-    "Upstream calls started with their admission and reservation (proxy.speculation):"
-    " used, or dropped because the request was refused.",
+    "Upstream calls started with their admission, before their reservation"
+    " (proxy.speculation): used, or dropped because the request was refused.",
     ["outcome"],
 )
 TOKENS = Counter(
