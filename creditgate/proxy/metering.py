@@ -106,7 +106,7 @@ class MeteredCall:
         except NotFound:
             # No such hold: only an unflushed reserve (ledger.group_commit) that a
             # Postgres crash lost; nothing was sent on it, nothing is charged.
-            log.warning("hold lost before its settlement", extra=self._ids())
+            log.warning("hold lost before its settlement", extra=self.log_ids())
             raise ServiceUnavailable(
                 "The database restarted during this call and its reservation was lost;"
                 " nothing was charged. Retry the request."
@@ -119,7 +119,7 @@ class MeteredCall:
         if settlement.uncollected:
             log.warning(
                 "cost above what the account could cover",
-                extra={**self._ids(), "uncollected_micros": settlement.uncollected},
+                extra={**self.log_ids(), "uncollected_micros": settlement.uncollected},
             )
         seen: dict[str, Any]
         if exact:
@@ -141,7 +141,8 @@ class MeteredCall:
             },
         )
 
-    def _ids(self) -> dict[str, str]:
+    def log_ids(self) -> dict[str, str]:
+        """The call's ids, as structured log fields."""
         return {"request_id": self.request_id, "hold_id": str(self.hold.id)}
 
     async def release(self) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import Iterator
@@ -85,36 +84,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI-compatible chat completion, streaming or not, charged to the caller."""
     st = request.app[STATE]
     principal = await authenticate(request)
+    account_id = principal.account_id
+    request_id = request[REQUEST_ID]
     config = st.settings.config
     body = await read_json_object(request)
     # Only a request naming no model asks for the account's default (cached).
-    default_model = (
-        await st.default_models.get(principal.account_id) if body.get("model") is None else None
-    )
+    default_model = await st.default_models.get(account_id) if body.get("model") is None else None
     chat = parse_chat_request(
         body, config.models, config.estimate_bytes_per_token, default_model=default_model
     )
-    limits = await st.limits.get(principal.account_id, principal.key_id)
-    account_id = principal.account_id
-    reserve = functools.partial(
-        st.holds.reserve_soon,
-        hold_id=uuid.uuid4(),
-        account_id=account_id,
-        amount=cost_micros(chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens),
-        ttl_seconds=config.hold_ttl_seconds,
-        request_id=request[REQUEST_ID],
-        model=chat.model.name,
-        # A stream's first bytes go out before its settlement: its hold must be
-        # on disk at once. An answer sent whole after its settlement need not
-        # wait for the flush: the settlement's flush covers it (ledger.group_commit).
-        durable=chat.stream,
-    )
+    limits = await st.limits.get(account_id, principal.key_id)
     upstream: asyncio.Future[Any] | None = None
+    span: list[float] = []
     if st.speculation.allowed(account_id):
         # The upstream call starts now, with the admission and then the
         # reservation (proxy.speculation); nothing of its answer is sent before
         # both are confirmed, and a refusal drops it.
-        upstream = asyncio.ensure_future(_call_upstream(st, chat))
+        upstream, span = _start_upstream(st, chat)
     try:
         admission = await st.throttle.admit(
             limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
@@ -122,26 +108,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BaseException as e:
         if upstream is not None:
             _drop(upstream)
-            _refused(st, account_id, e)
+        _refused(st, account_id, e)
         raise
     started = time.perf_counter()
-    holding = reserve()
+    holding = st.holds.reserve_soon(
+        hold_id=uuid.uuid4(),
+        account_id=account_id,
+        amount=cost_micros(chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens),
+        ttl_seconds=config.hold_ttl_seconds,
+        request_id=request_id,
+        model=chat.model.name,
+        # A stream's first bytes go out before its settlement: its hold must be
+        # on disk at once. An answer sent whole after its settlement need not
+        # wait for the flush: the settlement's flush covers it (ledger.group_commit).
+        durable=chat.stream,
+    )
     try:
         hold = await holding
         _RESERVE_LATENCY.observe(time.perf_counter() - started)
     except BaseException as e:
         if upstream is not None:
             _drop(upstream)
-        # Made, but this handler was cancelled meanwhile: given back even if
-        # it is cancelled again.
-        await asyncio.shield(st.holds.give_back(holding))
         _refused(st, account_id, e)
-        await st.throttle.finish(admission, None)  # never served: all given back
+        try:
+            # Made, but this handler was cancelled meanwhile: given back even if
+            # it is cancelled again.
+            await asyncio.shield(st.holds.give_back(holding))
+        finally:
+            await st.throttle.finish(admission, None)  # never served: all given back
         raise
     st.speculation.admitted(account_id)
+    call = MeteredCall(st, chat, hold, admission, request_id)
     if upstream is not None:
         _speculation_used.inc()
-    call = MeteredCall(st, chat, hold, admission, request[REQUEST_ID])
+        # It has been running since it started: that time is the upstream's, not ours.
+        call.upstream_seconds = _ran_so_far(span)
     try:
         if chat.stream:
             return await _stream(request, call, admission.headers, upstream)
@@ -157,6 +158,19 @@ async def _call_upstream(st: State, chat: ChatRequest) -> Answer | Stream:
     if chat.stream:
         return await st.upstream.stream(chat.model, chat.upstream_body)
     return await st.upstream.complete(chat.model, chat.upstream_body)
+
+
+def _start_upstream(st: State, chat: ChatRequest) -> tuple[asyncio.Future[Any], list[float]]:
+    """The upstream call as a task, and its span: when it started, and once done, ended."""
+    task = asyncio.ensure_future(_call_upstream(st, chat))
+    span = [time.perf_counter()]
+    task.add_done_callback(lambda _: span.append(time.perf_counter()))
+    return task, span
+
+
+def _ran_so_far(span: list[float]) -> float:
+    """Seconds a started upstream call has run: until it ended, or until now."""
+    return (span[1] if len(span) > 1 else time.perf_counter()) - span[0]
 
 
 def _refused(st: State, account_id: uuid.UUID, error: BaseException) -> None:
@@ -294,14 +308,14 @@ async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.Strea
     if not complete and relay.usage is None and relay.text_bytes == 0:
         # The upstream failed before generating anything: nothing is charged.
         await call.release()
-        log.info("stream failed before any output", extra={**_ids(call), "end": end})
+        log.info("stream failed before any output", extra={**call.log_ids(), "end": end})
         return await _end_stream(resp, [_stream_error(relay, end)])
     try:
         charge = await call.settle(relay.usage, relay.text_bytes)
     except Exception:
         # The content went out but its charge is not recorded: the stream must
         # not end as a success. The hold stays for the sweeper.
-        log.error("settlement failed after a stream", exc_info=True, extra=_ids(call))
+        log.error("settlement failed after a stream", exc_info=True, extra=call.log_ids())
         tail.append(
             error_event(
                 "The charge for this completion could not be recorded.", "SERVICE_UNAVAILABLE"
@@ -314,7 +328,7 @@ async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.Strea
             tail.append(DONE_EVENT)
         else:
             tail.append(_stream_error(relay, end))
-            log.info("stream ended early", extra={**_ids(call), "end": end})
+            log.info("stream ended early", extra={**call.log_ids(), "end": end})
     return await _end_stream(resp, tail)
 
 
@@ -325,10 +339,6 @@ async def _end_stream(resp: web.StreamResponse, tail: list[bytes]) -> web.Stream
     except ConnectionResetError:
         pass  # the client left after the content; the charge stands
     return resp
-
-
-def _ids(call: MeteredCall) -> dict[str, str]:
-    return {"request_id": call.request_id, "hold_id": str(call.hold.id)}
 
 
 def _usage_chunk(relay: Relay, charge: Charge) -> dict[str, Any]:

@@ -44,19 +44,22 @@ class Speculation:
     def allowed(self, account_id: uuid.UUID) -> bool:
         """Whether this account's upstream call may start before its admission."""
         until = self._until.get(account_id)
-        return self.enabled and until is not None and until <= time.monotonic()
+        return until is not None and until <= time.monotonic()
 
     def admitted(self, account_id: uuid.UUID) -> None:
         """A call of the account was admitted and reserved: it may be speculated
         for from now on (after any cooldown still running)."""
-        until = self._until.pop(account_id, 0.0)  # re-inserted: newest last
-        self._until[account_id] = until
-        if len(self._until) > self.max_accounts:
-            del self._until[next(iter(self._until))]  # the least recently admitted
+        if self.enabled:
+            self._put(account_id, self._until.get(account_id, 0.0))
 
     def refused(self, account_id: uuid.UUID) -> None:
-        """A call of the account was refused: sequential for ``cooldown`` seconds."""
-        self._until.pop(account_id, None)
-        self._until[account_id] = time.monotonic() + self.cooldown
+        """A call of the account was refused: sequential for ``cooldown`` seconds.
+        An account never admitted here stays out (it waits for an admission)."""
+        if account_id in self._until:
+            self._put(account_id, time.monotonic() + self.cooldown)
+
+    def _put(self, account_id: uuid.UUID, until: float) -> None:
+        self._until.pop(account_id, None)  # re-inserted: the newest last
+        self._until[account_id] = until
         if len(self._until) > self.max_accounts:
-            del self._until[next(iter(self._until))]
+            del self._until[next(iter(self._until))]  # the least recently seen

@@ -47,6 +47,9 @@ def test_speculation_follows_admissions_and_refusals(monkeypatch: pytest.MonkeyP
     s = Speculation(cooldown=60, max_accounts=2)
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     assert not s.allowed(a)  # never admitted here
+    s.refused(a)  # refused before any admission: still waits for one
+    now[0] += 61
+    assert not s.allowed(a)
     s.admitted(a)
     assert s.allowed(a)
     s.refused(a)
@@ -58,7 +61,9 @@ def test_speculation_follows_admissions_and_refusals(monkeypatch: pytest.MonkeyP
     s.admitted(b)
     s.admitted(c)  # over max_accounts: the least recently admitted (a) is forgotten
     assert not s.allowed(a) and s.allowed(b) and s.allowed(c)
-    assert not Speculation(enabled=False).allowed(a)
+    off = Speculation(enabled=False)
+    off.admitted(a)
+    assert not off.allowed(a)
 
 
 async def test_calls_after_the_first_start_upstream_at_once_and_charge_the_same(
