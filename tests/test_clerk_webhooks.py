@@ -183,3 +183,13 @@ async def test_a_secretless_deployment_refuses_clerk_webhooks(
         )
         assert resp.status == 503
     assert await accounts_of(db, "user", clerk_id) == []
+
+
+async def test_an_event_type_that_is_not_a_string_is_ignored_not_500(app: TestClient) -> None:
+    client = app
+    body = orjson.dumps({"type": ["user.created"], "object": "event", "data": {"id": "user_x"}})
+    resp = await client.post(
+        "/api/webhooks/clerk", data=body, headers=sign_clerk(body, CLERK_WEBHOOK_SECRET)
+    )
+    assert resp.status == 200
+    assert (await resp.json())["data"] == {"received": True, "ignored": True}

@@ -137,3 +137,18 @@ def test_money_parsing_is_exact() -> None:
             credits_to_micros(bad)
     assert micros_to_credits(1_500_000) == Decimal("1.5")
     assert micros_to_credits(2_000_000) == 2
+
+
+@pytest.mark.parametrize("text", ["1e999999", "-1e999999", "1e-999999999", "1E+31"])
+def test_credit_amounts_beyond_decimals_range_are_refused_not_crashed(text: str) -> None:
+    with pytest.raises(MoneyError):
+        credits_to_micros(text)
+    assert credits_to_micros("1e3") == 1_000 * 1_000_000
+
+
+def test_a_polar_time_that_is_not_iso_8601_is_unprocessable() -> None:
+    from creditgate.billing.polar_events import Unprocessable, _ts
+
+    assert _ts("2026-01-31T12:00:00Z") is not None and _ts(None) is None
+    with pytest.raises(Unprocessable):
+        _ts("yesterday")

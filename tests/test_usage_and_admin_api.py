@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -151,6 +152,8 @@ async def test_usage_filters_by_kind_and_time(
         ({"limit": "201"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": "ZTk5OTk5OTk5OTk5OTk5OTk5OTk"}, "cursor"),  # e + 19 nines: past bigint
+        ({"since": "9999-12-31T23:59:59-01:00"}, "since"),  # no UTC time exists for it
         ({"kind": "debit,gift"}, "kind"),
         ({"since": "yesterday"}, "since"),
         ({"since": "2026-02-01", "until": "2026-01-01"}, "until"),
@@ -261,6 +264,11 @@ async def test_admin_grant_can_expire_and_shows_it(
         ({"account": "x", "amount": 0, "reason": "r", "idempotencyKey": "k"}, ["amount"]),
         ({"account": "x", "amount": "0.0000001", "reason": "r", "idempotencyKey": "k"}, ["amount"]),
         ({"account": "x", "amount": True, "reason": "r", "idempotencyKey": "k"}, ["amount"]),
+        ({"account": "x", "amount": "1e999999", "reason": "r", "idempotencyKey": "k"}, ["amount"]),
+        (
+            {"account": "x", "amount": "1e-999999999", "reason": "r", "idempotencyKey": "k"},
+            ["amount"],
+        ),
         ({"account": "x", "amount": 1, "reason": " ", "idempotencyKey": "k"}, ["reason"]),
         (
             {"account": "x", "amount": 1, "reason": "r", "idempotencyKey": "k", "extra": 1},
@@ -319,3 +327,20 @@ async def test_admin_credits_unknown_account_is_404(api: TestClient) -> None:
     assert (await resp.json())["error"]["code"] == "NOT_FOUND"
     resp = await api.post("/api/admin/credits", data=b"[1]", headers=ADMIN)
     assert resp.status == 400
+
+
+@pytest.mark.parametrize("token", [b"cg_" + b"\xff" * 43, b"\xff\xfe", b"admin-\xe9"])
+async def test_a_bearer_token_that_is_not_ascii_is_401_not_500(
+    api: TestClient, token: bytes
+) -> None:
+    """Keys and JWTs are ASCII; aiohttp hands header bytes it cannot decode on as
+    surrogates, which hashing a key or comparing the admin token choked on."""
+    for method, path in ((b"GET", b"/api/user/balance"), (b"POST", b"/api/admin/credits")):
+        reader, writer = await asyncio.open_connection(api.host, api.port)
+        writer.write(
+            method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token
+            + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )  # fmt: skip
+        status_line = await reader.readline()
+        writer.close()
+        assert status_line.split()[1] == b"401", (path, status_line)

@@ -51,7 +51,8 @@ def bearer_token(request: web.Request) -> str | None:
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    # Keys and JWTs are ASCII; anything else (undecodable bytes included) is malformed.
+    if scheme.lower() != "bearer" or not token.strip() or not token.isascii():
         return None
     return token.strip()
 

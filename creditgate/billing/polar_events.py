@@ -135,7 +135,10 @@ def facts_of(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
 def _ts(text: str | None) -> datetime | None:
     if text is None:
         return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise Unprocessable(f"not an ISO 8601 time: {text!r}") from None
 
 
 # ---------------------------------------------------------------- applying

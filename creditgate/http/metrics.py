@@ -136,7 +136,7 @@ async def metrics_route(request: web.Request) -> web.Response:
     token = request.app[STATE].settings.metrics_token
     if token is not None:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(supplied.encode(), token.encode()):
+        if not supplied.isascii() or not hmac.compare_digest(supplied.encode(), token.encode()):
             raise Unauthorized("The metrics endpoint requires its bearer token.")
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         # Under `serve --workers N`: the sum over every worker, whichever answers.

@@ -24,10 +24,12 @@ def parse_time(value: Any, path: str, problems: Problems) -> datetime | None:
         if len(value) == 10:
             return datetime.combine(date.fromisoformat(value), time(), UTC)
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        # In UTC now: an offset at the calendar's edge (9999-12-31T23:59-01:00)
+        # has no UTC time, which the database driver would fail on later.
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         problems.append({"path": path, "message": f"{value!r} is not an ISO 8601 date or time"})
         return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def parse_int(text: str, path: str, problems: Problems, *, low: int, high: int) -> int | None:

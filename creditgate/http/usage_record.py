@@ -96,7 +96,19 @@ def _metadata(value: Any, problems: Problems) -> dict[str, Any]:
         problems.append({"path": "metadata", "message": f"at most {MAX_METADATA_KEYS} keys"})
     elif len(orjson.dumps(value)) > MAX_METADATA_BYTES:
         problems.append({"path": "metadata", "message": f"at most {MAX_METADATA_BYTES} bytes"})
+    elif _has_nul(value):  # Postgres jsonb cannot hold a NUL character
+        problems.append({"path": "metadata", "message": "no NUL (\\u0000) characters"})
     return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class _Parsed:

@@ -21,7 +21,7 @@ from creditgate.ledger.entries import ENTRY_KINDS, iso
 from creditgate.ledger.money import micros_to_credits
 
 MAX_PAGE = 200
-_CURSOR = re.compile(r"^e([1-9][0-9]{0,18})$")
+_CURSOR = re.compile(r"^e([1-9][0-9]{0,17})$")  # a bigint seq: 18 digits always fit
 
 
 @dataclass(frozen=True, slots=True)

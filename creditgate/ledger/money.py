@@ -38,6 +38,11 @@ def credits_to_micros(value: object) -> int:
         raise MoneyError(f"{value!r} is not a number") from None
     if not d.is_finite():
         raise MoneyError("amount must be finite")
+    # Exponents past the context's range would overflow (or round to 0) below.
+    if not d.is_zero() and not -30 <= d.adjusted() <= 30:
+        raise MoneyError(
+            "amount is too large" if d.adjusted() > 0 else "amount has more than 6 decimal places"
+        )
     micros = d * MICROS_PER_CREDIT
     if micros != micros.to_integral_value():
         raise MoneyError("amount has more than 6 decimal places")

@@ -66,7 +66,7 @@ async def clerk_webhook(request: web.Request) -> web.Response:
         WEBHOOKS.labels("clerk", "refused").inc()
         raise ValidationError("The webhook body is not a JSON event.") from None
     event_type = event.get("type") if isinstance(event, dict) else None
-    if event_type not in CLERK_EVENTS:
+    if not isinstance(event_type, str) or event_type not in CLERK_EVENTS:
         WEBHOOKS.labels("clerk", "ignored").inc()
         log.info("clerk webhook of a type not handled; ignored", extra={"type": event_type})
         return data_response(request, {"received": True, "ignored": True})
