@@ -19,8 +19,10 @@ arrival order:
   costs fits the available balance plus the running total of holds released)
   are settled in one statement; the others, and holds no longer live
   (replays, released, expired), go through ``settle_hold`` one by one.
-* any constraint failure of a batch (a repeated hold id, the CHECK, a
-  deadlock) runs all its calls alone; the database constraints — the CHECK on
+* any failure of a batch statement (a repeated hold id, the CHECK, a
+  deadlock, a broken connection) runs all its calls alone — safe even if the
+  batch committed and only its reply was lost, each call being idempotent on
+  its hold id; the database constraints — the CHECK on
   the balance row, one debit per hold, holds ended once — apply to batches
   exactly as to single statements.
 
@@ -48,7 +50,7 @@ import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -64,8 +66,16 @@ from creditgate.ledger.holds import (
 )
 from creditgate.logs import log
 
-# Failures of a batch's data (not of the connection): its calls are retried alone.
-_RETRY_ALONE = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
+
+def _batch_failed(kind: str, batch: list[Any], error: Exception) -> None:
+    """A failed batch statement (a constraint, a deadlock, a broken connection)
+    changed nothing, or committed and lost its reply: either way its calls run
+    alone, which is safe because each is idempotent on its hold id."""
+    log.warning(
+        "batch failed; its calls run alone",
+        extra={"kind": kind, "size": len(batch), "error": type(error).__name__},
+    )
+
 
 _RESERVE_BATCH = """
 WITH req AS (
@@ -376,18 +386,25 @@ class GroupCommit:
                 )
                 reserved = {row["id"] for row in rows}
                 self.batched_calls += len(reserved)
-            except _RETRY_ALONE:
-                log.info("reserve batch retried call by call", extra={"size": len(batch)})
+            except Exception as e:
+                _batch_failed("reserve", batch, e)
+        # The batch's results first, with no wait: none waits behind a call run alone.
+        gone: list[uuid.UUID] = []  # reserved for callers that left
+        alone: list[tuple[_Reserve, asyncio.Future[Hold]]] = []
         for r, future in batch:
-            if future.cancelled():  # the caller is gone: it must not keep credits held
-                if r.hold_id in reserved:
-                    await release_hold(self._pool, r.hold_id)
-            elif r.hold_id in reserved:
-                future.set_result(Hold(r.hold_id, r.account_id, r.amount))
-            else:
-                await _answer(future, functools.partial(self._reserve_alone, db, r))
-                if future.cancelled():  # cancelled while it ran: nobody else ends it
-                    await release_hold(self._pool, r.hold_id)
+            if r.hold_id in reserved:
+                if future.cancelled():  # the caller is gone: it must not keep credits held
+                    gone.append(r.hold_id)
+                else:
+                    future.set_result(Hold(r.hold_id, r.account_id, r.amount))
+            elif not future.cancelled():
+                alone.append((r, future))
+        for hold_id in gone:
+            await release_hold(self._pool, hold_id)
+        for r, future in alone:
+            await _answer(future, functools.partial(self._reserve_alone, db, r))
+            if future.cancelled():  # cancelled while it ran: nobody else ends it
+                await release_hold(self._pool, r.hold_id)
 
     # ------------------------------------------------------------ settle
 
@@ -409,15 +426,15 @@ class GroupCommit:
                 )
                 settled = set(row["settled"] or ()) if row is not None else set()
                 self.batched_calls += len(settled)
-            except _RETRY_ALONE:
-                log.info("settle batch retried call by call", extra={"size": len(batch)})
+            except Exception as e:
+                _batch_failed("settle", batch, e)
+        # The batch's results first, with no wait: none waits behind a call run alone.
+        alone: list[tuple[_Settle, asyncio.Future[Settlement]]] = []
         for s, future in batch:
-            if s.hold_id in settled:
-                if not future.done():
-                    future.set_result(
-                        Settlement(entry_ids[s.hold_id], s.usage.cost, 0, replayed=False)
-                    )
-            else:  # runs even for a caller gone: a call's charge is never dropped
-                self.alone_calls += 1
-                alone = functools.partial(settle_hold, self._pool, s.hold_id, s.usage)
-                await _answer(future, alone)
+            if s.hold_id not in settled:
+                alone.append((s, future))
+            elif not future.done():
+                future.set_result(Settlement(entry_ids[s.hold_id], s.usage.cost, 0, replayed=False))
+        for s, future in alone:  # run even for a caller gone: a call's charge is never dropped
+            self.alone_calls += 1
+            await _answer(future, functools.partial(settle_hold, self._pool, s.hold_id, s.usage))

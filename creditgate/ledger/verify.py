@@ -32,6 +32,8 @@ REQUIRED_TRIGGERS = (
     ("credit_lot_uses", "credit_lot_uses_no_truncate"),
     ("ledger_reversals", "ledger_reversals_append_only"),
     ("ledger_reversals", "ledger_reversals_no_truncate"),
+    ("usage_records", "usage_records_append_only"),
+    ("usage_records", "usage_records_no_truncate"),
 )
 REQUIRED_CONSTRAINTS = (
     ("account_balances", "available_within_overdraft"),
