@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from creditgate.billing.polar_events import refund_target
+from creditgate.billing.polar_events import Unprocessable, refund_target
 from creditgate.config import ConfigError, parse_config
 from tests.billing_support import billing_toml
 
@@ -49,3 +49,9 @@ def test_refund_target_is_the_refunded_share(
 ) -> None:
     facts = {"status": status, "refunded_amount": refunded, "refundable_amount": refundable}
     assert refund_target(10_000_000, facts) == expected
+
+
+def test_a_partial_refund_without_amounts_is_never_guessed() -> None:
+    """It used to take the whole grant back."""
+    with pytest.raises(Unprocessable):
+        refund_target(10_000_000, {"status": "partially_refunded"})

@@ -160,7 +160,7 @@ async def _open_checkout(
         return None
     # Webhooks may lag: ask Polar whether it is still open before handing it out.
     try:
-        current = await polar.checkouts.get(row["id"])
+        current = await call_with_retries(cfg, lambda: polar.checkouts.get(row["id"]), attempts=1)
     except PolarError:
         return None  # unknown: a fresh checkout is the safe answer
     if current.status == "open" and _ts(current.expires_at) > datetime.now(UTC) + _REUSE_MARGIN:

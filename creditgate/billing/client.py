@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from polar import PolarNetworkError, PolarServerError
+from polar import PolarError, PolarNetworkError, PolarServerError
 from polar.base import PolarRateLimitError
 from polar.v2026_10 import Environment, PolarAsync
 from tenacity import (
@@ -25,6 +25,10 @@ T = TypeVar("T")
 # httpx's timeouts surface as PolarNetworkError) or asking us to slow down.
 # Any other 4xx is a request Polar will refuse again.
 TRANSIENT = (PolarServerError, PolarNetworkError, PolarRateLimitError)
+
+
+class PolarUnreadable(PolarError):
+    """Polar answered something polar-sdk could not read (it raised ValueError)."""
 
 
 def make_polar(settings: Settings) -> PolarAsync | None:
@@ -95,5 +99,10 @@ async def call_with_retries(
     )
     async for attempt in retrying:
         with attempt:
-            return await call()
+            try:
+                return await call()
+            except ValueError as e:
+                # polar-sdk raises a bare ValueError on a 200 whose body is not
+                # JSON and on a Retry-After it cannot read: a Polar failure too.
+                raise PolarUnreadable(f"unreadable Polar response ({type(e).__name__})") from e
     raise AssertionError("unreachable: tenacity either returns or re-raises")

@@ -304,6 +304,9 @@ class UsageExporter:
                 await self._export_while_holding(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ExportConflict):
                 log.warning("usage export lost its database connection", exc_info=True)
+            except Exception:
+                # Never the end of exporting: this process takes the lock again.
+                log.error("usage export failed unexpectedly; restarting it", exc_info=True)
             finally:
                 if conn is not None:
                     # The lock goes with the session.

@@ -284,11 +284,15 @@ async def _grant_order(
 
 def refund_target(granted: int, facts: dict[str, Any]) -> int:
     """µc to have taken back in total: the refunded share of the order's grant."""
+    if facts.get("status") == "refunded":
+        return granted
     refunded: int = facts.get("refunded_amount") or 0
     base = refunded + (facts.get("refundable_amount") or 0)
-    if facts.get("status") == "refunded" or base <= 0 or refunded >= base:
-        return granted
-    return granted * refunded // base
+    if base <= 0:
+        # Not fully refunded, and no amounts to take a share of: never guess
+        # (taking it all back would be a guess too); an operator looks at it.
+        raise Unprocessable("a partial refund without refunded or refundable amounts")
+    return granted * min(refunded, base) // base
 
 
 async def _refund_order(conn: asyncpg.Connection, config: Config, facts: dict[str, Any]) -> str:
