@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from polar import PolarError
 
 from creditgate import ledger, migrations
 from creditgate.auth.api_keys import SCOPES
@@ -265,6 +264,8 @@ def _positive(name: str, text: str) -> int:
 
 
 async def cmd_reconcile(args: argparse.Namespace) -> dict[str, Any]:
+    from polar import PolarError  # imported here: polar-sdk adds ~0.4 s to every command
+
     from creditgate.billing.client import make_polar
     from creditgate.billing.reconcile import ReconcileUnavailable, reconcile
 

@@ -23,7 +23,7 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_time
+from creditgate.http.params import Problems, parse_text, parse_time
 from creditgate.http.state import STATE
 from creditgate.logs import log
 
@@ -35,17 +35,6 @@ MAX_KEY = 200
 def admin_idempotency_key(key: str) -> str:
     """The ledger key of an admin write: one namespace for the API and the CLI."""
     return f"admin:{key}"
-
-
-def _text(body: dict[str, Any], name: str, limit: int, problems: Problems) -> str | None:
-    value = body.get(name)
-    if not isinstance(value, str) or not value.strip():
-        problems.append({"path": name, "message": "required: a non-empty string"})
-        return None
-    if len(value) > limit or not value.isprintable():
-        problems.append({"path": name, "message": f"at most {limit} printable characters"})
-        return None
-    return value
 
 
 def parse_amount(value: Any, problems: Problems, path: str = "amount") -> int | None:
@@ -90,10 +79,10 @@ async def credits(request: web.Request) -> web.Response:
     problems: Problems = [
         {"path": name, "message": "unknown field"} for name in sorted(set(body) - _FIELDS)
     ]
-    ref = _text(body, "account", 255, problems)
+    ref = parse_text(body.get("account"), "account", 255, problems)
     amount = parse_amount(body.get("amount"), problems)
-    reason = _text(body, "reason", MAX_REASON, problems)
-    key = _text(body, "idempotencyKey", MAX_KEY, problems)
+    reason = parse_text(body.get("reason"), "reason", MAX_REASON, problems)
+    key = parse_text(body.get("idempotencyKey"), "idempotencyKey", MAX_KEY, problems)
     expires_at = parse_expiry(body.get("expiresAt"), amount, problems)
     if problems:
         raise ValidationError("The credits request is invalid.", details=problems)

@@ -32,6 +32,17 @@ def parse_time(value: Any, path: str, problems: Problems) -> datetime | None:
         return None
 
 
+def parse_text(value: Any, path: str, limit: int, problems: Problems) -> str | None:
+    """A required non-empty string of at most ``limit`` printable characters."""
+    if not isinstance(value, str) or not value.strip():
+        problems.append({"path": path, "message": "required: a non-empty string"})
+        return None
+    if len(value) > limit or not value.isprintable():
+        problems.append({"path": path, "message": f"at most {limit} printable characters"})
+        return None
+    return value
+
+
 def parse_int(text: str, path: str, problems: Problems, *, low: int, high: int) -> int | None:
     """A whole number in ``low..high`` from a query string or argument."""
     try:

@@ -41,10 +41,11 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_time
+from creditgate.http.params import Problems, parse_text, parse_time
 from creditgate.http.state import STATE
 from creditgate.logs import log
 from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.validation import is_int
 
 _FIELDS = {
     "account",
@@ -66,21 +67,11 @@ MAX_METADATA_BYTES = 4096
 CLOCK_SKEW = timedelta(minutes=5)
 
 
-def _text(value: Any, path: str, limit: int, problems: Problems) -> str | None:
-    if not isinstance(value, str) or not value.strip():
-        problems.append({"path": path, "message": "required: a non-empty string"})
-        return None
-    if len(value) > limit or not value.isprintable():
-        problems.append({"path": path, "message": f"at most {limit} printable characters"})
-        return None
-    return value
-
-
 def _tokens(body: dict[str, Any], name: str, problems: Problems) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+    if not is_int(value) or not 0 <= value <= MAX_TOKENS:
         problems.append({"path": name, "message": f"an integer from 0 to {MAX_TOKENS}"})
         return None
     return value
@@ -120,13 +111,13 @@ class _Parsed:
         ]
         self.account_ref: str | None = None
         if body.get("account") is not None:
-            self.account_ref = _text(body["account"], "account", 255, problems)
-        self.key = _text(body.get("idempotencyKey"), "idempotencyKey", MAX_KEY, problems)
+            self.account_ref = parse_text(body["account"], "account", 255, problems)
+        self.key = parse_text(body.get("idempotencyKey"), "idempotencyKey", MAX_KEY, problems)
         self.input_tokens = _tokens(body, "inputTokens", problems)
         self.output_tokens = _tokens(body, "outputTokens", problems)
         self.model: str | None = None
         if body.get("model") is not None:
-            self.model = _text(body["model"], "model", MAX_MODEL, problems)
+            self.model = parse_text(body["model"], "model", MAX_MODEL, problems)
         self.cost: int | None = None
         self.source = "explicit"
         if body.get("cost") is not None:

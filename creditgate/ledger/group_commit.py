@@ -212,9 +212,6 @@ class _Queue(Generic[T, R]):
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, item: T) -> R:
-        return await self.enqueue(item)
-
     def enqueue(self, item: T) -> asyncio.Future[R]:
         """Queue ``item`` (its batch may start at once); the future of its result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
