@@ -8,6 +8,7 @@ for the session. Each session works in a fresh database of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -205,15 +206,18 @@ def settings(services: Services, upstream: TestServer) -> Settings:
     return make_settings(services, str(upstream.make_url("/v1")))
 
 
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[TestClient]:
+    """A creditgate server for ``settings`` and a client for it."""
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
 @pytest.fixture
 async def cg(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient]:
     """A creditgate server in front of the mock upstream, and a client for it."""
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
+    async with running(settings) as client:
         yield client
-    finally:
-        await client.close()
 
 
 @dataclass(frozen=True)

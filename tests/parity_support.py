@@ -10,16 +10,11 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from creditgate.config import Settings, parse_config
-from creditgate.http.app import create_app
 from tests.billing_support import (
     CLERK_WEBHOOK_SECRET,
     POLAR_WEBHOOK_SECRET,
@@ -65,32 +60,9 @@ def parity_settings(
     return settings
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[TestClient]:
-    """A creditgate server for ``settings`` and a client for it."""
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 async def signed_in(app: TestClient, clerk: FakeClerk) -> tuple[dict[str, str], str]:
     """A new Clerk user's session headers, and the account creditgate made for it."""
     headers = {"Authorization": f"Bearer {clerk.token(f'user_{uuid.uuid4().hex}')}"}
     resp = await app.get("/api/user/balance", headers=headers)
     assert resp.status == 200
     return headers, (await resp.json())["data"]["accountId"]
-
-
-def app_of(client: TestClient) -> web.Application:
-    """The creditgate application behind a test client."""
-    server = client.server
-    assert isinstance(server, TestServer)
-    return server.app
-
-
-async def json_of(resp: Any) -> dict[str, Any]:
-    body: dict[str, Any] = await resp.json()
-    return body

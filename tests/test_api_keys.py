@@ -14,8 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.auth import AUTH, MAX_LIVE_KEYS
 from creditgate.auth.last_used import LastUsedRecorder
-from creditgate.http.app import create_app
-from tests.conftest import Services, make_settings
+from tests.conftest import Services, make_settings, running
 from tests.fake_clerk import ISSUER, PARTY, FakeClerk
 
 
@@ -34,12 +33,8 @@ async def cgc(
         clerk_issuer=ISSUER,
         clerk_authorized_parties=(PARTY,),
     )
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
+    async with running(settings) as client:
         yield client
-    finally:
-        await client.close()
 
 
 async def create(cg: TestClient, session: dict[str, str], **body: Any) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from creditgate.config import Settings
 from creditgate.http.app import create_app
 from tests.billing_support import PACK, PRO, billing_settings
-from tests.conftest import Services, ledger_footprint
+from tests.conftest import Services, ledger_footprint, running
 from tests.fake_clerk import ISSUER, PARTY, FakeClerk
+from tests.parity_support import signed_in
 from tests.polar_fake import FakePolar
 
 
@@ -38,20 +39,8 @@ async def app(
     services: Services, upstream: TestServer, db: asyncpg.Pool, fake: FakePolar, clerk: FakeClerk
 ) -> AsyncIterator[Any]:
     settings = billing_settings(services, str(upstream.make_url("/v1")), fake.url)
-    client = TestClient(TestServer(create_app(with_clerk(settings, clerk))))
-    await client.start_server()
-    try:
+    async with running(with_clerk(settings, clerk)) as client:
         yield client
-    finally:
-        await client.close()
-
-
-async def signed_in(app: TestClient, clerk: FakeClerk) -> tuple[dict[str, str], str]:
-    """A new Clerk user's session headers, and the account creditgate made for it."""
-    headers = {"Authorization": f"Bearer {clerk.token(f'user_{uuid.uuid4().hex}')}"}
-    resp = await app.get("/api/user/balance", headers=headers)
-    assert resp.status == 200
-    return headers, (await resp.json())["data"]["accountId"]
 
 
 async def test_checkout_is_created_for_the_caller_and_reused_while_open(

@@ -16,19 +16,15 @@ from creditgate import ledger
 from creditgate.auth import create_api_key
 from creditgate.http.app import create_app
 from tests.billing_support import CLERK_WEBHOOK_SECRET, billing_settings, eventually
-from tests.conftest import Services
+from tests.conftest import Services, running
 from tests.polar_fake import new_svix_secret, sign_clerk
 
 
 @pytest.fixture
 async def app(services: Services, upstream: TestServer, db: asyncpg.Pool) -> AsyncIterator[Any]:
     settings = billing_settings(services, str(upstream.make_url("/v1")), None)
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
+    async with running(settings) as client:
         yield client
-    finally:
-        await client.close()
 
 
 def clerk_body(event_type: str, clerk_id: str) -> bytes:

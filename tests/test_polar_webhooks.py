@@ -27,7 +27,7 @@ from tests.billing_support import (
     settle_debit,
     shared_fake_polar,
 )
-from tests.conftest import Customer, Services, ledger_footprint
+from tests.conftest import Customer, Services, ledger_footprint, running
 from tests.polar_fake import (
     customer_payload,
     order_payload,
@@ -42,12 +42,8 @@ CREDIT = 1_000_000
 @pytest.fixture
 async def app(services: Services, upstream: TestServer, db: asyncpg.Pool) -> AsyncIterator[Any]:
     settings = billing_settings(services, str(upstream.make_url("/v1")), shared_fake_polar().url)
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
+    async with running(settings) as client:
         yield client
-    finally:
-        await client.close()
 
 
 async def balance(client: TestClient, c: Customer) -> dict[str, Any]:

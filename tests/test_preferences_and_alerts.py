@@ -20,10 +20,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from creditgate import ledger
 from creditgate.config import Settings
 from tests.billing_support import eventually
-from tests.conftest import Customer, Services, ledger_footprint
+from tests.conftest import Customer, Services, ledger_footprint, running
 from tests.fake_clerk import FakeClerk
 from tests.logcapture import remember_secret
-from tests.parity_support import ADMIN, parity_settings, running, signed_in
+from tests.parity_support import ADMIN, parity_settings, signed_in
 from tests.schema_check import assert_conforms, request_schema, response_schema
 
 CREDIT = 1_000_000

@@ -16,8 +16,8 @@ from creditgate.config import Settings
 from creditgate.proxy.pricing import cost_micros
 from creditgate.proxy.request import parse_chat_request
 from tests.billing_support import eventually
-from tests.conftest import Customer, Services, ledger_footprint
-from tests.parity_support import parity_settings, running
+from tests.conftest import Customer, Services, ledger_footprint, running
+from tests.parity_support import parity_settings
 from tests.schema_check import assert_conforms, response_schema
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Settings
 from tests.billing_support import PRO, applied, deliver
-from tests.conftest import Services
+from tests.conftest import Services, running
 from tests.fake_clerk import FakeClerk
-from tests.parity_support import parity_settings, running, signed_in
+from tests.parity_support import parity_settings, signed_in
 from tests.polar_fake import FakePolar, order_payload, subscription_payload
 from tests.schema_check import assert_conforms, response_schema
 

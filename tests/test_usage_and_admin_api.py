@@ -13,8 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Settings
-from creditgate.http.app import create_app
-from tests.conftest import Customer, Services, ledger_footprint, make_settings
+from tests.conftest import Customer, Services, ledger_footprint, make_settings, running
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -28,12 +27,8 @@ def admin_settings(services: Services, upstream: TestServer) -> Settings:
 
 @pytest.fixture
 async def api(admin_settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient]:
-    client = TestClient(TestServer(create_app(admin_settings)))
-    await client.start_server()
-    try:
+    async with running(admin_settings) as client:
         yield client
-    finally:
-        await client.close()
 
 
 async def usage(api: TestClient, c: Customer, **params: Any) -> tuple[int, dict[str, Any]]:

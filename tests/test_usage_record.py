@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from creditgate import ledger
 from creditgate.auth import create_api_key
 from tests.billing_support import eventually
-from tests.conftest import Customer, Services, ledger_footprint
+from tests.conftest import Customer, Services, ledger_footprint, running
 from tests.logcapture import remember_secret
-from tests.parity_support import ADMIN, parity_settings, running
+from tests.parity_support import ADMIN, parity_settings
 from tests.polar_fake import FakePolar
 from tests.procs import run_cli as cli
 from tests.schema_check import assert_conforms, problems, request_schema, response_schema

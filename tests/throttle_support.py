@@ -10,17 +10,15 @@ import socket
 import subprocess
 import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import redis
-from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Settings, parse_config
-from creditgate.http.app import create_app
-from tests.conftest import Services
+from tests.conftest import Services, running
 
 # Tiers sized so that every wait a test takes is a second or two.
 CONFIG = """
@@ -113,15 +111,7 @@ def make_settings(
     )
 
 
-@contextlib.asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[TestClient]:
-    """A creditgate app with ``settings``, and a client for it."""
-    client = TestClient(TestServer(create_app(settings)))
-    await client.start_server()
-    try:
-        yield client
-    finally:
-        await client.close()
+app_client = running  # the shared helper, under this module's name
 
 
 def free_port() -> int:
