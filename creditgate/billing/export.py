@@ -47,6 +47,7 @@ from creditgate.billing.metrics import (
     USAGE_PENDING,
 )
 from creditgate.config import PolarConfig
+from creditgate.ledger.db import Db
 from creditgate.logs import log
 
 # pg_advisory_lock key: the first 8 bytes of sha256("creditgate.polar.export").
@@ -77,6 +78,14 @@ WHERE e.kind = 'debit'
   AND (e.tx_id, e.seq) > (c.tx_id, c.seq)
   AND NOT EXISTS (SELECT 1 FROM polar_parked_events p WHERE p.entry_id = e.id)
 """
+
+
+async def backlog(db: Db) -> tuple[int, float]:
+    """Settled debits Polar has not acknowledged (parked ones aside), and the
+    age in seconds of the oldest."""
+    row = await db.fetchrow(_BACKLOG)
+    assert row is not None
+    return int(row["pending"]), float(row["oldest_s"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +277,7 @@ class UsageExporter:
 
     async def update_gauges(self, conn: asyncpg.Connection) -> tuple[int, float]:
         """Set the pending-events and oldest-age gauges; return them."""
-        row = await conn.fetchrow(_BACKLOG)
-        assert row is not None
-        pending, oldest = int(row["pending"]), float(row["oldest_s"])
+        pending, oldest = await backlog(conn)
         USAGE_PENDING.set(pending)
         USAGE_OLDEST_PENDING.set(oldest)
         return pending, oldest

@@ -25,6 +25,7 @@ import asyncpg
 from polar.v2026_10 import PolarAsync
 
 from creditgate.billing.client import call_with_retries
+from creditgate.billing.export import backlog
 from creditgate.billing.metrics import METER_DRIFT, METER_DRIFT_ACCOUNTS
 from creditgate.config import PolarConfig
 from creditgate.ledger.db import Db
@@ -189,17 +190,8 @@ async def reconcile(
             continue
         beyond = consumed < settled - tol or consumed > exported + tol
         report.drifting.append(AccountDrift(account, consumed, exported, settled, beyond))
-    row = await db.fetchrow(
-        """
-        SELECT (SELECT count(*) FROM polar_parked_events) AS parked,
-               (SELECT count(*) FROM ledger_entries e, polar_export_cursor c
-                WHERE e.kind = 'debit' AND (e.tx_id, e.seq) > (c.tx_id, c.seq)
-                  AND NOT EXISTS (SELECT 1 FROM polar_parked_events p
-                                  WHERE p.entry_id = e.id)) AS pending
-        """
-    )
-    assert row is not None
-    report.parked_events, report.pending_events = row["parked"], row["pending"]
+    report.parked_events = await db.fetchval("SELECT count(*) FROM polar_parked_events")
+    report.pending_events, _ = await backlog(db)
     METER_DRIFT.set(report.total_drift)
     METER_DRIFT_ACCOUNTS.set(sum(d.beyond_tolerance for d in report.drifting))
     return report
