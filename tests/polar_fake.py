@@ -252,7 +252,8 @@ def new_svix_secret() -> str:
 class Failure:
     """One scripted answer to the next ingest request."""
 
-    kind: str  # "status" | "rate_limit" | "slow_before" | "slow_after" | "hang_after"
+    # "status" | "rate_limit" | "slow_before" | "slow_after" | "hang_after" | "invalid_request"
+    kind: str
     status: int = 500
     retry_after: int = 1
     seconds: float = 2.0
@@ -415,6 +416,9 @@ class FakePolar:
                 status=429,
                 headers={"Retry-After": str(failure.retry_after)},
             )
+        if failure is not None and failure.kind == "invalid_request":
+            # A 422 about the request, not its events (as a wrong organization is).
+            return self._invalid(["body", "organization_id"], "not an organization of this token")
         if failure is not None and failure.kind == "slow_before":
             await asyncio.sleep(failure.seconds)  # the client gives up; nothing stored
             return web.json_response({"inserted": 0, "duplicates": 0})

@@ -175,6 +175,28 @@ async def test_nothing_is_recorded_until_polar_acknowledges_and_a_restart_resume
     assert_exported_once(fake, c.account.id, ids)
 
 
+async def test_a_422_about_the_request_parks_nothing_and_is_retried(
+    db: asyncpg.Pool, fake: FakePolar, exporter: UsageExporter, customer_factory
+) -> None:
+    """Only events Polar names are parked: a request it refuses as a whole (a
+    wrong organization) leaves every event to be sent again, none lost."""
+    c = await customer_factory(100)
+    ids = [await settle_debit(db, c.account.id, cost=100 + i) for i in range(4)]
+    fake.fail(Failure("invalid_request"))
+    async with db.acquire() as conn:
+        with pytest.raises(PolarError):
+            await exporter.export_once(conn)
+    assert await unexported(db, ids) == 4
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM polar_parked_events WHERE entry_id = ANY($1::uuid[])", ids
+        )
+        == 0
+    )
+    await drain(db, exporter, ids)
+    assert_exported_once(fake, c.account.id, ids)
+
+
 async def test_an_event_polar_refuses_is_isolated_and_parked(
     db: asyncpg.Pool, fake: FakePolar, exporter: UsageExporter, customer_factory
 ) -> None:

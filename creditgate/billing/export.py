@@ -142,6 +142,19 @@ def usage_event(debit: PendingDebit, name: str, now: datetime) -> EventCreateExt
     }
 
 
+def _refuses_events(exc: PolarClientError) -> bool:
+    """Whether a 422 names events of the batch (``loc`` under ``body.events``):
+    only then is an event to blame, and worth parking once isolated."""
+    detail = getattr(exc.error, "detail", None)
+    if not isinstance(detail, list) or not detail:
+        return False
+    for problem in detail:
+        loc = problem.get("loc") if isinstance(problem, dict) else getattr(problem, "loc", None)
+        if not isinstance(loc, list | tuple) or list(loc[:2]) != ["body", "events"]:
+            return False
+    return True
+
+
 def _describe_refusal(exc: PolarClientError) -> str:
     return str(exc.error)[:2000]
 
@@ -201,8 +214,8 @@ class UsageExporter:
                 self._cfg, lambda: self._polar.events.ingest(events=events)
             )
         except PolarClientError as e:
-            if e.status_code != 422:
-                raise
+            if e.status_code != 422 or not _refuses_events(e):
+                raise  # the request itself is refused (e.g. its organization): retried later
             if len(debits) == 1:
                 return _Outcome([], [(debits[0], _describe_refusal(e))])
             # One invalid event fails the whole batch: split it to find which.
