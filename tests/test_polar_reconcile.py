@@ -340,6 +340,23 @@ async def test_the_cli_exits_non_zero_on_drift_beyond_tolerance(
     assert code == 1 and report["error"]["code"] == "CONFIG_ERROR"
 
 
+def test_the_window_hours_are_configured_within_polars_hourly_limit() -> None:
+    import tomllib
+    from decimal import Decimal
+
+    from creditgate.config import ConfigError, parse_config
+
+    def parsed(extra: str) -> PolarConfig:
+        text = billing_toml("http://127.0.0.1:9/v1").replace("[polar]\n", "[polar]\n" + extra)
+        return parse_config(tomllib.loads(text, parse_float=Decimal), {}).polar
+
+    assert parsed("").reconcile_window_hours == 24
+    assert parsed("reconcile_window_hours = 168\n").reconcile_window_hours == 168
+    for bad in ("169", "0", '"24"'):
+        with pytest.raises(ConfigError, match="reconcile_window_hours"):
+            parsed(f"reconcile_window_hours = {bad}\n")
+
+
 def test_the_trailing_window_ends_with_the_lag_and_slides() -> None:
     now = datetime(2026, 12, 4, 15, 20, 5, tzinfo=UTC)
     w = Window.trailing(now, lag_seconds=3 * 3600, hours=24)

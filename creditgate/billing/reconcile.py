@@ -338,7 +338,7 @@ async def resolve_window(
     end = until or now
     first = await _first_event_minute(db)
     start = since or first or end - timedelta(days=1)
-    if first is not None and start < first:
+    if first is not None and start < first < end:
         start = first
     return Window.covering(start, max(end, start))
 
