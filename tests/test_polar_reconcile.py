@@ -331,6 +331,9 @@ async def test_the_cli_exits_non_zero_on_drift_beyond_tolerance(
             "polar": 3_000_000.0,
             "difference": -42.0,
             "beyondTolerance": True,
+            "exported": 3_000_042,
+            "exportedSettled": 3_000_042,
+            "drift": -42.0,
         }
     ]
     assert report["totalDrift"] == 42.0

@@ -146,7 +146,6 @@ class WindowDrift:
     def as_json(self) -> dict[str, Any]:
         return {
             "customer": self.customer,
-            "accountId": self.customer,  # the name before issue 20
             "windowStart": self.start.isoformat(),
             "windowEnd": self.end.isoformat(),
             "ledger": self.ledger,
@@ -154,6 +153,11 @@ class WindowDrift:
             "polar": self.polar,
             "difference": self.difference,
             "beyondTolerance": self.beyond_tolerance,
+            # The names before issue 20, kept for scripts that read them.
+            "accountId": self.customer,
+            "exported": self.ledger,
+            "exportedSettled": self.ledger_settled,
+            "drift": self.difference,
         }
 
 
