@@ -269,13 +269,17 @@ async def cmd_reconcile(args: argparse.Namespace) -> dict[str, Any]:
     from creditgate.billing.client import make_polar
     from creditgate.billing.reconcile import ReconcileUnavailable, reconcile
 
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        raise CliError("VALIDATION_ERROR", "--until must be later than --since")
     settings = _settings()
     polar = make_polar(settings)
     if polar is None:
         raise CliError("CONFIG_ERROR", "POLAR_ACCESS_TOKEN is not set")
     conn = await _connect(settings)
     try:
-        report = await reconcile(conn, polar, settings.config.polar, since=args.since)
+        report = await reconcile(
+            conn, polar, settings.config.polar, since=args.since, until=args.until
+        )
     except ReconcileUnavailable as e:
         raise CliError("CONFIG_ERROR", str(e)) from None
     except PolarError as e:
@@ -611,7 +615,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--since",
         type=_timestamp,
-        help="only usage Polar acknowledged from then on (ISO 8601; the meter's window start)",
+        help="start of the window of event time, both sides (ISO 8601, UTC unless zoned;"
+        " rounded down to the hour; default: the first exported event)",
+    )
+    s.add_argument(
+        "--until",
+        type=_timestamp,
+        help="end of the window of event time (rounded up to the hour; default: now)",
     )
     s.set_defaults(run=cmd_reconcile)
     return p

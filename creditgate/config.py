@@ -125,6 +125,9 @@ class PolarConfig:
     reconcile_interval_seconds: int = 900  # 0: no periodic reconciliation
     reconcile_tolerance: int = 0  # meter units
     reconcile_lag_seconds: int = 3 * 3600  # Polar's meters trail ingestion by up to 3 h
+    # The server's periodic reconciliation checks this many hours of event time,
+    # ending where the lag ends; Polar answers hourly quantities for up to 7 days.
+    reconcile_window_hours: int = 24
     success_url: str | None = None
     portal_return_url: str | None = None
     # GET /api/subscription asks Polar again when its stored state is older.
@@ -524,12 +527,21 @@ def _polar_config(t: dict[str, Any]) -> PolarConfig:
         ),
         reconcile_tolerance=whole("reconcile_tolerance", d.reconcile_tolerance, 0),
         reconcile_lag_seconds=whole("reconcile_lag_seconds", d.reconcile_lag_seconds, 0),
+        reconcile_window_hours=_window_hours(
+            whole("reconcile_window_hours", d.reconcile_window_hours, 1)
+        ),
         success_url=opt_url("success_url"),
         portal_return_url=opt_url("portal_return_url"),
         subscription_max_age_seconds=whole(
             "subscription_max_age_seconds", d.subscription_max_age_seconds, 0
         ),
     )
+
+
+def _window_hours(hours: int) -> int:
+    if hours > 168:
+        raise ConfigError("polar.reconcile_window_hours: at most 168 (Polar's hourly limit)")
+    return hours
 
 
 def _notifications_config(t: dict[str, Any]) -> NotificationsConfig:

@@ -8,14 +8,19 @@ it back with ``polar.deserialize`` — and behaves like Polar where it matters:
   event → 422 for the whole batch, ``loc`` naming it), deduplicates on
   ``external_id`` forever (first write wins) and answers ``{inserted, duplicates}``;
 * ``GET /v1/customer-meters/`` sums the ingested events' metadata property
-  per customer (plus a per-test offset to fake drift), paged;
+  per customer since the customer's last billing-cycle reset (``reset_meter``),
+  plus a per-test offset, paged;
+* ``GET /v1/meters/{id}/quantities`` sums the same property by event
+  timestamp in hourly/daily UTC buckets, per external (or Polar) customer id
+  or for all, untouched by resets — as Polar computes it from the events;
 * ``POST/GET /v1/checkouts/`` and ``POST /v1/customer-sessions/``;
 * ``GET /v1/subscriptions/{id}`` and ``PATCH /v1/subscriptions/{id}`` (cancel
   at period end, as ``subscriptions.update(id, cancel_at_period_end=True)``
   sends it): tests put a subscription in with ``put_subscription``; the PATCH
   changes it here only — Polar's webhook is the test's to deliver.
 
-It can fail on demand: 5xx, 429 with Retry-After, responses slower than the
+It can lose an acknowledged event on the way (``lose``: counted as
+inserted, never stored). It can fail on demand: 5xx, 429 with Retry-After, responses slower than the
 client's timeout (before or after storing the events), or hanging after
 storing them until released (so a test can kill the exporter in between).
 
@@ -269,7 +274,11 @@ class FakePolar:
         self.ingest_requests = 0
         self.failures: deque[Failure] = deque()
         self.invalid_external_ids: set[str] = set()
-        self.meter_offsets: dict[str, float] = {}
+        self.meter_offsets: dict[str, float] = {}  # consumed_units only
+        self.meter_resets: dict[str, float] = {}  # customer → consumed at the last reset
+        self.lost_external_ids: set[str] = set()  # acknowledged, then lost
+        self.ingested_at: dict[str, datetime] = {}  # external_id → when stored
+        self.quantity_requests = 0
         self.meter_property = "credits"  # what the meter sums (creditgate's default)
         self.checkouts: dict[str, dict[str, Any]] = {}
         self.customers: set[str] = set()  # external customer ids Polar knows
@@ -290,8 +299,35 @@ class FakePolar:
             self.failures.clear()
             self.invalid_external_ids.clear()
             self.meter_offsets.clear()
+            self.lost_external_ids.clear()
             self.hanging.clear()
             self.release.set()  # nothing may stay hung into the next test
+
+    def lose(self, *external_ids: str) -> None:
+        """Acknowledge these events when they come, as inserted, and never count them."""
+        with self.lock:
+            self.lost_external_ids.update(external_ids)
+
+    def count_extra(self, customer: str, at: datetime, value: float) -> None:
+        """An event creditgate never sent (another producer on the meter): Polar counts more."""
+        key = f"extra:{uuid.uuid4()}"
+        event = {
+            "name": EVENT_NAME,
+            "external_customer_id": customer,
+            "external_id": key,
+            "timestamp": iso(at),
+            "metadata": {self.meter_property: value},
+        }
+        with self.lock:
+            self.events[key] = event
+            self.ingested_at[key] = datetime.now(UTC)
+            self.customers.add(customer)
+
+    def reset_meter(self, customer: str) -> None:
+        """A billing cycle ends for ``customer``: its ``consumed_units`` restart at 0
+        (Polar resets a subscription customer's meter after invoicing)."""
+        with self.lock:
+            self.meter_resets[customer] = self._consumed_locked().get(customer, 0.0)
 
     def fail(self, *failures: Failure) -> None:
         with self.lock:
@@ -352,6 +388,7 @@ class FakePolar:
         app = web.Application(middlewares=[self._auth])
         app.router.add_post("/v1/events/ingest", self.ingest)
         app.router.add_get("/v1/customer-meters/", self.customer_meters)
+        app.router.add_get("/v1/meters/{id}/quantities", self.meter_quantities)
         app.router.add_post("/v1/checkouts/", self.create_checkout)
         app.router.add_get("/v1/checkouts/{id}", self.get_checkout)
         app.router.add_post("/v1/customer-sessions/", self.customer_session)
@@ -437,7 +474,11 @@ class FakePolar:
                 if key in self.events:
                     duplicates += 1  # first write wins, forever
                     continue
+                if key in self.lost_external_ids:
+                    inserted += 1  # acknowledged, and lost on the way
+                    continue
                 self.events[key] = event
+                self.ingested_at[key] = datetime.now(UTC)
                 self.customers.add(event["external_customer_id"])
                 inserted += 1
         if failure is not None and failure.kind == "slow_after":
@@ -453,17 +494,33 @@ class FakePolar:
             sdk_body(outputs.EventsIngestResponse, inserted=inserted, duplicates=duplicates)
         )
 
+    def _metered_locked(self) -> list[tuple[str, datetime, float]]:
+        """(external customer id, event timestamp, value) of every event the meter
+        counts (its filter: name = llm_usage); call with the lock held."""
+        out = []
+        for key, event in self.events.items():
+            if event.get("name") != EVENT_NAME:
+                continue
+            at = self.ingested_at[key]  # Polar's default timestamp: ingestion
+            if "timestamp" in event:
+                at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+            value = event.get("metadata", {}).get(self.meter_property, 0)
+            out.append((event["external_customer_id"], at.astimezone(UTC), float(value)))
+        return out
+
+    def _consumed_locked(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for customer, _, value in self._metered_locked():
+            totals[customer] = totals.get(customer, 0.0) + value
+        return totals
+
     def _meter_items(self, meter_id: str | None, external: str | None) -> list[dict[str, Any]]:
         if meter_id not in (None, METER_ID):
             return []
-        totals: dict[str, float] = {}
         with self.lock:
-            for event in self.events.values():
-                if event.get("name") != EVENT_NAME:
-                    continue  # the meter's filter: name = llm_usage
-                customer = event["external_customer_id"]
-                value = event.get("metadata", {}).get(self.meter_property, 0)
-                totals[customer] = totals.get(customer, 0.0) + float(value)
+            totals = self._consumed_locked()
+            for customer, at_reset in self.meter_resets.items():
+                totals[customer] = totals.get(customer, 0.0) - at_reset
             for customer, offset in self.meter_offsets.items():
                 totals[customer] = totals.get(customer, 0.0) + offset
         items = []
@@ -496,6 +553,56 @@ class FakePolar:
             "pagination": {"total_count": len(items), "max_page": max_page},
         }
         deserialize(body, outputs.ListResourceCustomerMeter)
+        return web.json_response(body)
+
+    async def meter_quantities(self, request: web.Request) -> web.Response:
+        """Polar's ``GET /v1/meters/{id}/quantities``: one bucket per step of
+        ``generate_series(start, end, interval)``, each summing the events whose
+        timestamp truncated to the interval is the bucket's (Polar's query)."""
+        with self.lock:
+            self.quantity_requests += 1
+        if request.match_info["id"] != METER_ID:
+            return self._not_found()
+        q = request.query
+        steps = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+        limits = {"hour": 7, "day": 366}  # Polar's MAX_INTERVAL_DAYS
+        interval = q.get("interval", "")
+        if interval not in steps:
+            return self._invalid(["query", "interval"], "this fake knows hour and day")
+        if q.get("timezone", "UTC") != "UTC":
+            return self._invalid(["query", "timezone"], "this fake knows UTC only")
+        bounds = []
+        for name in ("start_timestamp", "end_timestamp"):
+            try:
+                at = datetime.fromisoformat(q.get(name, "").replace("Z", "+00:00"))
+            except ValueError:
+                return self._invalid(["query", name], "invalid datetime")
+            bounds.append(at if at.tzinfo else at.replace(tzinfo=UTC))
+        start, end = bounds
+        if (end.date() - start.date()).days > limits[interval]:
+            return self._invalid(["query"], "the interval is too small for this range")
+        externals = set(q.getall("external_customer_id", []))
+        polar_ids = set(q.getall("customer_id", []))
+
+        def trunc(at: datetime) -> datetime:
+            at = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+            return at.replace(hour=0) if interval == "day" else at
+
+        sums: dict[datetime, float] = {}
+        with self.lock:
+            for customer, at, value in self._metered_locked():
+                polar_id = str(uuid.uuid5(uuid.NAMESPACE_URL, customer))
+                if (externals or polar_ids) and not (
+                    customer in externals or polar_id in polar_ids
+                ):
+                    continue
+                sums[trunc(at)] = sums.get(trunc(at), 0.0) + value
+        quantities, at = [], start
+        while at <= end:
+            quantities.append({"timestamp": iso(at), "quantity": sums.get(trunc(at), 0.0)})
+            at += steps[interval]
+        body = {"quantities": quantities, "total": sum(x["quantity"] for x in quantities)}
+        deserialize(body, outputs.MeterQuantities)
         return web.json_response(body)
 
     async def create_checkout(self, request: web.Request) -> web.Response:

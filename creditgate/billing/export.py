@@ -29,6 +29,7 @@ import hashlib
 import os
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -119,8 +120,24 @@ class PendingDebit:
         )
 
 
+def utcnow() -> datetime:
+    """The wall clock, in UTC (the default clock of the exporter and reconciliation)."""
+    return datetime.now(UTC)
+
+
+def event_time(debit: PendingDebit, now: datetime) -> datetime:
+    """The timestamp Polar is sent for ``debit`` when sent at ``now``.
+
+    Polar refuses timestamps in the future; a clock a little ahead of
+    Polar's must not make a valid event look invalid (and get it parked).
+    The exporter records this exact value's minute (``event_minute``), so
+    reconciliation places the event in the same window Polar does.
+    """
+    return min(debit.created_at, now - timedelta(seconds=1))
+
+
 def usage_event(debit: PendingDebit, name: str, now: datetime) -> EventCreateExternalCustomer:
-    """The Polar event for one debit (DESIGN.md §6, issue 7's metadata)."""
+    """The Polar event for one debit (issue 7's metadata)."""
     metadata: dict[str, str | int | bool] = {
         "credits": debit.credits,  # µc
         "input_tokens": debit.input_tokens,
@@ -130,9 +147,7 @@ def usage_event(debit: PendingDebit, name: str, now: datetime) -> EventCreateExt
     }
     if debit.model:
         metadata["model"] = debit.model[:500]  # Polar's limit for a string value
-    # Polar refuses timestamps in the future; a clock a little ahead of
-    # Polar's must not make a valid event look invalid (and get it parked).
-    timestamp = min(debit.created_at, now - timedelta(seconds=1))
+    timestamp = event_time(debit, now)
     return {
         "name": name,
         "external_customer_id": str(debit.account_id),
@@ -172,9 +187,12 @@ class ExportConflict(Exception):
 class UsageExporter:
     """Sends settled debits to Polar in commit-safe order, exactly once."""
 
-    def __init__(self, polar: PolarAsync, cfg: PolarConfig) -> None:
+    def __init__(
+        self, polar: PolarAsync, cfg: PolarConfig, clock: Callable[[], datetime] = utcnow
+    ) -> None:
         self._polar = polar
         self._cfg = cfg
+        self._clock = clock  # injected by tests to place events in time
 
     # ------------------------------------------------------------ one round
 
@@ -191,8 +209,9 @@ class UsageExporter:
         if not rows:
             return 0
         debits = [PendingDebit.from_row(r) for r in rows]
-        outcome = await self._send(debits)
-        await self._record(conn, (int(cursor["tx_id"]), cursor["seq"]), debits[-1], outcome)
+        now = self._clock()  # one instant per round: the timestamps sent are the ones recorded
+        outcome = await self._send(debits, now)
+        await self._record(conn, (int(cursor["tx_id"]), cursor["seq"]), debits[-1], outcome, now)
         USAGE_EXPORTED.inc(len(outcome.acknowledged))
         for debit, error in outcome.parked:
             USAGE_PARKED.inc()
@@ -206,8 +225,7 @@ class UsageExporter:
             )
         return len(debits)
 
-    async def _send(self, debits: list[PendingDebit]) -> _Outcome:
-        now = datetime.now(UTC)
+    async def _send(self, debits: list[PendingDebit], now: datetime) -> _Outcome:
         events: list[Any] = [usage_event(d, self._cfg.event_name, now) for d in debits]
         try:
             result = await call_with_retries(
@@ -220,8 +238,8 @@ class UsageExporter:
                 return _Outcome([], [(debits[0], _describe_refusal(e))])
             # One invalid event fails the whole batch: split it to find which.
             half = len(debits) // 2
-            left = await self._send(debits[:half])
-            right = await self._send(debits[half:])
+            left = await self._send(debits[:half], now)
+            right = await self._send(debits[half:], now)
             return _Outcome(left.acknowledged + right.acknowledged, left.parked + right.parked)
         if result.inserted + result.duplicates != len(debits):
             log.warning(
@@ -240,10 +258,14 @@ class UsageExporter:
         before: tuple[int, int],
         last: PendingDebit,
         outcome: _Outcome,
+        now: datetime,
     ) -> None:
-        totals: dict[uuid.UUID, list[int]] = defaultdict(lambda: [0, 0, 0])
+        # Keyed by account and the minute of the event timestamp sent, so
+        # reconciliation can window the ledger's side by event time as Polar does.
+        totals: dict[tuple[uuid.UUID, datetime], list[int]] = defaultdict(lambda: [0, 0, 0])
         for d in outcome.acknowledged:
-            t = totals[d.account_id]
+            minute = event_time(d, now).replace(second=0, microsecond=0)
+            t = totals[(d.account_id, minute)]
             t[0] += 1
             t[1] += d.credits
             t[2] += d.input_tokens + d.output_tokens
@@ -258,23 +280,28 @@ class UsageExporter:
             if moved != "UPDATE 1":
                 raise ExportConflict("the export cursor moved during a round")
             if totals:
-                accounts = list(totals)
+                keys = list(totals)
+                # ``minute`` is when Polar acknowledged (the lag is counted from
+                # it), on the same clock as the event times.
                 await conn.execute(
                     """
                     INSERT INTO polar_export_totals AS t
-                        (account_id, minute, events, credits, tokens)
-                    SELECT a, date_trunc('minute', now()), n, c, k
-                    FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])
-                        AS u(a, n, c, k)
-                    ON CONFLICT (account_id, minute) DO UPDATE
+                        (account_id, minute, event_minute, events, credits, tokens)
+                    SELECT a, date_trunc('minute', $5::timestamptz), e, n, c, k
+                    FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::bigint[],
+                                $6::bigint[])
+                        AS u(a, e, n, c, k)
+                    ON CONFLICT (account_id, minute, event_minute) DO UPDATE
                     SET events = t.events + EXCLUDED.events,
                         credits = t.credits + EXCLUDED.credits,
                         tokens = t.tokens + EXCLUDED.tokens
                     """,
-                    accounts,
-                    [totals[a][0] for a in accounts],
-                    [totals[a][1] for a in accounts],
-                    [totals[a][2] for a in accounts],
+                    [a for a, _ in keys],
+                    [m for _, m in keys],
+                    [totals[k][0] for k in keys],
+                    [totals[k][1] for k in keys],
+                    now,
+                    [totals[k][2] for k in keys],
                 )
             if outcome.parked:
                 await conn.execute(

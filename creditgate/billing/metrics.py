@@ -36,12 +36,13 @@ USAGE_EXPORT_FAILURES = Counter(
 )
 METER_DRIFT = Gauge(
     "creditgate_polar_meter_drift_units",
-    "Sum over accounts of |Polar meter − ledger exported| at the last reconciliation.",
+    "Units outside the lag and tolerance (Polar's meter quantities by event time vs the"
+    " ledger's exported units), summed over customers and hours of the last reconciled window.",
     multiprocess_mode="livemax",
 )
 METER_DRIFT_ACCOUNTS = Gauge(
     "creditgate_polar_meter_drift_accounts",
-    "Accounts whose drift exceeded the tolerance after the allowed lag, last reconciliation.",
+    "Customers whose drift exceeded the tolerance after the allowed lag, last reconciled window.",
     multiprocess_mode="livemax",
 )
 WEBHOOKS = Counter(
