@@ -442,3 +442,29 @@ def test_documented_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch) ->
             assert value == expected, f"[{table}] {key}: documented {expected!r}, parser {value!r}"
             compared += 1
     assert compared >= 30, f"only {compared} defaults compared: is the page's format changed?"
+
+
+def _toml_blocks(path: Path) -> list[str]:
+    blocks = re.findall(r"^```toml\n(.*?)^```", path.read_text("utf-8"), re.M | re.S)
+    assert blocks or path.name not in ("configuration.md", "providers.md")
+    return blocks
+
+
+@pytest.mark.parametrize("path", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_every_toml_sample_in_the_docs_is_valid_toml(path: Path) -> None:
+    for block in _toml_blocks(path):
+        tomllib.loads(block)
+
+
+def test_the_complete_configuration_example_is_accepted() -> None:
+    example = _toml_blocks(CONFIG_PAGE)[-1]
+    parsed = config.parse_config(tomllib.loads(example, parse_float=Decimal), {})
+    assert "gpt-4o-mini" in parsed.models
+
+
+def test_the_provider_page_samples_make_one_valid_configuration() -> None:
+    """Steps 1, 2 and 5 of the page together are a configuration the parser accepts."""
+    blocks = _toml_blocks(DOCS / "providers.md")
+    joined = "\n".join(b for b in blocks if not b.startswith('[models."gpt-4o-mini"]\n# …'))
+    parsed = config.parse_config(tomllib.loads(joined, parse_float=Decimal), {})
+    assert {"gpt-4o-mini", "reasoner", "llama-3.1-8b"} <= set(parsed.models)
