@@ -272,6 +272,35 @@ async def test_jwks_unreachable_without_cached_key_is_503_then_recovers(
         assert (await cg.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
 
 
+async def test_jwks_unreachable_for_an_unknown_kid_is_503_every_time(
+    cgc: TestClient, db: asyncpg.Pool, clerk: FakeClerk
+) -> None:
+    assert (await cgc.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
+    clerk.down = True
+    before = await footprint(db)
+    # The first unknown kid's refetch fails; so does every later one inside
+    # the 30 s refetch spacing: none of them may be told "who are you?".
+    for kid in ("kid-new", "kid-new", "kid-other", "kid-new"):
+        resp = await cgc.get("/api/user/balance", headers=bearer(clerk.token(kid=kid)))
+        assert resp.status == 503, (kid, await resp.text())
+        assert (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert "Retry-After" in resp.headers
+    assert await footprint(db) == before
+    # Known keys keep working through the outage.
+    assert (await cgc.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
+    # Clerk answers again: after the 2 s back-off the unknown kid is refetched
+    # and, really unknown, refused as such.
+    clerk.down = False
+    status = 503
+    for _ in range(40):
+        await asyncio.sleep(0.25)
+        resp = await cgc.get("/api/user/balance", headers=bearer(clerk.token(kid="kid-new")))
+        status = resp.status
+        if status != 503:
+            break
+    assert status == 401
+
+
 async def test_jwks_answering_garbage_is_503_not_500(
     services: Services, upstream: TestServer, db: asyncpg.Pool, clerk: FakeClerk
 ) -> None:
