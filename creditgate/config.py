@@ -197,6 +197,10 @@ class Settings:
     polar_environment: str = "sandbox"
     polar_base_url: str | None = None
     polar_webhook_secret: str | None = None
+    # Origins (scheme://host[:port]) whose pages may send state-changing
+    # requests with the session cookie, besides creditgate's own origin and
+    # CLERK_AUTHORIZED_PARTIES (issue 15, auth hardening).
+    allowed_origins: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- parsing
@@ -608,6 +612,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     parties = tuple(
         p.strip() for p in env.get("CLERK_AUTHORIZED_PARTIES", "").split(",") if p.strip()
     )
+    origins = _origins(env.get("ALLOWED_ORIGINS", ""))
     jwks_url = env.get("CLERK_JWKS_URL") or None
     if jwks_url is not None and not jwks_url.startswith(("http://", "https://")):
         raise ConfigError(f"CLERK_JWKS_URL: must be an http(s) URL, got {jwks_url!r}")
@@ -631,4 +636,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         polar_environment=polar_env,
         polar_base_url=env.get("POLAR_BASE_URL") or None,
         polar_webhook_secret=env.get("POLAR_WEBHOOK_SECRET") or None,
+        allowed_origins=origins,
     )
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """ALLOWED_ORIGINS: comma-separated ``scheme://host[:port]``, compared exactly."""
+    found = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        scheme, sep, rest = item.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise ConfigError(
+                f"ALLOWED_ORIGINS: expected origins like https://app.example.com, got {item!r}"
+            )
+        found.append(item.lower())
+    return tuple(found)

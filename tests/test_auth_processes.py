@@ -1,9 +1,10 @@
 """Revoked and expired API keys stop working in every server process, within the documented delay.
 
 Two real ``creditgate serve`` processes share Postgres; each caches key
-lookups for 5 s (``CACHE_TTL_SECONDS``). Revoking through one process must
-make the key fail there at once and in the other within that TTL; an expired
-key fails everywhere from its expiry.
+lookups for 5 s (``CACHE_TTL_SECONDS``), invalidated by Postgres NOTIFY.
+Revoking through one process must make the key fail there at once and in the
+other within a second (the TTL is only the fallback); an expired key fails
+everywhere from its expiry; closures and limit changes show within a second.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -142,3 +145,86 @@ async def test_revoked_and_expired_keys_fail_in_every_process(
         expiry = time.monotonic() + (expires - datetime.now(UTC)).total_seconds()
         for url in (a, b):
             await _refused_within(http, url, expiring["key"], expiry + MARGIN)
+
+
+INVALIDATION_BOUND = 1.0  # seconds: revocation, closure, limits on every process
+
+
+async def _poll_both(
+    http: aiohttp.ClientSession, urls: list[str], path: str, key: str, done: Any
+) -> list[float]:
+    """Poll ``path`` on every process at once until ``done(status, body)``; each one's delay."""
+    started = time.monotonic()
+
+    async def one(url: str) -> float:
+        while True:
+            async with http.get(f"{url}{path}", headers={"Authorization": f"Bearer {key}"}) as resp:
+                body = await resp.json()
+                if done(resp.status, body):
+                    return time.monotonic() - started
+            assert time.monotonic() - started < 10, f"{url}{path} never changed: {body}"
+            await asyncio.sleep(0.02)
+
+    return list(await asyncio.gather(*(one(u) for u in urls)))
+
+
+@pytest.mark.slow
+async def test_revocation_closure_and_limits_reach_every_process_within_a_second(
+    servers: list[str], clerk: FakeClerk, db: asyncpg.Pool
+) -> None:
+    a, b = servers
+    session = {"Authorization": f"Bearer {clerk.token()}"}
+    quota = "/api/quota/check?model=mock-model&max_tokens=10"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        await asyncio.gather(_wait_up(http, a), _wait_up(http, b))
+        keys = []
+        for name in ("via-api", "via-sql", "closing"):
+            async with http.post(f"{a}/api/keys", json={"name": name}, headers=session) as resp:
+                assert resp.status == 201, await resp.text()
+                keys.append((await resp.json())["data"])
+        via_api, via_sql, closing = keys
+        for url in (a, b):  # every process caches every key, and the limits
+            for k in keys:
+                assert await _status(http, url, k["key"]) == 200
+            async with http.get(
+                f"{url}{quota}", headers={"Authorization": f"Bearer {via_sql['key']}"}
+            ) as resp:
+                assert (await resp.json())["data"]["limits"]["requests"]["limit"] == 1000
+
+        delays: dict[str, list[float]] = {}
+        # Revoked through process a: b must stop accepting it within the bound.
+        async with http.delete(f"{a}/api/keys/{via_api['id']}", headers=session) as resp:
+            assert resp.status == 200
+        delays["revoke (api)"] = await _poll_both(
+            http, [a, b], "/api/user/balance", via_api["key"], lambda s, _: s == 401
+        )
+        # Limits changed in the database (as `creditgate limits set` does).
+        await db.execute(
+            "UPDATE accounts SET requests_per_minute = 7 WHERE id = $1",
+            uuid.UUID(via_sql["accountId"]),
+        )
+        delays["limits"] = await _poll_both(
+            http,
+            [a, b],
+            quota,
+            via_sql["key"],
+            lambda s, body: s == 200 and body["data"]["limits"]["requests"]["limit"] == 7,
+        )
+        # Revoked in the database (as `creditgate keys revoke` does): no process knew.
+        await db.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1", uuid.UUID(via_sql["id"])
+        )
+        delays["revoke (sql)"] = await _poll_both(
+            http, [a, b], "/api/user/balance", via_sql["key"], lambda s, _: s == 401
+        )
+        # The account closed (a Clerk user.deleted): its keys are 403 everywhere.
+        await db.execute(
+            "UPDATE accounts SET status = 'closed' WHERE id = $1",
+            uuid.UUID(closing["accountId"]),
+        )
+        delays["closed"] = await _poll_both(
+            http, [a, b], "/api/user/balance", closing["key"], lambda s, _: s == 403
+        )
+        print("invalidation delays (s):", {k: [round(d, 3) for d in v] for k, v in delays.items()})
+        for what, seen in delays.items():
+            assert max(seen) < INVALIDATION_BOUND, (what, seen)

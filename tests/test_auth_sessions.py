@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.auth.clerk import session_claims
+from creditgate.config import ConfigError, load_settings
 from creditgate.http.app import create_app
 from tests.conftest import Services, ledger_footprint, make_settings
 from tests.fake_clerk import ISSUER, PARTY, FakeClerk, rsa_key
@@ -115,6 +116,40 @@ async def test_session_cookie_is_accepted_and_guarded_against_cross_site_posts(
     # The Authorization header wins over the cookie.
     resp = await cgc.get("/api/user/balance", headers={**cookie, "Authorization": "Bearer nope"})
     assert resp.status == 401
+
+
+async def test_cookie_writes_need_an_allowed_origin_bearer_calls_do_not(
+    services: Services, upstream: TestServer, db: asyncpg.Pool, clerk: FakeClerk
+) -> None:
+    settings = make_settings(
+        services,
+        str(upstream.make_url("/v1")),
+        clerk_jwks_url=clerk.url,
+        allowed_origins=("https://app.example.com",),
+    )
+    async with TestClient(TestServer(create_app(settings))) as cg:
+        token = clerk.token()
+        cookie = {"Cookie": f"__session={token}"}
+        assert (await cg.get("/api/user/balance", headers=cookie)).status == 200
+        before = await footprint(db)
+        # No Origin at all (the issue's repro), "null", a foreign page, a
+        # look-alike: 403 FORBIDDEN, nothing written.
+        for origin in (None, "null", "https://evil.example", "https://app.example.com.evil"):
+            headers = dict(cookie) if origin is None else {**cookie, "Origin": origin}
+            resp = await cg.post("/api/keys", json={"name": "x"}, headers=headers)
+            assert resp.status == 403, (origin, await resp.text())
+            err = (await resp.json())["error"]
+            assert err["code"] == "FORBIDDEN" and "origin" in err["message"].lower(), origin
+        assert await footprint(db) == before
+        own = f"http://{cg.server.host}:{cg.server.port}"
+        for origin in (own, "https://app.example.com", "HTTPS://APP.EXAMPLE.COM"):
+            resp = await cg.post(
+                "/api/keys", json={"name": "x"}, headers={**cookie, "Origin": origin}
+            )
+            assert resp.status == 201, (origin, await resp.text())
+        # Bearer calls are not cookie calls: no Origin needed.
+        resp = await cg.post("/api/keys", json={"name": "y"}, headers=bearer(token))
+        assert resp.status == 201, await resp.text()
 
 
 async def test_same_user_with_and_without_org_is_charged_to_two_accounts(
@@ -272,6 +307,35 @@ async def test_jwks_unreachable_without_cached_key_is_503_then_recovers(
         assert (await cg.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
 
 
+async def test_jwks_unreachable_for_an_unknown_kid_is_503_every_time(
+    cgc: TestClient, db: asyncpg.Pool, clerk: FakeClerk
+) -> None:
+    assert (await cgc.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
+    clerk.down = True
+    before = await footprint(db)
+    # The first unknown kid's refetch fails; so does every later one inside
+    # the 30 s refetch spacing: none of them may be told "who are you?".
+    for kid in ("kid-new", "kid-new", "kid-other", "kid-new"):
+        resp = await cgc.get("/api/user/balance", headers=bearer(clerk.token(kid=kid)))
+        assert resp.status == 503, (kid, await resp.text())
+        assert (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert "Retry-After" in resp.headers
+    assert await footprint(db) == before
+    # Known keys keep working through the outage.
+    assert (await cgc.get("/api/user/balance", headers=bearer(clerk.token()))).status == 200
+    # Clerk answers again: after the 2 s back-off the unknown kid is refetched
+    # and, really unknown, refused as such.
+    clerk.down = False
+    status = 503
+    for _ in range(40):
+        await asyncio.sleep(0.25)
+        resp = await cgc.get("/api/user/balance", headers=bearer(clerk.token(kid="kid-new")))
+        status = resp.status
+        if status != 503:
+            break
+    assert status == 401
+
+
 async def test_jwks_answering_garbage_is_503_not_500(
     services: Services, upstream: TestServer, db: asyncpg.Pool, clerk: FakeClerk
 ) -> None:
@@ -416,3 +480,15 @@ async def test_a_remembered_token_never_outlives_its_expiry(
     await asyncio.sleep(2.5)  # now past exp + leeway: the remembered verification is void
     resp = await cgc.get("/api/user/balance", headers=bearer(token))
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "UNAUTHORIZED"
+
+
+def test_allowed_origins_setting_is_parsed_and_checked() -> None:
+    env = {"ALLOWED_ORIGINS": " https://App.example.com , http://localhost:3000,"}
+    assert load_settings(env).allowed_origins == (
+        "https://app.example.com",
+        "http://localhost:3000",
+    )
+    assert load_settings({}).allowed_origins == ()
+    for bad in ("app.example.com", "https://app.example.com/path", "ftp://x", "https://"):
+        with pytest.raises(ConfigError, match="ALLOWED_ORIGINS"):
+            load_settings({"ALLOWED_ORIGINS": bad})

@@ -313,6 +313,123 @@ async def test_an_admission_redis_makes_after_the_budget_is_given_back(
         await pipe.aclose()
 
 
+async def test_leases_whose_replies_a_redis_stall_lost_free_within_two_seconds(
+    redis_server: OwnRedis,
+) -> None:
+    """The issue's repro: SIGSTOP Redis with requests in flight, SIGCONT, no phantom leases."""
+    import time
+    import uuid
+
+    from creditgate.config import Tier
+    from creditgate.errors import RateLimited
+    from creditgate.throttle import Throttle, resolve
+    from creditgate.throttle.resp import RedisPipe
+
+    pipe = RedisPipe(redis_server.url)
+    throttle = Throttle(pipe, policy="local", timeout_ms=50)
+    await throttle.start()
+    acct = uuid.uuid4()
+    limits = resolve(acct, None, Tier("t", 10_000, 10**8, 8, 10_000))
+    par = f"cg:{{{acct}}}:par"
+    try:
+        # Four calls admitted through Redis, still running when it freezes.
+        running = [await throttle.admit(limits, 10) for _ in range(4)]
+        assert {a.store for a in running} == {"redis"}
+        redis_server.pause()
+        try:
+            # Four more: written to the frozen Redis (it will admit them when
+            # it wakes), their replies never read; decided locally meanwhile.
+            late = await asyncio.gather(*(throttle.admit(limits, 10) for _ in range(4)))
+            assert {a.store for a in late} == {"local"} and throttle.degraded
+            await asyncio.sleep(1.0)  # the probe gives up on, and resets, the connection
+            # The first four end while Redis is away: their releases cannot be sent.
+            for a in running:
+                await throttle.finish(a, 10)
+        finally:
+            redis_server.resume()
+        resumed = time.monotonic()
+        async with aioredis.from_url(redis_server.url) as check:
+            while True:
+                seconds, micros = await check.time()
+                now_ms = seconds * 1000 + micros // 1000
+                live = await check.zcount(par, f"({now_ms}", "+inf")
+                if live == 0 and not throttle.degraded:
+                    break
+                assert time.monotonic() - resumed < 2.5, f"{live} phantom leases after SIGCONT"
+                await asyncio.sleep(0.05)
+        # The account's eight slots are all free again, shared through Redis.
+        fresh = [await throttle.admit(limits, 10) for _ in range(8)]
+        assert {a.store for a in fresh} == {"redis"}
+        with pytest.raises(RateLimited) as refused:
+            await throttle.admit(limits, 10)
+        assert refused.value.details["limit"] == "max_parallel"
+        for a in (*late, *fresh):
+            await throttle.finish(a, 10)
+        async with aioredis.from_url(redis_server.url) as check:
+            assert await check.zcount(par, "(0", "+inf") == 0  # only tombstones are left
+    finally:
+        await throttle.aclose()
+        await pipe.aclose()
+
+
+async def test_after_a_redis_stall_no_phantom_lease_refuses_a_request(
+    services: Services, upstream: TestServer, db, customer_factory, redis_server: OwnRedis
+) -> None:
+    """The issue's repro through HTTP: 8 parallel slots, SIGSTOP, requests, SIGCONT."""
+    import time
+
+    settings = make_settings(
+        services,
+        str(upstream.make_url("/v1")),
+        redis_url=redis_server.url,
+        throttle_on_redis_error="local",
+        throttle_redis_timeout_ms=50,
+    )
+    c = await customer_factory(1)
+    await db.execute("UPDATE accounts SET max_parallel = 8 WHERE id = $1", c.account.id)
+    slow = {**BODY, "stream": True, "mock": {"chunks": 400, "chunk_delay_ms": 50}}
+    par = f"cg:{{{c.account.id}}}:par"
+    async with app_client(settings) as client:
+        # Two streams admitted through Redis, running across the stall.
+        streams = [
+            await client.post("/v1/chat/completions", json=slow, headers=c.auth) for _ in range(2)
+        ]
+        for stream in streams:
+            assert stream.status == 200
+            await stream.content.readline()
+        redis_server.pause()
+        try:
+            statuses = await asyncio.gather(*(post(client, c.auth) for _ in range(8)))
+            assert [r.status for r in statuses] == [200] * 8  # decided locally
+            await asyncio.sleep(1.0)
+            for stream in streams:  # they end while Redis is away
+                stream.close()
+            await asyncio.sleep(0.2)
+        finally:
+            redis_server.resume()
+        resumed = time.monotonic()
+        async with aioredis.from_url(redis_server.url) as check:
+            while True:
+                seconds, micros = await check.time()
+                live = await check.zcount(par, f"({seconds * 1000 + micros // 1000}", "+inf")
+                if live == 0 and await degraded_gauge(client) == 0:
+                    break
+                assert time.monotonic() - resumed < 2.5, f"{live} phantom leases after SIGCONT"
+                await asyncio.sleep(0.05)
+        # All eight slots are the account's again: eight streams at once, not a ninth.
+        streams = [
+            await client.post("/v1/chat/completions", json=slow, headers=c.auth) for _ in range(8)
+        ]
+        try:
+            assert [s.status for s in streams] == [200] * 8
+            resp = await post(client, c.auth)
+            assert resp.status == 429
+            assert (await resp.json())["error"]["details"]["limit"] == "max_parallel"
+        finally:
+            for stream in streams:
+                stream.close()
+
+
 async def test_the_pipelined_connection_authenticates_and_selects_its_database(
     tmp_path: Path,
 ) -> None:

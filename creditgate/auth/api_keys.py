@@ -1,10 +1,12 @@
 """API keys: ``cg_`` + 32 random bytes (URL-safe base64); only the SHA-256 is stored.
 
-Lookups are cached in-process for ``ttl`` seconds (5 s by default), so a
-revoked or expired key stops working in every process within that time with
-no cross-process messaging (the process that revokes a key forgets it at
-once; an expiry is honoured to the second, the cache entry never outliving
-it). The cache also answers repeated bad keys without the database.
+Lookups are cached in-process for ``ttl`` seconds (5 s by default). A
+revocation, or a change to the key or its account, is pushed to every process
+by Postgres NOTIFY (``creditgate.invalidation``) and takes effect within a
+second; the TTL is the fallback while a process's listener is disconnected
+(the process that revokes a key forgets it at once; an expiry is honoured to
+the second, the cache entry never outliving it). The cache also answers
+repeated bad keys without the database.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +29,7 @@ from creditgate.ledger.db import Db, transaction
 KEY_PREFIX = "cg_"
 _KEY_LEN = len(KEY_PREFIX) + 43  # 32 bytes in unpadded base64
 MAX_LIVE_KEYS = 20  # per account: not revoked and not expired
-CACHE_TTL_SECONDS = 5.0  # the documented revocation delay across processes
+CACHE_TTL_SECONDS = 5.0  # the revocation delay while the invalidation listener is down
 # "account": acts for its account; "usage:write": that, and records usage for
 # it (POST /api/usage/record); "admin": also the admin routes, any account.
 SCOPES = ("account", "admin", USAGE_WRITE)
@@ -223,6 +226,25 @@ class ApiKeyAuth:
     def forget(self, key_hash: bytes) -> None:
         """Drop a key from this process's cache (after revoking it here)."""
         self._cache.pop(key_hash, None)
+
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        """Drop key ``key_id`` (revoked or changed elsewhere: ``creditgate.invalidation``)."""
+        self._drop(lambda p: p.key_id == key_id)
+
+    def forget_account(self, account_id: uuid.UUID) -> None:
+        """Drop every key of an account (closed, re-tiered elsewhere)."""
+        self._drop(lambda p: p.account_id == account_id)
+
+    def clear(self) -> None:
+        """Drop everything (invalidations may have been missed)."""
+        self._cache.clear()
+
+    def _drop(self, matches: Callable[[Principal], bool]) -> None:
+        # A scan: invalidations are rare, and this keeps the hot path one dict.
+        # Unknown-key entries (principal None) stay: a key never comes back.
+        gone = [h for h, e in self._cache.items() if e.principal and matches(e.principal)]
+        for digest in gone:
+            del self._cache[digest]
 
     async def _lookup(self, digest: bytes, now: float) -> _Cached:
         # The lookup is by the hash itself (a unique index); no secret is ever

@@ -79,7 +79,10 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self._admin_token = settings.admin_token
         self._admin_org = settings.clerk_admin_org_id
-        self._parties = frozenset(settings.clerk_authorized_parties)
+        # Pages that may send state-changing cookie requests (besides our own origin).
+        self._origins = frozenset(
+            o.lower() for o in (*settings.clerk_authorized_parties, *settings.allowed_origins)
+        )
         self.sessions: ClerkSessions | None = None
         if settings.clerk_jwks_url is not None:
             self.sessions = ClerkSessions(
@@ -175,11 +178,26 @@ class Authenticator:
         return await self._principal(claims)
 
     def _check_origin(self, request: web.Request) -> None:
-        # A cookie rides along with cross-site requests; a state-changing one
-        # must come from an authorized party's page.
+        """A state-changing cookie request must name an allowed ``Origin``.
+
+        A cookie rides along with cross-site requests (CSRF), so the browser's
+        ``Origin`` header must be creditgate's own origin, an authorized party
+        or one of ALLOWED_ORIGINS. Without one (or with ``null``) the request's
+        page is unknown: refused too. Bearer-token calls never get here.
+        """
         origin = request.headers.get("Origin")
-        if self._parties and origin is not None and origin not in self._parties:
-            raise Forbidden("Cross-origin request with a session cookie refused.")
+        if origin is None or origin == "null":
+            raise Forbidden(
+                "A state-changing request authenticated by the session cookie needs an "
+                "Origin header naming an allowed origin; send the session token as "
+                "'Authorization: Bearer <token>' from other clients."
+            )
+        origin = origin.strip().lower()
+        if origin not in self._origins and origin != f"{request.scheme}://{request.host}".lower():
+            raise Forbidden(
+                "Cross-origin request with a session cookie refused: this page's origin is "
+                "not allowed (see ALLOWED_ORIGINS)."
+            )
 
     async def _principal(self, claims: SessionClaims) -> Principal:
         if claims.org_id is not None:

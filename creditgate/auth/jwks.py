@@ -5,8 +5,10 @@ no network. The JWKS is fetched
 
 * once at start (in the background, so a Clerk outage does not stop the start),
 * when a token names an unknown ``kid`` — at most once per ``refetch_interval``
-  (30 s, DESIGN.md §9), so tokens with made-up kids cannot make creditgate
-  hammer Clerk; a rotated-in key is picked up by the first token that uses it,
+  (30 s) while Clerk answers, so tokens with made-up kids cannot make creditgate
+  hammer Clerk; a rotated-in key is picked up by the first token that uses it;
+  while the latest fetch failed, every unknown kid is a 503 (never a 401: the
+  token may be good) and retries the fetch at most once per ``failure_backoff``,
 * in the background when the set is older than ``max_age`` (keys Clerk
   removed stop verifying within that time).
 
@@ -87,8 +89,11 @@ class JwksKeys:
             # its result answers this request too.
             await self._wait(self._fetching)
         elif (
-            self._loaded_at is None or asked - self._unknown_kid_fetch_at >= self._refetch_interval
+            self._last_fetch_failed()
+            or asked - self._unknown_kid_fetch_at >= self._refetch_interval
         ):
+            # After a failed fetch the 30 s spacing does not apply: Clerk is
+            # retried (after the short back-off) until it answers again.
             if asked - self._failed_at < self._failure_backoff:
                 raise _unavailable()  # Clerk just failed us: do not retry on every request
             self._unknown_kid_fetch_at = asked
@@ -96,11 +101,17 @@ class JwksKeys:
         key = self._keys.get(kid)
         if key is not None:
             return key
-        if self._loaded_at is None or self._failed_at >= asked:
-            # No keys at all, or the refetch this token needed failed: the
-            # token may well be good, so "retry", not "who are you?".
+        if self._last_fetch_failed():
+            # No keys at all, or the JWKS was unreachable when last asked: the
+            # token may well be good, so "retry", not "who are you?" — every
+            # time until a fetch succeeds, not only for the request that saw
+            # the failure.
             raise _unavailable()
         raise Unauthorized("The session token's signing key is unknown.")
+
+    def _last_fetch_failed(self) -> bool:
+        """True before the first good fetch, and while the latest fetch failed."""
+        return self._loaded_at is None or self._failed_at > self._loaded_at
 
     async def _wait(self, task: asyncio.Task[None]) -> None:
         # Shielded: a cancelled request must not cancel the shared fetch.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 from creditgate.ledger import Account, ensure_account
@@ -21,8 +22,9 @@ class SessionAccounts:
     A miss reads the account and creates it (with its balance row) only when
     it does not exist yet — ``ensure_account`` is race-free, so two first
     requests of a new user, in one process or many, make one account. The
-    cache bounds how long a tier change or a closed account takes to show:
-    ``ttl`` seconds, the same as API keys.
+    cache is invalidated on every process by Postgres NOTIFY when an account
+    is closed or re-tiered (``creditgate.invalidation``); ``ttl`` seconds
+    bound it while that listener is disconnected, the same as API keys.
     """
 
     def __init__(self, db: Db, ttl: float = 5.0, max_entries: int = 50_000) -> None:
@@ -48,3 +50,16 @@ class SessionAccounts:
             self._cache.clear()  # bounded; a refill costs one query per account
         self._cache[(kind, external_id)] = _Cached(now + self._ttl, account)
         return account
+
+    def forget_account(self, account_id: uuid.UUID) -> None:
+        """Drop an account (closed or re-tiered elsewhere: ``creditgate.invalidation``)."""
+        gone = [k for k, e in self._cache.items() if e.account.id == account_id]
+        for k in gone:
+            del self._cache[k]
+
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        """Nothing here is per key."""
+
+    def clear(self) -> None:
+        """Drop everything (invalidations may have been missed)."""
+        self._cache.clear()

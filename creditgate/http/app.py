@@ -30,6 +30,7 @@ from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.openapi import add_endpoints
 from creditgate.http.state import STATE, State
+from creditgate.invalidation import CacheInvalidation
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.logs import log
 from creditgate.notify import setup_notifications
@@ -147,9 +148,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys
+    # Revocations, closures and limit changes reach this process's caches at once.
+    invalidation = CacheInvalidation(s.database_url, (auth.keys, auth.accounts, st.limits))
+    invalidation.start()
     try:
         yield
     finally:
+        await invalidation.stop()
         await auth.stop()
         await st.throttle.aclose()
         await throttle_redis.aclose()

@@ -6,11 +6,16 @@
 -- {account id} so the script runs on one Redis Cluster shard:
 --   KEYS[2s-1]  hash: rl/rt requests bucket level/time, tl/tt tokens bucket
 --               level/time, d/n calendar day number/messages counted that day
---   KEYS[2s]    sorted set of parallel leases: lease id -> expiry ms
+--   KEYS[2s]    sorted set of parallel leases: lease id -> expiry ms; a
+--               cancelled lease id -> -(expiry ms) (a tombstone: negative, so
+--               never counted as in flight nor renewed)
 --
 -- ARGV[1]  mode: "a" admit (check, then take all or none), "q" query (check,
 --          take nothing), "r" return (correct tokens, release the lease, give
---          back a never-served request's message)
+--          back a never-served request's message), "c" cancel a lease whose
+--          admit or release reply was lost (a stall, a reset connection):
+--          the lease is replaced by a tombstone, so an admit still queued
+--          for it takes nothing when Redis finally runs it
 -- ARGV[2]  the day zone's offset from UTC in ms now, ARGV[3] at the day's end
 -- ARGV[4]  lease time-to-live ms
 -- ARGV[5]  requests to take           ("r": unused)
@@ -32,7 +37,7 @@
 --   3 parallel, 4 messages; 0 = none), retry_after_ms, day number, then per
 --   scope: requests remaining, requests reset ms, tokens remaining, tokens
 --   reset ms, parallel remaining, messages remaining (-1 where not limited)};
---   mode "r" returns {1, 0, 0, day number}.
+--   modes "r" and "c" return {1, 0, 0, day number}.
 
 local PERIOD = 60000
 local t = redis.call('TIME')
@@ -67,6 +72,18 @@ local function limits_of(s)
   local base = 8 + 4 * (s - 1)
   return tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
          tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+end
+
+if mode == 'c' then
+  -- Tombstones live a lease's lifetime: no admit waits in a queue longer.
+  for s = 1, scopes do
+    local _, _, par = limits_of(s)
+    if par > 0 and lease ~= '' then
+      redis.call('ZADD', KEYS[2 * s], -(now + lease_ttl), lease)
+      redis.call('PEXPIRE', KEYS[2 * s], lease_ttl + 1000)
+    end
+  end
+  return {1, 0, 0, day}
 end
 
 if mode == 'r' then
@@ -132,9 +149,11 @@ for s = 1, scopes do
   end
   if par > 0 then
     st.in_flight = redis.call('ZCOUNT', KEYS[2 * s], '(' .. now, '+inf')
-    if lease ~= '' and st.in_flight >= par then
+    if lease ~= '' and (st.in_flight >= par
+        or (mode == 'a' and tonumber(redis.call('ZSCORE', KEYS[2 * s], lease) or 0) < 0)) then
       -- A slot frees when one of the caller's own requests ends, which no
       -- clock can promise; the earliest lease expiry is only the worst case.
+      -- (A cancelled lease: its caller gave up on this admit long ago.)
       refuse(base + 3, 1000)
     end
   end
@@ -179,7 +198,8 @@ for s = 1, scopes do
       redis.call('PEXPIRE', hash, keep_ms(st.rl, st.rpm, st.tl, st.tpm, st.count))
     end
     if st.par > 0 and lease ~= '' then
-      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+      -- Expired leases (0 .. now) and expired tombstones (-now .. 0).
+      redis.call('ZREMRANGEBYSCORE', leases, '(' .. (-now), now)
       redis.call('ZADD', leases, now + lease_ttl, lease)
       -- Every lease in the set expires within lease_ttl (renewals included).
       redis.call('PEXPIRE', leases, lease_ttl + 1000)

@@ -13,6 +13,13 @@ background probe finds Redis again:
 * ``closed`` refuse with 503
 
 While degraded no request waits on Redis: only the probe talks to it.
+
+A parallel lease whose admit or release reply never came (a stall, a reset
+connection) may sit in Redis with nobody holding it. Its id is known before
+the admit is sent, so it is remembered as an orphan and cancelled (admit.lua
+mode "c": a tombstone that also stops an admit still queued in Redis) as soon
+as Redis answers again — the probe's recovery, or a moment after a single
+missed reply — instead of blocking the account's slots for the lease TTL.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ _ADMITTED = THROTTLE_DECISIONS.labels("all", "admitted")
 # Consecutive calls over the time budget that mark Redis as hung (one slow
 # moment only sends that one request to the fallback).
 _TIMEOUTS_TO_DEGRADE = 3
+# Orphaned leases remembered for cancellation; beyond this their TTL frees them.
+_MAX_ORPHANS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,10 @@ class Throttle:
         self._prefixes: dict[tuple[str | int, ...], bytes] = {}
         # Give-backs of admissions that arrived too late (held until done).
         self._undoing: set[asyncio.Future[Any]] = set()
+        # Leases that may be in Redis with nobody holding them: lease id → its
+        # cancel call, sent once Redis answers (``_cancel_orphans``).
+        self._orphans: dict[str, _ScriptCall] = {}
+        self._cancelling: asyncio.Task[None] | None = None
 
     @property
     def degraded(self) -> bool:
@@ -175,7 +188,7 @@ class Throttle:
 
     async def aclose(self) -> None:
         """Stop the background tasks (the Redis connection is the caller's)."""
-        for task in (self._keeper, self._probe, *self._undoing):
+        for task in (self._keeper, self._probe, self._cancelling, *self._undoing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -302,9 +315,11 @@ class Throttle:
         if admission.store == "local":
             self._local.run(call.keys, call.args)
             return
-        if self._healthy:
-            # On failure the lease expires by itself; the correction is lost.
-            await self._call_redis(call)
+        if self._healthy and await self._call_redis(call) is not None:
+            return
+        # The release did not happen or its reply was lost: the token
+        # correction is lost, the lease is cancelled once Redis answers.
+        self._orphan(admission.limits, admission.lease_id)
 
     # ------------------------------------------------------------ internals
 
@@ -372,14 +387,19 @@ class Throttle:
                 reply = self._redis.request(count, encoded)
                 out = await _within(reply, deadline)
         except TimeoutError as exc:
-            if reply is not None and call.head[0] == "a":
-                # It may still be admitted in Redis after this request moved on.
-                reply.add_done_callback(lambda done: self._undo_late(call, done))
+            if call.head[0] == "a":
+                # It may still be admitted in Redis after this request moved on:
+                # given back if its reply comes, cancelled once Redis answers if not.
+                self._orphan(limits, str(call.head[6]))
+                if reply is not None:
+                    reply.add_done_callback(lambda done: self._undo_late(call, done))
             self._timeouts += 1
             if self._timeouts >= _TIMEOUTS_TO_DEGRADE:
                 self._degrade(exc)
             return None
         except (RedisDown, RedisReplyError) as exc:
+            if call.head[0] == "a" and reply is not None:
+                self._orphan(limits, str(call.head[6]))  # it may have been written
             self._degrade(exc)
             return None
         self._timeouts = 0
@@ -397,9 +417,12 @@ class Throttle:
 
     def _undo_late(self, call: _ScriptCall, reply: asyncio.Future[Any]) -> None:
         """Give back an admission Redis made after its caller stopped waiting."""
-        if reply.cancelled() or reply.exception() is not None or not reply.result()[0]:
-            return
+        if reply.cancelled() or reply.exception() is not None:
+            return  # unknown: the orphan's cancel stays due
         lease, day = call.head[6], reply.result()[3]
+        if not reply.result()[0]:
+            self._orphans.pop(str(lease), None)  # refused: no lease was taken
+            return
         tokens = int(call.head[5])
         undo = self._call(call.limits, "r", 0, -tokens, str(lease), day)
         task = asyncio.ensure_future(self._call_redis(undo))
@@ -417,6 +440,35 @@ class Throttle:
         # Redis restarted or flushed its scripts: load once, call again.
         await self._redis.execute("SCRIPT", "LOAD", script.text)
         return await self._redis.execute_encoded(3 + count, encoded)
+
+    def _orphan(self, limits: Limits, lease_id: str) -> None:
+        """Remember a lease nobody may hold, to cancel it as soon as Redis answers."""
+        if not limits.lease_keys or len(self._orphans) >= _MAX_ORPHANS:
+            return  # no parallel limit: no lease; too many: their TTL frees them
+        self._orphans[lease_id] = self._call(limits, "c", 0, 0, lease_id, "")
+        if self._healthy and (self._cancelling is None or self._cancelling.done()):
+            self._cancelling = asyncio.create_task(self._cancel_orphans_soon())
+
+    async def _cancel_orphans_soon(self) -> None:
+        # A moment's wait: one missed reply is usually a slow moment, and its
+        # admit's late reply may still come (and give everything back itself).
+        await asyncio.sleep(self._probe_interval)
+        while self._orphans and self._healthy:
+            await self._cancel_orphans()
+            await asyncio.sleep(self._probe_interval)
+
+    async def _cancel_orphans(self) -> None:
+        """Send every orphan's cancel; those answered are done (cancels are idempotent)."""
+        pending = list(self._orphans.items())
+        outs = await asyncio.gather(*(self._call_redis(call) for _, call in pending))
+        for (lease_id, call), out in zip(pending, outs, strict=True):
+            if out is not None and self._orphans.get(lease_id) is call:
+                del self._orphans[lease_id]
+        if pending:
+            log.info(
+                "throttle cancelled orphaned leases",
+                extra={"cancelled": len(pending) - len(self._orphans), "left": len(self._orphans)},
+            )
 
     def _degrade(self, exc: BaseException) -> None:
         if not self._healthy:
@@ -443,7 +495,15 @@ class Throttle:
             self._timeouts = 0
             REDIS_DEGRADED.set(0)
             log.info("throttle recovered: Redis reachable, limits shared again")
+            # First thing: free the slots of leases whose replies the outage lost.
+            if self._orphans and (self._cancelling is None or self._cancelling.done()):
+                self._cancelling = asyncio.create_task(self._cancel_orphans_now())
             return
+
+    async def _cancel_orphans_now(self) -> None:
+        await self._cancel_orphans()
+        if self._orphans and self._healthy:
+            await self._cancel_orphans_soon()
 
     async def _load_scripts(self) -> None:
         # Loading is also the probe: a Redis that restarted empty needs them.

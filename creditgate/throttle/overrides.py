@@ -3,8 +3,9 @@
 Overrides live beside what they override: nullable limit columns on
 ``accounts`` and on ``api_keys`` (migration 0004). Operators set them with
 ``creditgate limits set`` or ``PATCH /api/admin/…/limits``. Each process
-caches the resolved limits of an (account, key) for ``ttl`` seconds, so a
-change reaches every process within that time with no messaging between them.
+caches the resolved limits of an (account, key) for ``ttl`` seconds; a change
+is pushed to every process by Postgres NOTIFY (``creditgate.invalidation``),
+the TTL bounding it only while a process's listener is disconnected.
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ class LimitsCache:
             self._cache.clear()  # crude but bounded; a refill is one query per key
         self._cache[ident] = (time.monotonic() + self._ttl, limits)
         return limits
+
+    def forget_account(self, account_id: uuid.UUID) -> None:
+        """Drop an account's limits, every key's included (``creditgate.invalidation``)."""
+        for ident in [i for i in self._cache if i[0] == account_id]:
+            del self._cache[ident]
+
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        """Drop a key's limits (its overrides changed)."""
+        for ident in [i for i in self._cache if i[1] == key_id]:
+            del self._cache[ident]
+
+    def clear(self) -> None:
+        """Drop everything (invalidations may have been missed)."""
+        self._cache.clear()
 
 
 # ------------------------------------------------------------ operator writes
