@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import shutil
 import time
 import warnings
@@ -27,12 +28,42 @@ class EmbeddedPostgres:
             import pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(data_dir / "pg")
         get_server = pgserver.get_server  # type: ignore[attr-defined]
         self._server: Any = get_server(data_dir / "pg", cleanup_mode="stop")
         self.url: str = self._server.get_uri()
 
     def stop(self) -> None:
         self._server.cleanup()
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop PIDs of processes that are gone from pgserver's handle list.
+
+    pgserver stops Postgres when the last process holding it cleans up; a
+    process killed before its clean-up (SIGKILL, or an older creditgate on
+    SIGHUP) stays in ``.handle_pids.json`` forever, and then no later run is
+    ever "the last", so Postgres is never stopped again.
+    """
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+
+    path = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid, psutil)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
+def _alive(pid: int, psutil: Any) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 class EmbeddedRedis:
