@@ -367,3 +367,119 @@ def test_mock_upstream_keeps_the_latency_ms_flag() -> None:
     assert args.first_byte_ms == 250
     args = _parser().parse_args(["mock-upstream", "--first-byte-ms", "40"])
     assert args.first_byte_ms == 40
+
+
+def test_two_deployments_on_one_upstream_get_derived_names() -> None:
+    import tomllib
+    from decimal import Decimal
+
+    from creditgate.config import ConfigError, missing_upstream_keys, parse_config
+
+    base = """
+[upstreams.openai]
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "OPENAI_API_KEY"
+[models.m]
+input_price = 1
+output_price = 1
+max_output_tokens = 10
+deployments = [{ upstream = "openai", model = "gpt-big" }, DEPLOYMENT]
+[tiers.free]
+requests_per_minute = 1
+tokens_per_minute = 1
+max_parallel = 1
+messages_per_day = 1
+"""
+
+    def parse(second: str, env: dict[str, str] | None = None) -> Any:
+        text = base.replace("DEPLOYMENT", second)
+        return parse_config(tomllib.loads(text, parse_float=Decimal), env or {})
+
+    config = parse('{ upstream = "openai", model = "gpt-small" }')
+    names = [d.name for d in config.models["m"].deployments]
+    assert names == ["openai/gpt-big", "openai/gpt-small"]
+    # A single deployment per upstream keeps the upstream's name; explicit names win.
+    named = parse('{ upstream = "openai", model = "gpt-small", name = "cheap" }')
+    assert [d.name for d in named.models["m"].deployments] == ["openai", "cheap"]
+    # The same model twice on one upstream still needs a name.
+    with pytest.raises(ConfigError, match=r"deployments\[1\]\.name"):
+        parse('{ upstream = "openai", model = "gpt-big" }')
+
+    assert [u.name for u in missing_upstream_keys(config)] == ["openai"]
+    with_key = parse('{ upstream = "openai", model = "x" }', {"OPENAI_API_KEY": "k"})
+    assert missing_upstream_keys(with_key) == []
+
+
+async def test_admin_key_routes_list_and_revoke(services: Services, db: Any) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from creditgate.proxy.mock_upstream import create_mock_app
+    from tests.conftest import make_settings, new_customer, running
+
+    token = "admin-" + uuid.uuid4().hex
+    admin = {"Authorization": f"Bearer {token}"}
+    upstream = TestServer(create_mock_app())
+    await upstream.start_server()
+    try:
+        settings = make_settings(services, str(upstream.make_url("/v1")), admin_token=token)
+        async with running(settings) as api:
+            c = await new_customer(db, 5)
+            path = f"/api/admin/accounts/{c.account.external_id}/keys"
+            r = await api.get(path, headers=admin)
+            assert r.status == 200
+            listed = (await r.json())["data"]
+            assert listed["accountId"] == str(c.account.id) and len(listed["keys"]) == 1
+            key_id = listed["keys"][0]["id"]
+            # Not an admin: 403; the key itself still works until revoked.
+            assert (await api.get(path, headers=c.auth)).status == 403
+            assert (await api.get("/api/user/balance", headers=c.auth)).status == 200
+
+            r = await api.delete(f"/api/admin/keys/{key_id}", headers=admin)
+            assert r.status == 200
+            body = (await r.json())["data"]
+            assert body["id"] == key_id and body["revokedAt"] and body["accountId"]
+            assert (await api.get("/api/user/balance", headers=c.auth)).status == 401
+            r = await api.delete(f"/api/admin/keys/{key_id}", headers=admin)
+            assert r.status == 200 and (await r.json())["data"]["revokedAt"] == body["revokedAt"]
+            assert (await (await api.get(path, headers=admin)).json())["data"]["keys"] == []
+
+            for bad in (str(uuid.uuid4()), "not-a-uuid"):
+                r = await api.delete(f"/api/admin/keys/{bad}", headers=admin)
+                assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
+            r = await api.get("/api/admin/accounts/user_nobody_h7/keys", headers=admin)
+            assert r.status == 404
+            spec = await (await api.get("/openapi.json")).json()
+            assert "delete" in spec["paths"]["/api/admin/keys/{id}"]
+            assert "get" in spec["paths"]["/api/admin/accounts/{account}/keys"]
+    finally:
+        await upstream.close()
+
+
+def test_usage_command_describes_entries(services: Services) -> None:
+    user = f"user_{uuid.uuid4().hex}"
+    assert run_cli(services, "accounts", "create", "--user", user)[0] == 0
+    assert run_cli(services, "credits", "grant", user, "3", "--reason", "welcome")[0] == 0
+    code, page = run_cli(services, "usage", user)
+    assert code == 0
+    [entry] = page["entries"]
+    assert (entry["source"], entry["description"]) == ("admin", "welcome")
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "source"),
+    [
+        ("grant", "admin:k1", "admin"),
+        ("adjustment", "admin:k2", "admin"),
+        ("grant", "polar:order:ord_1", "polar_order"),
+        ("reversal", "polar:refund:ord_1:500", "refund"),
+        ("expiry", "expiry:lot:5", "expiry"),
+        ("debit", "usage:acct:client-key", "usage_record"),
+        ("debit", "settle:hold-id", "usage"),
+        ("grant", "dev:demo-grant", "dev"),
+        ("grant", "test:x", "other"),
+    ],
+)
+def test_entry_source_follows_the_writers_key_namespace(kind: str, key: str, source: str) -> None:
+    from creditgate.ledger.history import SOURCES, entry_source
+
+    assert entry_source(kind, key) == source and source in SOURCES
