@@ -420,6 +420,17 @@ async def cmd_reconcile(args: argparse.Namespace) -> dict[str, Any]:
     return report.as_json()
 
 
+async def cmd_doctor(args: argparse.Namespace) -> dict[str, Any]:
+    """``doctor``: one line per check; exit 1 if any check fails."""
+    from creditgate.doctor import run_checks
+
+    checks = await run_checks()
+    ok = all(c.status != "fail" for c in checks)
+    result = {"ok": ok, "checks": [c.as_json() for c in checks]}
+    _emit(args, result, "\n".join(c.line() for c in checks))
+    raise SystemExit(0 if ok else 1)
+
+
 def _timestamp(text: str) -> datetime:
     """An ISO 8601 date or date-time; UTC when it names no zone."""
     try:
@@ -913,6 +924,13 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
     )
     s.set_defaults(run=cmd_verify)
+
+    s = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check configuration, database, migrations, Redis, upstreams, Polar, Clerk",
+    )
+    s.set_defaults(run=cmd_doctor)
 
     s = sub.add_parser(
         "reconcile",

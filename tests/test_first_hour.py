@@ -483,3 +483,78 @@ def test_entry_source_follows_the_writers_key_namespace(kind: str, key: str, sou
     from creditgate.ledger.history import SOURCES, entry_source
 
     assert entry_source(kind, key) == source and source in SOURCES
+
+
+# ---------------------------------------------------------------- doctor
+
+
+async def _doctor(env: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "creditgate",
+        "doctor",
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode is not None
+    lines = out.decode().splitlines()
+    assert len(lines) == 1, out
+    return proc.returncode, json.loads(lines[0]), err.decode()
+
+
+async def test_doctor_checks_real_services_and_names_a_dead_upstream(
+    services: Services, tmp_path: Path, upstream: Any, clerk: Any
+) -> None:
+    live = str(upstream.make_url("/v1"))
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    config = write_config(tmp_path, live)
+    config.write_text(
+        config.read_text().replace(
+            '[upstreams.main]\nbase_url = "' + live + '"',
+            '[upstreams.main]\nbase_url = "' + live + '"\napi_key_env = "CG_DOCTOR_KEY"',
+        )
+    )
+    env = _serve_env(services, config, CG_DOCTOR_KEY="k", CLERK_JWKS_URL=clerk.url)
+    code, report, _ = await _doctor(env)
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert status == {
+        "configuration": "ok",
+        "database": "ok",
+        "database role": status["database role"],  # a superuser here: "warn"
+        "migrations": "ok",
+        "redis": "ok",
+        "upstream main key": "ok",
+        "upstream main": "ok",
+        "polar": "skip",
+        "clerk": "ok",
+        "clerk webhooks": "warn",
+    }, report
+    assert code == 0 and report["ok"] is True and status["database role"] in ("ok", "warn")
+
+    # A dead second upstream and an unset key variable: each named, exit 1.
+    config.write_text(
+        config.read_text()
+        + f'\n[upstreams.backup]\nbase_url = "{dead}"\napi_key_env = "CG_DOCTOR_UNSET"\n'
+        + "[models.spare]\ninput_price = 1\noutput_price = 1\nmax_output_tokens = 10\n"
+        + 'deployments = [{ upstream = "backup", model = "x" }]\n'
+    )
+    code, report, _ = await _doctor(env)
+    failed = {c["name"]: c["detail"] for c in report["checks"] if c["status"] == "fail"}
+    assert code == 1 and report["ok"] is False
+    assert set(failed) == {"upstream backup", "upstream backup key"}, failed
+    assert dead in failed["upstream backup"] and "CG_DOCTOR_UNSET" in failed["upstream backup key"]
+
+
+async def test_doctor_fails_on_an_unreachable_database(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1")
+    dead = f"postgresql://postgres:pw-h7@127.0.0.1:{free_port()}/x"
+    code, report, err = await _doctor(_serve_env(services, config, DATABASE_URL=dead))
+    failed = {c["name"] for c in report["checks"] if c["status"] == "fail"}
+    assert code == 1 and "database" in failed
+    assert "pw-h7" not in json.dumps(report) + err
