@@ -470,7 +470,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             app,
             host=host,
             port=port,
-            print=None,
+            print=_announce(args, host, port),
             access_log=None,
             reuse_port=True,
             shutdown_timeout=grace,
@@ -481,6 +481,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _port_error(host, port, e) from None
     log.info("stopped", extra={"pid": os.getpid()})
     return 0
+
+
+def _announce(args: argparse.Namespace, host: str, port: int) -> Callable[[str], None]:
+    """What a server prints on stdout once it listens: ``{url, pid}`` with --json, else a line."""
+
+    def announce(_: str) -> None:
+        url = f"http://{host}:{port}"
+        _emit(args, {"url": url, "pid": os.getpid()}, f"{args.command} listening on {url}")
+
+    return announce
 
 
 _BIND_ERRNOS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
@@ -578,7 +588,18 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     setup_logging("warning")
     _use_uvloop()
     app = create_mock_app(**{m.name: getattr(args, m.name) for m in FAULT_MODES})
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            print=_announce(args, args.host, args.port),
+            access_log=None,
+        )
+    except OSError as e:
+        if e.errno not in _BIND_ERRNOS:
+            raise
+        raise _port_error(args.host, args.port, e) from None
     return 0
 
 
