@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -152,11 +154,16 @@ def _stop_dev(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
 
 
 @pytest.fixture
-def dev_dir(tmp_path: Path) -> Iterator[Path]:
-    data_dir = tmp_path / "dev"
-    yield data_dir
-    for p in _services_of(data_dir):  # never leave a server to other tests
-        p.kill()
+def dev_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: another pytest session on this machine may
+    # prune old basetemp dirs while Postgres still runs in one.
+    data_dir = Path(tempfile.mkdtemp(prefix="cg-dev-"))
+    try:
+        yield data_dir
+    finally:
+        for p in _services_of(data_dir):  # never leave a server to other tests
+            p.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
