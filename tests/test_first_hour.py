@@ -85,6 +85,24 @@ def test_embedded_redis_stops_at_once_and_quietly(tmp_path: Path) -> None:
     assert "shutdown failed" not in proc.stderr and "forcefully" not in proc.stderr
 
 
+def test_embedded_redis_leaves_a_server_it_did_not_start_running(tmp_path: Path) -> None:
+    """Two handles on one data dir (two `dev` runs): the second's stop keeps the first's."""
+    import redis
+
+    from creditgate.embedded import EmbeddedRedis
+
+    first = EmbeddedRedis(tmp_path)
+    try:
+        second = EmbeddedRedis(tmp_path)
+        assert second.url == first.url
+        second.stop()
+        client = redis.Redis.from_url(first.url)
+        assert client.ping() is True
+        client.close()
+    finally:
+        first.stop()
+
+
 # ---------------------------------------------------------------- dev
 
 
