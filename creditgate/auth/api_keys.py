@@ -279,3 +279,27 @@ class ApiKeyAuth:
             self._cache.clear()  # crude but bounded; a refill costs one query per key
         self._cache[digest] = entry
         return entry
+
+
+async def revoke_key_by_id(db: Db, key_id: uuid.UUID) -> tuple[uuid.UUID, Revoked] | None:
+    """Revoke key ``key_id`` whatever its account (an operator's revocation).
+
+    Returns (its account id, the revocation), or None if there is no such key.
+    Idempotent like ``revoke_api_key``.
+    """
+    account_id = await db.fetchval("SELECT account_id FROM api_keys WHERE id = $1", key_id)
+    if account_id is None:
+        return None
+    revoked = await revoke_api_key(db, account_id, key_id)
+    return None if revoked is None else (account_id, revoked)
+
+
+async def revoke_named_keys(db: Db, account_id: uuid.UUID, name: str) -> int:
+    """Revoke the account's live keys called ``name``; how many were revoked."""
+    done = await db.execute(
+        "UPDATE api_keys SET revoked_at = now()"
+        " WHERE account_id = $1 AND name = $2 AND revoked_at IS NULL",
+        account_id,
+        name,
+    )
+    return int(done.split()[-1])

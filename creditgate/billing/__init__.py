@@ -37,7 +37,9 @@ async def _polar_tasks(app: web.Application) -> AsyncIterator[None]:
     settings = app[STATE].settings
     polar = app.get(POLAR)
     if polar is None:
-        log.warning("POLAR_ACCESS_TOKEN is not set: usage is not exported, checkout is off")
+        # `creditgate dev` runs without Polar on purpose: no warning there.
+        report = log.debug if settings.dev else log.warning
+        report("POLAR_ACCESS_TOKEN is not set: usage is not exported, checkout is off")
         yield
         return
     assert settings.database_url is not None

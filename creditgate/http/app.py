@@ -17,6 +17,7 @@ from creditgate.billing import setup_billing
 from creditgate.config import Settings
 from creditgate.http import (
     admin,
+    admin_keys,
     health,
     keys,
     metrics,
@@ -54,6 +55,7 @@ ENDPOINTS = (
     *orgs.ENDPOINTS,
     *billing.ENDPOINTS,
     *admin.ENDPOINTS,
+    *admin_keys.ENDPOINTS,
     *throttle_admin.ENDPOINTS,
     *webhooks.ENDPOINTS,
     *health.ENDPOINTS,

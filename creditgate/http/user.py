@@ -120,12 +120,19 @@ ENTRY: Schema = obj(
         "estimated": BOOL,
         "expiresAt": nullable(TIME),
         "createdAt": TIME,
+        "source": {
+            "enum": list(ledger.history.SOURCES),
+            "description": "where the entry came from",
+        },
+        "description": {**STR, "description": "a grant's reason, or what the entry is"},
     },
     "id",
     "kind",
     "amount",
     "amountMicros",
     "createdAt",
+    "source",
+    "description",
 )
 ENDPOINTS = (
     Endpoint(

@@ -8,9 +8,11 @@ available ≥ -overdraft limit, lots allocated by trigger) — see ARCHITECTURE.
 
 from creditgate.ledger.accounts import (
     Account,
+    AccountRow,
     close_account,
     ensure_account,
     get_account,
+    list_accounts,
     resolve_account,
     set_account_tier,
     set_overdraft_limit,
@@ -42,6 +44,7 @@ from creditgate.ledger.verify import Report, verify_ledger
 __all__ = [
     "ENTRY_KINDS",
     "Account",
+    "AccountRow",
     "Balance",
     "EntryView",
     "Hold",
@@ -63,6 +66,7 @@ __all__ = [
     "get_account",
     "get_balance",
     "get_low_balance_threshold",
+    "list_accounts",
     "list_entries",
     "micros_to_credits",
     "post_entry",

@@ -156,3 +156,46 @@ async def set_overdraft_limit(db: Db, account_id: uuid.UUID, limit: int) -> int:
     if row is None:
         raise NotFound(f"no account {account_id}")
     return int(row["overdraft_limit"])
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """An account with its balance, as ``accounts list`` shows it."""
+
+    account: Account
+    balance: int
+    reserved: int
+
+    def as_json(self) -> dict[str, object]:
+        """The account object plus its balance and available credits."""
+        available = self.balance - self.reserved
+        return {
+            **self.account.as_json(),
+            "balance": micros_to_credits(self.balance),
+            "balanceMicros": self.balance,
+            "available": micros_to_credits(available),
+            "availableMicros": available,
+        }
+
+
+async def list_accounts(
+    db: Db, limit: int = 100, after: uuid.UUID | None = None
+) -> list[AccountRow]:
+    """Up to ``limit`` accounts ordered by id, those after ``after`` (keyset paging)."""
+    rows = await db.fetch(
+        """
+        SELECT a.id, a.kind, a.external_id, a.tier, a.status, b.balance, b.reserved
+        FROM accounts a JOIN account_balances b ON b.account_id = a.id
+        WHERE $1::uuid IS NULL OR a.id > $1
+        ORDER BY a.id
+        LIMIT $2
+        """,
+        after,
+        limit,
+    )
+    out = []
+    for r in rows:
+        fields = dict(r)
+        balance, reserved = fields.pop("balance"), fields.pop("reserved")
+        out.append(AccountRow(Account(**fields), balance, reserved))
+    return out

@@ -24,6 +24,37 @@ MAX_PAGE = 200
 _CURSOR = re.compile(r"^e([1-9][0-9]{0,17})$")  # a bigint seq: 18 digits always fit
 
 
+# Where an entry came from, read off its kind and idempotency key (every writer
+# uses its own key namespace), so no column or migration is needed for it.
+SOURCES = ("admin", "polar_order", "refund", "expiry", "usage", "usage_record", "dev", "other")
+_KEY_SOURCES = (
+    ("admin:", "admin"),
+    ("polar:order:", "polar_order"),
+    ("polar:refund:", "refund"),
+    ("usage:", "usage_record"),
+    ("dev:", "dev"),
+)
+_DEFAULT_DESCRIPTION = {
+    "admin": "granted by an operator",
+    "polar_order": "Polar order",
+    "refund": "Polar refund",
+    "expiry": "unused credits expired",
+    "usage": "model usage",
+    "usage_record": "recorded usage",
+    "dev": "creditgate dev demo credits",
+}
+
+
+def entry_source(kind: str, idempotency_key: str) -> str:
+    """The ``SOURCES`` name of an entry of ``kind`` written under ``idempotency_key``."""
+    if kind == "expiry":
+        return "expiry"
+    for prefix, source in _KEY_SOURCES:
+        if idempotency_key.startswith(prefix):
+            return source
+    return "usage" if kind == "debit" else "other"
+
+
 @dataclass(frozen=True, slots=True)
 class EntryView:
     seq: int
@@ -37,10 +68,29 @@ class EntryView:
     estimated: bool
     expires_at: datetime | None
     created_at: datetime
+    reason: str | None = None
+    source: str = "other"
+
+    @property
+    def description(self) -> str:
+        """What the entry is, for people: its reason, else one derived from its source."""
+        if self.reason:
+            return self.reason
+        if self.source in ("usage", "usage_record") and self.model:
+            tokens = f"{self.input_tokens or 0} input, {self.output_tokens or 0} output tokens"
+            return f"{self.model}: {tokens}"
+        return _DEFAULT_DESCRIPTION.get(self.source, self.kind)
 
     def as_json(self) -> dict[str, Any]:
-        """One entry of DESIGN.md §9's usage shape (plus ``expiresAt`` of expiring grants)."""
+        """One entry of DESIGN.md §9's usage shape (plus ``expiresAt`` of expiring grants).
+
+        ``source`` says where it came from (``SOURCES``) and ``description``
+        what it is: the grant's reason ("welcome", "Polar order …"), or a
+        description derived from the source.
+        """
         return {
+            "source": self.source,
+            "description": self.description,
             "id": str(self.id),
             "kind": self.kind,
             "amount": micros_to_credits(self.amount),
@@ -125,10 +175,15 @@ async def list_entries(
     where = " AND ".join(conditions)
     sql = (
         "SELECT seq, id, kind, amount, model, input_tokens, output_tokens, request_id,"  # noqa: S608
-        f" estimated, expires_at, created_at FROM ledger_entries WHERE {where}"
+        f" estimated, expires_at, created_at, reason, idempotency_key"
+        f" FROM ledger_entries WHERE {where}"
         f" ORDER BY seq DESC LIMIT ${len(args)}"
     )
     rows = await db.fetch(sql, *args)
-    entries = [EntryView(**dict(r)) for r in rows[:limit]]
+    entries = []
+    for r in rows[:limit]:
+        fields = dict(r)
+        key = fields.pop("idempotency_key")
+        entries.append(EntryView(**fields, source=entry_source(fields["kind"], key)))
     more = len(rows) > limit
     return Page(entries, encode_cursor(entries[-1].seq) if more else None)

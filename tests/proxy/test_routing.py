@@ -66,7 +66,9 @@ def test_priority_orders_groups_and_weight_shares_first_attempts() -> None:
     ("deployments", "extra", "field"),
     [
         (
-            '[{ upstream = "a", model = "x" }, { upstream = "a", model = "y" }]',
+            # Two models on one upstream get derived names (issue 16); the same
+            # model twice there still needs names.
+            '[{ upstream = "a", model = "x" }, { upstream = "a", model = "x" }]',
             "",
             "deployments[1].name",
         ),

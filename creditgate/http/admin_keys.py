@@ -1,0 +1,79 @@
+"""``GET /api/admin/accounts/{account}/keys``, ``DELETE /api/admin/keys/{id}``.
+
+An operator's view of API keys, without Clerk: list an account's live keys
+(never their secrets) and revoke any key by its id. Admin-authenticated like
+every ``/api/admin`` route; the CLI's ``keys list`` / ``keys revoke`` do the same.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from creditgate import ledger
+from creditgate.auth import AUTH, list_api_keys, require_admin, revoke_key_by_id
+from creditgate.errors import NotFound
+from creditgate.http.envelope import data_response
+from creditgate.http.keys import KEY_INFO
+from creditgate.http.openapi import UUID, Endpoint, arr, obj
+from creditgate.http.state import STATE
+from creditgate.logs import log
+
+
+async def account_keys(request: web.Request) -> web.Response:
+    """An account's live API keys, newest first; ``account`` is its id or Clerk id."""
+    st = request.app[STATE]
+    await require_admin(request)
+    account = await ledger.resolve_account(st.db, request.match_info["account"])
+    keys = await list_api_keys(st.db, account.id)
+    return data_response(
+        request, {"accountId": str(account.id), "keys": [k.as_json() for k in keys]}
+    )
+
+
+async def revoke_any_key(request: web.Request) -> web.Response:
+    """Revoke any account's key by id (idempotent); 404 if there is no such key."""
+    st = request.app[STATE]
+    await require_admin(request)
+    try:
+        key_id = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise NotFound("No such API key.") from None
+    done = await revoke_key_by_id(st.db, key_id)
+    if done is None:
+        raise NotFound("No such API key.")
+    account_id, revoked = done
+    # This process stops accepting it at once; others within the cache TTL.
+    request.app[AUTH].keys.forget(revoked.key_hash)
+    log.info("api key revoked", extra={"key_id": str(key_id), "account_id": str(account_id)})
+    return data_response(request, {**revoked.info.as_json(), "accountId": str(account_id)})
+
+
+_REVOKED = {
+    **KEY_INFO,
+    "properties": {**KEY_INFO["properties"], "accountId": UUID},
+    "required": [*KEY_INFO["required"], "accountId"],
+}
+ENDPOINTS = (
+    Endpoint(
+        "GET",
+        "/api/admin/accounts/{account}/keys",
+        account_keys,
+        "An account's live API keys (never their secrets)",
+        "admin",
+        "admin",
+        response=obj({"accountId": UUID, "keys": arr(KEY_INFO)}, "accountId", "keys"),
+        errors=(404, 503),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/admin/keys/{id}",
+        revoke_any_key,
+        "Revoke any account's API key by id (idempotent)",
+        "admin",
+        "admin",
+        response=_REVOKED,
+        errors=(404, 503),
+    ),
+)
