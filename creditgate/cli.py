@@ -308,6 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from creditgate.http.app import create_app
+    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT
 
     settings = _settings()
     setup_logging(settings.log_level)
@@ -321,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _use_uvloop()
     log.info("serving", extra={"host": host, "port": port, "pid": os.getpid()})
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
-    # `grace` seconds, then cancel them (a cut stream is still billed).
+    # `grace` seconds, then cut them (http.drain: a cut stream is still billed).
     app = create_app(settings)
     _freeze_heap()
     web.run_app(
@@ -331,7 +332,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=None,
         access_log=None,
         reuse_port=True,
-        shutdown_timeout=grace,
+        # The drain (on_shutdown) owns the timing; aiohttp's own wait, after
+        # it, only bounds a straggler.
+        shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT,
     )
     log.info("stopped", extra={"pid": os.getpid()})
     return 0
