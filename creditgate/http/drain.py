@@ -45,6 +45,17 @@ SHUTDOWN_END = "shutdown"  # how a stream cut by the drain ended (the stream_end
 _CUT = web.RequestKey("shutdown_cut", bool)
 
 
+def termination_grace_seconds(pre_stop: float, shutdown_timeout: float) -> float:
+    """The least grace an orchestrator must give between its stop and its SIGKILL.
+
+    Its pre-stop wait (the load balancer stops sending), then the drain: the
+    cut at ``shutdown_timeout``, then at most the margin to settle and exit.
+    The supervisor kills a worker only past ``shutdown_timeout`` + the margin,
+    so this covers ``serve --workers N`` too. ``deploy/k8s`` is checked against it.
+    """
+    return pre_stop + shutdown_timeout + SHUTDOWN_MARGIN_SECONDS
+
+
 class Drain:
     """The handlers in flight in one process, and the shutdown that drains them."""
 
