@@ -201,3 +201,27 @@ async def test_sigterm_finishes_short_streams_and_cuts_long_ones_at_the_timeout(
         "SELECT count(*) FROM holds WHERE account_id = $1 AND ended_at IS NULL", c.account.id
     )
     assert live == 0
+
+
+def test_the_supervisor_kills_only_a_worker_still_running_past_its_drain() -> None:
+    from creditgate.supervisor import _wait_for_drain
+
+    drains = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    stuck = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline() == b"ready\n"
+        stuck.terminate()  # ignored: only the kill stops it
+        assert _wait_for_drain([drains, stuck], seconds=1.0) == [stuck.pid]
+        assert drains.returncode == 0
+        assert stuck.returncode == -9
+    finally:
+        stop(stuck)
+        stop(drains)
