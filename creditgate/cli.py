@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from creditgate.http.app import create_app
-    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT
+    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
 
     settings = _settings()
     setup_logging(settings.log_level)
@@ -324,6 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
     # `grace` seconds, then cut them (http.drain: a cut stream is still billed).
     app = create_app(settings)
+    ignore_repeated_signals(app)
     _freeze_heap()
     web.run_app(
         app,

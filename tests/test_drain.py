@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,10 @@ async def test_sigterm_finishes_short_streams_and_cuts_long_ones_at_the_timeout(
         await asyncio.sleep(0.2)  # the waiting call is in (it needs no upstream byte)
         sigterm = time.monotonic()
         server.terminate()
+        await asyncio.sleep(0.3)
+        # A second signal (Ctrl-C reaches every worker of the group, and the
+        # supervisor forwards its own) must not abort the drain.
+        server.send_signal(signal.SIGINT)
         results = await asyncio.wait_for(asyncio.gather(*streams), 30)
         sdk_error, sdk_text = await asyncio.wait_for(sdk, 30)
         refused = await asyncio.wait_for(waiting, 30)

@@ -26,6 +26,7 @@ which the supervisor and the Kubernetes grace are sized around.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 from aiohttp import web
@@ -115,6 +116,28 @@ def install_drain(app: web.Application, timeout: float) -> None:
 
     async def on_shutdown(_: web.Application) -> None:
         await drain.run()
+
+    app.on_shutdown.insert(0, on_shutdown)
+
+
+def ignore_repeated_signals(app: web.Application) -> None:
+    """Once the drain has begun, a second SIGTERM/SIGINT must not abort it.
+
+    ``web.run_app``'s handlers raise ``GracefulExit`` (a ``SystemExit``) on
+    every signal; a second one, mid-drain, stops the loop and cancels the
+    drain and the handlers with it (unannounced cuts). A second signal is
+    common: Ctrl-C reaches every worker of a terminal's process group while
+    the supervisor forwards its own SIGTERM. For processes that own the
+    signals (``serve``); a test server's loop must keep its own.
+    """
+
+    def repeated(signum: int) -> None:
+        log.info("already draining; signal ignored", extra={"signal": signum})
+
+    async def on_shutdown(_: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, repeated, int(sig))
 
     app.on_shutdown.insert(0, on_shutdown)
 
