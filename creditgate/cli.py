@@ -451,6 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from creditgate.http.app import create_app
+    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
 
     settings = _settings()
     setup_logging(settings.log_level)
@@ -466,8 +467,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _use_uvloop()
     log.info("serving", extra={"host": host, "port": port, "pid": os.getpid()})
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
-    # `grace` seconds, then cancel them (a cut stream is still billed).
+    # `grace` seconds, then cut them (http.drain: a cut stream is still billed).
     app = create_app(settings)
+    ignore_repeated_signals(app)
     _freeze_heap()
     try:
         web.run_app(
@@ -477,7 +479,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print=_announce(args, host, port),
             access_log=None,
             reuse_port=True,
-            shutdown_timeout=grace,
+            # The drain (on_shutdown) owns the timing; aiohttp's own wait, after
+            # it, only bounds a straggler.
+            shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT,
         )
     except OSError as e:
         if e.errno not in _BIND_ERRNOS:

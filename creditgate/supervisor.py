@@ -5,6 +5,11 @@ SO_REUSEPORT, so the kernel spreads connections across them. This parent
 only supervises: it restarts a worker that dies, forwards SIGTERM/SIGINT for
 a graceful stop, and gives every worker one Prometheus multiprocess directory
 so a scrape of any worker reports the sum over all of them.
+
+On a stop it waits for every worker's drain (``http.drain``: the cut at
+``shutdown_timeout_seconds``, then at most ``SHUTDOWN_MARGIN_SECONDS`` to settle
+and exit) before it kills anything; a kill is the last resort, and the exit
+code is 0 only when every worker drained and exited 0.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import tempfile
 import time
 from types import FrameType
 
+from creditgate.http.drain import SHUTDOWN_MARGIN_SECONDS
 from creditgate.logs import log
 
-RESTART_DELAY = 1.0  # seconds before a dead worker is replaced: no hot crash loop
+POLL_INTERVAL = 0.1  # seconds between looks at the workers
+# A worker that dies after running a while is replaced at once; one that dies
+# within STABLE_SECONDS of its start waits RESTART_DELAY first: no hot crash loop.
+RESTART_DELAY = 1.0
+STABLE_SECONDS = 10.0
 
 
 def _spawn(host: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -49,35 +59,48 @@ def supervise(workers: int, host: str, port: int, shutdown_timeout: float) -> in
     signal.signal(signal.SIGINT, on_signal)
 
     procs = [_spawn(host, port, env) for _ in range(workers)]
+    born = [time.monotonic()] * workers
     log.info("workers started", extra={"workers": workers, "pids": [p.pid for p in procs]})
     try:
         while not stopping:
-            time.sleep(0.2)
+            time.sleep(POLL_INTERVAL)
             for i, proc in enumerate(procs):
                 code = proc.poll()
                 if code is None or stopping:
                     continue
                 log.error("worker died; restarting it", extra={"pid": proc.pid, "exit_code": code})
                 multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-                time.sleep(RESTART_DELAY)
+                if time.monotonic() - born[i] < STABLE_SECONDS:
+                    time.sleep(RESTART_DELAY)
                 procs[i] = _spawn(host, port, env)
+                born[i] = time.monotonic()
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + shutdown_timeout + 5
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error("worker did not stop in time; killing it", extra={"pid": proc.pid})
-                proc.kill()
-                proc.wait()
+        killed = _wait_for_drain(procs, shutdown_timeout + SHUTDOWN_MARGIN_SECONDS)
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    # -SIGTERM: a worker still importing when the stop came (no handler yet, nothing in flight).
     failed = [p.pid for p in procs if p.returncode not in (0, -signal.SIGTERM)]
     if failed:
-        log.error("workers exited with errors", extra={"pids": failed})
+        log.error("workers did not drain cleanly", extra={"pids": failed, "killed": killed})
         return 1
     log.info("stopped")
     return 0
+
+
+def _wait_for_drain(procs: list[subprocess.Popen[bytes]], seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for every worker to exit, then kill the rest; their pids."""
+    deadline = time.monotonic() + seconds
+    killed = []
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            # Past its drain and margin: its holds are left to the sweeper.
+            log.error("worker did not drain in time; killing it", extra={"pid": proc.pid})
+            proc.kill()
+            proc.wait()
+            killed.append(proc.pid)
+    return killed

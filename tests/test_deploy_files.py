@@ -6,6 +6,8 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from creditgate.cli import _parser
+from creditgate.config import parse_config
 from creditgate.http.app import ENDPOINTS
+from creditgate.http.drain import SHUTDOWN_MARGIN_SECONDS, termination_grace_seconds
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 METRIC = re.compile(r"\bcreditgate_[a-z_]+")
@@ -135,3 +139,25 @@ def test_promtool_accepts_the_scrape_config(tmp_path) -> None:
         ["promtool", "check", "config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_termination_grace_covers_pre_stop_drain_and_margin() -> None:
+    """The kubelet's SIGKILL comes after the preStop, the drain's cut and its margin."""
+    (deployment,) = yaml.safe_load_all((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    (config,) = yaml.safe_load_all((DEPLOY / "k8s" / "configmap.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    sleep, seconds = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == "sleep"
+    settings = parse_config(
+        tomllib.loads(config["data"]["creditgate.toml"], parse_float=Decimal), {}
+    )
+    timeout = settings.shutdown_timeout_seconds
+    assert timeout == 25  # the value read is the one the file sets, not the default
+    need = termination_grace_seconds(float(seconds), timeout)
+    assert pod["terminationGracePeriodSeconds"] >= need
+    # Under --workers N the supervisor kills a worker only past the cut + margin:
+    # still inside the grace that is left after the preStop.
+    assert timeout + SHUTDOWN_MARGIN_SECONDS <= pod["terminationGracePeriodSeconds"] - float(
+        seconds
+    )

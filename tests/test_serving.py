@@ -151,7 +151,8 @@ async def _stream(url: str, key: str, chunks: int, started: asyncio.Event) -> tu
                     done = True
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    # A cut stream ends with an error event (SERVER_SHUTTING_DOWN).
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                         got += 1
                         started.set()
     except httpx.HTTPError:

@@ -27,6 +27,7 @@ from creditgate.http import (
     usage_record,
     user,
 )
+from creditgate.http.drain import drain_middleware, install_drain
 from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.openapi import add_endpoints
@@ -67,9 +68,11 @@ def create_app(settings: Settings) -> web.Application:
     """A creditgate app for ``settings``; its resources open when it starts."""
     app = web.Application(
         client_max_size=settings.config.max_body_bytes,
-        middlewares=[envelope_middleware],
+        # The drain's inside the envelope: a request it cuts early becomes a 503 envelope.
+        middlewares=[envelope_middleware, drain_middleware],
     )
     app[STATE] = State(settings)
+    install_drain(app, settings.config.shutdown_timeout_seconds)
     app[AUTH] = Authenticator(settings)
     app.on_response_prepare.append(add_id_headers)
     app.cleanup_ctx.append(_resources)

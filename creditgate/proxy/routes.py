@@ -33,6 +33,7 @@ from aiohttp import web
 
 from creditgate.auth import authenticate
 from creditgate.errors import ApiError, ModelNotFound
+from creditgate.http.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
 from creditgate.http.envelope import json_response, read_json_object
 from creditgate.http.ids import REQUEST_ID, STARTED
 from creditgate.http.labelled import cached_labels
@@ -223,7 +224,10 @@ async def _complete(
             )
             assert isinstance(answer, Answer), answer
     except asyncio.CancelledError:
-        # aiohttp cancelled us (handler_cancellation: the client left, or shutdown).
+        if shutdown_cut(request):
+            await call.release()  # nothing delivered: not charged (the client gets a 503)
+            raise
+        # aiohttp cancelled us (handler_cancellation: the client left).
         await _client_left(call)
         raise
     if watch.gone:
@@ -259,6 +263,9 @@ async def _stream(
             upstream = await (started or st.upstream.stream(model, call.chat.upstream_body))
             assert isinstance(upstream, Stream), upstream
     except asyncio.CancelledError:
+        if shutdown_cut(request):
+            await call.release()  # as in _complete
+            raise
         await _client_left(call)  # as in _complete
         raise
     if watch.gone:
@@ -279,8 +286,13 @@ async def _stream(
         with ClientWatch(request) as watch, _upstream_time(call):
             await relay.run(model.timeouts.idle)
     except asyncio.CancelledError:
-        # aiohttp cancelled us (the client left, or shutdown): what was generated is owed.
         upstream.close()
+        if shutdown_cut(request):
+            # The drain's cut (http.drain): ended like any stream cut short.
+            uncancel_cut()
+            _stream_ends(model.name, SHUTDOWN_END).inc()
+            return await _finish_stream(call, relay, SHUTDOWN_END)
+        # aiohttp cancelled us (the client left): what was generated is owed.
         _stream_ends(model.name, "cancelled").inc()
         await call.settle(relay.usage, relay.text_bytes)
         raise
@@ -359,6 +371,11 @@ def _stream_error(relay: Relay, end: str) -> bytes:
     if end == ends.TOTAL_TIMEOUT:
         return error_event(
             "The completion exceeded the model's total time limit.", "UPSTREAM_TIMEOUT"
+        )
+    if end == SHUTDOWN_END:
+        return error_event(
+            "The server is shutting down; the stream was cut. Retry for the rest.",
+            "SERVER_SHUTTING_DOWN",
         )
     if end == ends.MALFORMED:
         return error_event("The upstream sent an event that is not JSON.", "UPSTREAM_ERROR")
