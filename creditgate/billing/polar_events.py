@@ -323,7 +323,18 @@ async def _refund_order(conn: asyncpg.Connection, config: Config, facts: dict[st
                 "debt_micros": reversal.debt,
             },
         )
-    return f"reversed {reversal.reversed} µc, debt {reversal.debt} µc"
+    if reversal.pending:
+        log.info(
+            "refund of reserved credits pending until their holds end",
+            extra={
+                "order_id": order.order_id,
+                "account_id": str(order.account_id),
+                "pending_micros": reversal.pending,
+            },
+        )
+    return (
+        f"reversed {reversal.reversed} µc, pending {reversal.pending} µc, debt {reversal.debt} µc"
+    )
 
 
 async def _subscription(conn: asyncpg.Connection, config: Config, facts: dict[str, Any]) -> str:
