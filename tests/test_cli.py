@@ -213,7 +213,7 @@ def test_verify_reports_a_tampered_ledger_and_exits_1(services: Services) -> Non
 
     asyncio.run(tamper())
     try:
-        code, report = run(Services(url, services.redis_url), "verify")
+        code, report = run(Services(url, services.redis_url, url, services.app_role), "verify")
     finally:
         asyncio.run(drop())
     assert code == 1 and report["ok"] is False
