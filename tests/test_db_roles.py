@@ -289,3 +289,38 @@ def test_migrate_target_reads_both_urls_and_the_alias() -> None:
         roles.migrate_target({"DATABASE_URL": owner, "DATABASE_APP_ROLE": 'x"; DROP'})
     with pytest.raises(roles.RoleError, match="DATABASE_URL"):
         roles.migrate_target({})
+
+
+def test_compose_and_kubernetes_serve_as_the_application_role() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    migrate_env, serve_env = compose["migrate"]["environment"], compose["creditgate"]["environment"]
+    target = roles.migrate_target(migrate_env)
+    assert target.owner_url == migrate_env["MIGRATE_DATABASE_URL"]
+    assert target.app_role is not None
+    assert serve_env["DATABASE_URL"] == migrate_env["DATABASE_URL"]
+    assert "MIGRATE_DATABASE_URL" not in serve_env
+
+    k8s = root / "deploy" / "k8s"
+    secrets = {
+        d["metadata"]["name"]: d["stringData"]
+        for d in yaml.safe_load_all((k8s / "secret.example.yaml").read_text())
+    }
+    (job,) = yaml.safe_load_all((k8s / "migrate-job.yaml").read_text())
+    (deployment,) = yaml.safe_load_all((k8s / "deployment.yaml").read_text())
+
+    def env_of(doc: dict[str, Any]) -> dict[str, str]:
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        merged: dict[str, str] = {}
+        for source in container["envFrom"]:
+            merged |= secrets[source["secretRef"]["name"]]
+        return merged
+
+    job_target = roles.migrate_target(env_of(job))
+    assert job_target.app_role == "creditgate_app"
+    assert job_target.owner_url != env_of(deployment)["DATABASE_URL"]
+    assert "MIGRATE_DATABASE_URL" not in env_of(deployment)
