@@ -146,6 +146,34 @@ async def test_credits_granted_while_a_refund_is_pending_pay_it_first(
     assert await ledger.account_debt(db, c.account.id) == 0
 
 
+async def test_a_batch_of_settles_collects_after_its_debits(
+    db: asyncpg.Pool, customer_factory: Any
+) -> None:
+    """Group commit's multi-row settle: the collection's entry follows the batch's debits."""
+    import asyncio
+
+    from creditgate.ledger.group_commit import GroupCommit
+
+    c = await customer_factory(100)
+    holds = [await _hold(db, c.account.id, 10 * CREDIT) for _ in range(10)]
+    r = await _refund(db, c.account.id, 100 * CREDIT)
+    assert (r.reversed, r.pending) == (0, 100 * CREDIT)
+    gc = GroupCommit(db, lanes=1)
+    await asyncio.gather(*(gc.settle(h, ledger.Usage(1, 1, 2 * CREDIT)) for h in holds))
+    assert gc.batched_calls >= 2  # a multi-row statement settled some of them
+    assert await _money(db, c.account.id) == (0, 0, 0)
+    assert await ledger.account_debt(db, c.account.id) == 20 * CREDIT  # what the calls used
+    rows = await db.fetch(
+        "SELECT kind, amount, balance_after FROM ledger_entries WHERE account_id = $1 ORDER BY seq",
+        c.account.id,
+    )
+    running = 0
+    for row in rows:
+        running += row["amount"]
+        assert row["balance_after"] == running, rows
+    assert sum(-row["amount"] for row in rows if row["kind"] == "reversal") == 80 * CREDIT
+
+
 # ---------------------------------------------------------------- through Polar's webhook
 
 

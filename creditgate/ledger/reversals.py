@@ -82,11 +82,12 @@ e AS (
 u AS (
     -- The CHECK's columns from the locked row, never from the snapshot (see
     -- holds._SETTLE: PostgreSQL checks the snapshot version's row first).
+    -- Joined to e so the entry is inserted before the row changes.
     UPDATE account_balances a
     SET balance = b.balance - r.reversed, reserved = b.reserved,
         overdraft_limit = b.overdraft_limit, refund_pending = b.refund_pending + r.pending,
         updated_at = now()
-    FROM r, b
+    FROM b JOIN r USING (account_id) LEFT JOIN e USING (account_id)
     WHERE a.account_id = r.account_id AND (r.reversed > 0 OR r.pending > 0)
     RETURNING a.account_id
 )

@@ -31,7 +31,7 @@ REQUIRED_CONSTRAINTS = (
     ("ledger_entries", "ledger_entries_balance_after_recorded"),
     ("ledger_entries", "ledger_entries_debit_has_hold"),
     ("ledger_entries", "ledger_entries_expiry_names_its_lot"),
-    ("account_balances", "refund_pending_within_reserved"),
+    ("account_balances", "refund_pending_not_negative"),
 )
 
 
@@ -222,7 +222,7 @@ _CHECKS: tuple[_Check, ...] = (
     ),
     _Check(
         "refunds pending do not add up (per account, the pending of its reversals ="
-        " collected + written off + refund_pending)",
+        " collected + written off + refund_pending; refund_pending <= reserved)",
         """
         SELECT b.account_id, b.refund_pending, COALESCE(r.pending, 0) AS reversals_pending,
                COALESCE(c.collected, 0) AS collected, COALESCE(c.written_off, 0) AS written_off
@@ -234,6 +234,7 @@ _CHECKS: tuple[_Check, ...] = (
                    FROM refund_collections GROUP BY account_id) c USING (account_id)
         WHERE COALESCE(r.pending, 0)
               <> COALESCE(c.collected, 0) + COALESCE(c.written_off, 0) + b.refund_pending
+           OR b.refund_pending > b.reserved
         LIMIT $1
         """,
     ),

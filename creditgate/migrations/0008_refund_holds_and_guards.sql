@@ -7,16 +7,19 @@
 -- flight, which became spendable again once those holds ended. Now the part
 -- of a refund backed by reserved credits is *pending* on the balance row
 -- (refund_pending ≤ reserved, so no new hold can use it), and the trigger
--- below takes it as a 'reversal' entry the moment credits become available
--- again — in the very statement that ends the hold (settle, release, expiry
--- sweep, batch), whatever code path that is. What the holds' debits consumed
--- can no longer be taken: when reserved drops below refund_pending, the
--- excess is written off as debt (spent before the refund arrived).
+-- below takes it as a 'reversal' entry as soon as credits are available
+-- again — at the end of the very statement that ends the hold (settle,
+-- release, expiry sweep, batch), whatever code path that is. What the holds'
+-- debits consumed can no longer be taken: when reserved drops below
+-- refund_pending, the excess is written off as debt (spent before the refund
+-- arrived).
 
+-- refund_pending ≤ reserved holds after every statement (the trigger restores
+-- it at the statement's end; a CHECK would see the row before that), and
+-- `verify` checks it.
 ALTER TABLE account_balances
     ADD COLUMN refund_pending bigint NOT NULL DEFAULT 0,
-    ADD CONSTRAINT refund_pending_within_reserved
-        CHECK (refund_pending >= 0 AND refund_pending <= reserved);
+    ADD CONSTRAINT refund_pending_not_negative CHECK (refund_pending >= 0);
 
 -- What the refund left pending at its arrival (part of neither `reversed`
 -- nor debt yet); debt is now only what was already spent.
@@ -50,24 +53,29 @@ CREATE TRIGGER refund_collections_no_truncate
     BEFORE TRUNCATE ON refund_collections
     FOR EACH STATEMENT EXECUTE FUNCTION creditgate_refuse_change();
 
--- Runs only for an account with a refund pending (WHEN clause): other
--- accounts pay one comparison per balance update. A statement that sets
--- refund_pending itself (a refund arriving) is left alone. The entry is
--- inserted while this row is locked, from NEW.balance, so the running balance
--- chains (its seq follows the statement's own entry).
+-- Runs only for an account with a refund pending (WHEN clause: other
+-- accounts pay one comparison per balance update, and queue nothing). An
+-- AFTER trigger fires once the whole statement is done — every entry it
+-- inserted (a batch's debits included) already has its seq — so the
+-- collection's entry comes last and chains from the row's balance then. The
+-- row is locked by the statement. A statement that sets refund_pending itself
+-- (a refund arriving, or this trigger's own UPDATE) is left alone.
 CREATE FUNCTION creditgate_collect_refund() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    cur record;
     take bigint;
     keep bigint;
     entry uuid;
 BEGIN
     IF NEW.refund_pending IS DISTINCT FROM OLD.refund_pending THEN
-        RETURN NEW;
+        RETURN NULL;
     END IF;
-    take := LEAST(NEW.refund_pending, GREATEST(0, NEW.balance - NEW.reserved));
-    keep := LEAST(NEW.refund_pending - take, NEW.reserved);
-    IF take = 0 AND keep = NEW.refund_pending THEN
-        RETURN NEW;
+    SELECT balance, reserved, refund_pending INTO cur
+    FROM account_balances WHERE account_id = NEW.account_id;
+    take := LEAST(cur.refund_pending, GREATEST(0, cur.balance - cur.reserved));
+    keep := LEAST(cur.refund_pending - take, cur.reserved);
+    IF take = 0 AND keep = cur.refund_pending THEN
+        RETURN NULL;
     END IF;
     IF take > 0 THEN
         entry := gen_random_uuid();
@@ -75,19 +83,18 @@ BEGIN
             (id, account_id, kind, amount, idempotency_key, fingerprint, reason, balance_after)
         VALUES (entry, NEW.account_id, 'reversal', -take, 'refund-collect:' || entry::text,
                 sha256(convert_to('refund-collect', 'UTF8')),
-                'refund of credits that were reserved when it arrived', NEW.balance - take);
-        NEW.balance := NEW.balance - take;
+                'refund of credits that were reserved when it arrived', cur.balance - take);
     END IF;
     INSERT INTO refund_collections (account_id, entry_id, collected, written_off)
-    VALUES (NEW.account_id, entry, take, NEW.refund_pending - take - keep);
-    NEW.refund_pending := keep;
-    RETURN NEW;
+    VALUES (NEW.account_id, entry, take, cur.refund_pending - take - keep);
+    UPDATE account_balances
+    SET balance = cur.balance - take, refund_pending = keep, updated_at = now()
+    WHERE account_id = NEW.account_id;
+    RETURN NULL;
 END
 $$;
--- Named to sort before account_balances_low_balance: BEFORE triggers fire in
--- name order, so the low-balance crossing sees the balance after collection.
 CREATE TRIGGER account_balances_collect_refund
-    BEFORE UPDATE ON account_balances
+    AFTER UPDATE ON account_balances
     FOR EACH ROW WHEN (OLD.refund_pending > 0)
     EXECUTE FUNCTION creditgate_collect_refund();
 
