@@ -7,6 +7,7 @@ tampers with a guard, and the one-URL deployment that still works but warns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -167,6 +168,37 @@ async def test_a_new_migration_rerecords_the_guards(scratch: Scratch) -> None:
         assert await _problems(scratch.app_url) == []
     finally:
         await owner.close()
+
+
+async def test_concurrent_migrates_grant_and_create_without_tripping_over_each_other(
+    scratch: Scratch, services: Services
+) -> None:
+    role = f"cg_app_{uuid.uuid4().hex[:10]}"
+    conns = [await asyncpg.connect(scratch.owner_url) for _ in range(4)]
+    try:
+        created = await asyncio.gather(*(roles.ensure_app_role(c, role, None) for c in conns))
+        assert sorted(created) == [False, False, False, True]
+        await asyncio.gather(*(roles.grant_app_role(c, role) for c in conns))
+        app = await asyncpg.connect(roles.url_as(scratch.owner_url, role))
+        try:
+            assert await app.fetchval("SELECT count(*) FROM ledger_entries") == 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await app.execute("TRUNCATE ledger_entries")
+        finally:
+            await app.close()
+    finally:
+        owner = conns[0]
+        database = await owner.fetchval("SELECT current_database()")
+        for sql in (
+            f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"',
+            f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM "{role}"',
+            f'REVOKE ALL ON SCHEMA public FROM "{role}"',
+            f'REVOKE ALL ON DATABASE "{database}" FROM "{role}"',
+            f'DROP ROLE "{role}"',
+        ):
+            await owner.execute(sql)
+        for c in conns:
+            await c.close()
 
 
 # ---------------------------------------------------------------- the one-URL deployment

@@ -11,6 +11,7 @@ are covered and nothing granted by hand lingers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ LEDGER_PRIVILEGES: Mapping[str, str] = {
 # outboxes, preferences, Polar mirrors): full DML, never DDL or TRUNCATE.
 OPERATIONAL_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
 
+# pg_advisory_xact_lock key: the first 8 bytes of sha256("creditgate.roles").
+_GRANT_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"creditgate.roles").digest()[:8], "big", signed=True
+)
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -104,7 +109,9 @@ async def ensure_app_role(conn: asyncpg.Connection, role: str, password: str | N
     )
     try:
         await conn.execute(sql)
-    except asyncpg.DuplicateObjectError:
+    except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+        # Another session created it between the look and the CREATE (the
+        # catalog's unique index can answer before the duplicate check does).
         return False
     return True
 
@@ -114,6 +121,9 @@ async def grant_app_role(conn: asyncpg.Connection, role: str) -> None:
     if not _ROLE_NAME.match(role):
         raise RoleError(f"not a role name creditgate uses: {role!r}")
     async with conn.transaction():
+        # Concurrent GRANTs on one object fail ("tuple concurrently updated"):
+        # several replicas may migrate at once, so they take turns.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _GRANT_LOCK_KEY)
         schema = await conn.fetchval("SELECT current_schema()")
         database = await conn.fetchval("SELECT current_database()")
         tables = [
