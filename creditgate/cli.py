@@ -111,14 +111,29 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
-    conn = await _connect(_settings())
+    """Apply migrations as the owner; then grant the application role what serving needs."""
+    from creditgate.ledger import roles
+
+    try:
+        target = roles.migrate_target(os.environ)
+    except roles.RoleError as e:
+        raise CliError("CONFIG_ERROR", str(e)) from None
+    try:
+        conn = await asyncpg.connect(target.owner_url)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise CliError("SERVICE_UNAVAILABLE", f"cannot connect to Postgres: {e}") from None
     try:
         applied = await migrations.migrate(conn)
+        if target.app_role is not None:
+            await roles.ensure_app_role(conn, target.app_role, target.app_password)
+            await roles.grant_app_role(conn, target.app_role)
     except migrations.MigrationError as e:
         raise CliError("MIGRATION_ERROR", str(e)) from None
+    except asyncpg.InsufficientPrivilegeError as e:
+        raise CliError("MIGRATION_ERROR", f"the owner role may not do this: {e}") from None
     finally:
         await conn.close()
-    return {"applied": applied}
+    return {"applied": applied, "appRole": target.app_role}
 
 
 async def cmd_accounts_create(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,6 +349,8 @@ async def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         report = await ledger.verify_ledger(conn)
     finally:
         await conn.close()
+    for w in report.warnings:  # a weaker deployment, not a broken ledger: exit code unchanged
+        sys.stderr.write(f"warning: {w['warning']} (role {w['role']})\n")
     if not report.ok:
         n = len(report.problems)
         _emit(
@@ -701,7 +718,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
             stop()
 
 
+# `creditgate dev` serves as this role (created in its database cluster if missing).
+DEV_APP_ROLE = "creditgate_dev_app"
+
+
 async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socket) -> int:
+
     from aiohttp import web
 
     from creditgate.auth import create_api_key, revoke_named_keys
@@ -725,6 +747,7 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
         conn = await asyncpg.connect(settings.database_url)
         try:
             await migrations.migrate(conn)
+            settings = await _dev_app_role(conn, settings)
             account = await ledger.ensure_account(conn, "user", "user_demo")
             await ledger.post_entry(
                 conn,
@@ -753,6 +776,7 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
             "accountId": str(account.id),
             "available": ledger.micros_to_credits(balance.available),
             "databaseUrl": env["DATABASE_URL"],
+            "servingDatabaseUrl": str(settings.database_url),
             "redisUrl": env["REDIS_URL"],
             "upstreamBaseUrl": env["UPSTREAM_BASE_URL"],
         }
@@ -770,7 +794,26 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
             await runner.cleanup()
 
 
+async def _dev_app_role(conn: asyncpg.Connection, settings: Settings) -> Settings:
+    """Serve as an application role, as production should: created and granted here."""
+    import dataclasses
+
+    from creditgate.ledger import roles
+
+    assert settings.database_url is not None
+    try:
+        await roles.ensure_app_role(conn, DEV_APP_ROLE, None)
+        await roles.grant_app_role(conn, DEV_APP_ROLE)
+    except asyncpg.InsufficientPrivilegeError:
+        log.warning("cannot create the application role; serving as DATABASE_URL's role")
+        return settings
+    return dataclasses.replace(
+        settings, database_url=roles.url_as(settings.database_url, DEV_APP_ROLE)
+    )
+
+
 def _dev_banner(info: dict[str, Any]) -> str:
+
     return f"""
 creditgate dev is running at {info["url"]}  (Ctrl-C stops it)
 

@@ -17,7 +17,7 @@ import asyncpg
 
 from creditgate import migrations
 from creditgate.config import ConfigError, Settings, load_settings
-from creditgate.ledger.roles import role_report
+from creditgate.ledger.role_report import role_report
 
 TIMEOUT = 5.0  # seconds per network check
 

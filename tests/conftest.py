@@ -28,6 +28,7 @@ from creditgate import ledger, migrations
 from creditgate.auth import create_api_key
 from creditgate.config import Settings, parse_config
 from creditgate.http.app import create_app
+from creditgate.ledger import roles
 from creditgate.logs import JsonFormatter
 from creditgate.proxy.mock_upstream import create_mock_app
 from tests.logcapture import LOG_DIR, remember_secret
@@ -96,8 +97,18 @@ def captured_logs() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Services:
+    """The session's database and Redis.
+
+    ``database_url`` connects as the session's application role (what
+    ``creditgate serve`` uses in production: owns nothing, only the grants of
+    ``ledger.roles``); ``owner_url`` as the owner that migrated it (the
+    server's superuser here) — for fixtures and tests that set up or tamper.
+    """
+
     database_url: str
     redis_url: str
+    owner_url: str
+    app_role: str
 
 
 def _admin_url(url: str, database: str) -> str:
@@ -128,6 +139,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         redis_url = rd.url
 
     name = f"cg_test_{uuid.uuid4().hex[:12]}"
+    # Roles are cluster-wide and several sessions share this server: one
+    # role per session, named like its database.
+    app_role = f"cg_app_{name.removeprefix('cg_test_')}"
 
     async def create() -> None:
         conn = await asyncpg.connect(base_pg)
@@ -138,6 +152,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         conn = await asyncpg.connect(_admin_url(base_pg, name))
         try:
             await migrations.migrate(conn)
+            await roles.ensure_app_role(conn, app_role, None)
+            await roles.grant_app_role(conn, app_role)
         finally:
             await conn.close()
 
@@ -145,12 +161,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         conn = await asyncpg.connect(base_pg)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.execute(f'DROP ROLE IF EXISTS "{app_role}"')
         finally:
             await conn.close()
 
     asyncio.run(create())
+    owner_url = _admin_url(base_pg, name)
     try:
-        yield Services(_admin_url(base_pg, name), redis_url)
+        yield Services(roles.url_as(owner_url, app_role), redis_url, owner_url, app_role)
     finally:
         asyncio.run(drop())
         for stop in reversed(stops):
@@ -159,7 +177,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 @pytest.fixture
 async def db(services: Services) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(services.database_url, min_size=1, max_size=10)
+    """The owner's pool: tests set up and inspect state with it; servers use the app role."""
+    pool = await asyncpg.create_pool(services.owner_url, min_size=1, max_size=10)
     try:
         yield pool
         # Every test leaves a ledger that adds up.

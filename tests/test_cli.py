@@ -176,10 +176,10 @@ def test_verify_reports_a_tampered_ledger_and_exits_1(services: Services) -> Non
     from tests.conftest import _admin_url
 
     name = f"cg_verify_{uuid.uuid4().hex[:10]}"
-    url = _admin_url(services.database_url, name)
+    url = _admin_url(services.owner_url, name)
 
     async def tamper() -> None:
-        admin = await asyncpg.connect(services.database_url)
+        admin = await asyncpg.connect(services.owner_url)
         try:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
@@ -205,7 +205,7 @@ def test_verify_reports_a_tampered_ledger_and_exits_1(services: Services) -> Non
             await conn.close()
 
     async def drop() -> None:
-        admin = await asyncpg.connect(services.database_url)
+        admin = await asyncpg.connect(services.owner_url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
@@ -213,7 +213,7 @@ def test_verify_reports_a_tampered_ledger_and_exits_1(services: Services) -> Non
 
     asyncio.run(tamper())
     try:
-        code, report = run(Services(url, services.redis_url), "verify")
+        code, report = run(Services(url, services.redis_url, url, services.app_role), "verify")
     finally:
         asyncio.run(drop())
     assert code == 1 and report["ok"] is False

@@ -14,9 +14,9 @@ from tests.conftest import Services, _admin_url
 
 async def test_concurrent_migrate_applies_each_once(services: Services) -> None:
     name = f"cg_mig_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(services.database_url)
+    admin = await asyncpg.connect(services.owner_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _admin_url(services.database_url, name)
+    url = _admin_url(services.owner_url, name)
     try:
         conns = [await asyncpg.connect(url) for _ in range(3)]
         results = await asyncio.gather(*(migrations.migrate(c) for c in conns))

@@ -9,7 +9,8 @@ processed. Every effect is idempotent on its own as well:
   ``polar:order:{id}``); each subscription cycle is a new order, so each
   period grants once.
 * ``order.refunded`` takes back the refunded share of what the order granted,
-  as far as the account can cover it; the rest is recorded as debt
+  as far as the account can cover it: what calls in flight reserve is taken
+  when their holds end, and only what was already spent is recorded as debt
   (``ledger.reverse_up_to``). A refund that overtakes its ``order.paid``
   grants first, so the two always net out.
 * ``subscription.*`` keeps the newest state of each subscription by the
@@ -323,7 +324,18 @@ async def _refund_order(conn: asyncpg.Connection, config: Config, facts: dict[st
                 "debt_micros": reversal.debt,
             },
         )
-    return f"reversed {reversal.reversed} µc, debt {reversal.debt} µc"
+    if reversal.pending:
+        log.info(
+            "refund of reserved credits pending until their holds end",
+            extra={
+                "order_id": order.order_id,
+                "account_id": str(order.account_id),
+                "pending_micros": reversal.pending,
+            },
+        )
+    return (
+        f"reversed {reversal.reversed} µc, pending {reversal.pending} µc, debt {reversal.debt} µc"
+    )
 
 
 async def _subscription(conn: asyncpg.Connection, config: Config, facts: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from creditgate.http.openapi import add_endpoints
 from creditgate.http.state import STATE, State
 from creditgate.invalidation import CacheInvalidation
 from creditgate.ledger.group_commit import GroupCommit
+from creditgate.ledger.guards import serving_role_warnings
 from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
@@ -126,6 +127,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # Refuses to start on an edited applied migration; pending ones only
         # make /ready answer 503 until `creditgate migrate` has run.
         todo = await migrations.pending(conn)
+        # One owner/superuser URL keeps working, but append-only is then only
+        # as good as the code: say so at start (README: Database roles).
+        for warning in await serving_role_warnings(conn):
+            log.warning(warning.message, extra={"role": warning.role, "tables": warning.tables})
     if todo:
         log.warning("migrations pending; run `creditgate migrate`", extra={"pending": todo})
     st.redis = aioredis.from_url(s.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)

@@ -38,7 +38,13 @@ from creditgate.ledger.holds import (
     sweep_expired_holds,
 )
 from creditgate.ledger.money import credits_to_micros, micros_to_credits
-from creditgate.ledger.reversals import Reversal, account_debt, requested_total, reverse_up_to
+from creditgate.ledger.reversals import (
+    Reversal,
+    account_debt,
+    refund_pending,
+    requested_total,
+    reverse_up_to,
+)
 from creditgate.ledger.verify import Report, verify_ledger
 
 __all__ = [
@@ -71,6 +77,7 @@ __all__ = [
     "micros_to_credits",
     "post_entry",
     "record_usage",
+    "refund_pending",
     "release_hold",
     "requested_total",
     "reserve_hold",

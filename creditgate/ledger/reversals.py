@@ -3,10 +3,18 @@
 A refund can arrive after the credits were spent. Reversing all of them would
 take ``available`` below zero — below the overdraft limit, which the balance
 row's CHECK refuses, or into an overdraft meant for usage, not refunds. Spent
-credits cannot be unspent: a reversal takes what is still available
-(``balance − reserved``, never less than 0) and records the rest as **debt**
-on its ``ledger_reversals`` row, in the same single statement, once per
-idempotency key.
+credits cannot be unspent. So a reversal, in one statement, once per
+idempotency key:
+
+* takes what is available now (``balance − reserved``, never less than 0) as
+  a 'reversal' entry;
+* marks the part backed by credits that calls in flight hold as **pending**
+  (``account_balances.refund_pending``, never more than ``reserved``, so no
+  new hold can use it): the database takes it (trigger
+  ``account_balances_collect_refund``, migration 0008) in the statement that
+  ends those holds, as far as their debits left it;
+* records the rest — credits already spent — as **debt** on its
+  ``ledger_reversals`` row.
 """
 
 from __future__ import annotations
@@ -24,33 +32,43 @@ class Reversal:
     account_id: uuid.UUID
     entry_id: uuid.UUID | None  # None when nothing could be taken back
     requested: int  # µc asked to take back
-    reversed: int  # µc taken back (a 'reversal' entry of -reversed)
+    reversed: int  # µc taken back now (a 'reversal' entry of -reversed)
+    pending: int  # µc reserved by calls in flight: taken as their holds end
     replayed: bool
 
     @property
     def debt(self) -> int:
-        """µc the account could not cover: spent before the refund arrived."""
-        return self.requested - self.reversed
+        """µc the account could not cover at once: spent before the refund arrived."""
+        return self.requested - self.reversed - self.pending
 
 
-# Lock the balance row, take what is available (at most), record the
-# request (the idempotency gate: a repeat inserts nothing and so writes
-# nothing), then the entry and the balance — one statement, one commit.
+# Lock the balance row, take what is available (at most), claim what live
+# holds reserve of the balance (pending), record the request (the idempotency
+# gate: a repeat inserts nothing and so writes nothing), then the entry and
+# the balance — one statement, one commit. Of the reserved credits, those
+# backed by the balance after this reversal are LEAST(reserved, balance −
+# covered); refund_pending of them are already claimed by earlier refunds.
 _REVERSE = """
 WITH b AS (
-    SELECT account_id, balance, reserved, overdraft_limit,
-           LEAST($3::bigint, GREATEST(0, balance - reserved)) AS covered
-    FROM account_balances
-    WHERE account_id = $2
-    FOR UPDATE
+    SELECT account_id, balance, reserved, overdraft_limit, refund_pending, covered,
+           LEAST($3::bigint - covered,
+                 GREATEST(0, LEAST(reserved, balance - covered) - refund_pending)) AS pending
+    FROM (
+        SELECT account_id, balance, reserved, overdraft_limit, refund_pending,
+               LEAST($3::bigint, GREATEST(0, balance - reserved)) AS covered
+        FROM account_balances
+        WHERE account_id = $2
+        FOR UPDATE
+    ) locked
 ),
 r AS (
     INSERT INTO ledger_reversals
-        (idempotency_key, account_id, reverses, requested, reversed, entry_id, reason)
-    SELECT $4, b.account_id, $5, $3, b.covered, CASE WHEN b.covered > 0 THEN $1::uuid END, $6
+        (idempotency_key, account_id, reverses, requested, reversed, pending, entry_id, reason)
+    SELECT $4, b.account_id, $5, $3, b.covered, b.pending,
+           CASE WHEN b.covered > 0 THEN $1::uuid END, $6
     FROM b
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING account_id, reversed, entry_id
+    RETURNING account_id, reversed, pending, entry_id
 ),
 e AS (
     INSERT INTO ledger_entries
@@ -64,14 +82,16 @@ e AS (
 u AS (
     -- The CHECK's columns from the locked row, never from the snapshot (see
     -- holds._SETTLE: PostgreSQL checks the snapshot version's row first).
+    -- Joined to e so the entry is inserted before the row changes.
     UPDATE account_balances a
-    SET balance = b.balance + e.amount, reserved = b.reserved,
-        overdraft_limit = b.overdraft_limit, updated_at = now()
-    FROM e, b
-    WHERE a.account_id = e.account_id
+    SET balance = b.balance - r.reversed, reserved = b.reserved,
+        overdraft_limit = b.overdraft_limit, refund_pending = b.refund_pending + r.pending,
+        updated_at = now()
+    FROM b JOIN r USING (account_id) LEFT JOIN e USING (account_id)
+    WHERE a.account_id = r.account_id AND (r.reversed > 0 OR r.pending > 0)
     RETURNING a.account_id
 )
-SELECT r.reversed, r.entry_id FROM r
+SELECT r.reversed, r.pending, r.entry_id FROM r
 """
 
 
@@ -84,7 +104,9 @@ async def reverse_up_to(
     reverses: str,
     reason: str,
 ) -> Reversal:
-    """Take back up to ``amount`` µc; what the account cannot cover becomes debt.
+    """Take back ``amount`` µc: available credits now, reserved ones as their holds end.
+
+    What the account has already spent becomes debt (see the module doc).
 
     ``reverses`` names what is being reversed (e.g. the grant's idempotency
     key) so the reversals of one grant can be summed. Once per
@@ -98,9 +120,11 @@ async def reverse_up_to(
         _REVERSE, entry_id, account_id, amount, idempotency_key, reverses, reason, fingerprint
     )
     if row is not None:
-        return Reversal(account_id, row["entry_id"], amount, row["reversed"], replayed=False)
+        return Reversal(
+            account_id, row["entry_id"], amount, row["reversed"], row["pending"], replayed=False
+        )
     first = await db.fetchrow(
-        "SELECT account_id, reverses, requested, reversed, entry_id, reason"
+        "SELECT account_id, reverses, requested, reversed, pending, entry_id, reason"
         " FROM ledger_reversals WHERE idempotency_key = $1",
         idempotency_key,
     )
@@ -113,7 +137,9 @@ async def reverse_up_to(
         reason,
     ):
         raise Conflict("idempotency key already used with a different reversal")
-    return Reversal(account_id, first["entry_id"], amount, first["reversed"], replayed=True)
+    return Reversal(
+        account_id, first["entry_id"], amount, first["reversed"], first["pending"], replayed=True
+    )
 
 
 async def requested_total(db: Db, reverses: str) -> int:
@@ -126,10 +152,28 @@ async def requested_total(db: Db, reverses: str) -> int:
 
 
 async def account_debt(db: Db, account_id: uuid.UUID) -> int:
-    """µc of refunds the account could not cover (their credits were already spent)."""
+    """µc of refunds the account could not cover (their credits were already spent).
+
+    Debt at the refund's arrival plus what its holds' debits consumed of the
+    pending part; a refund still pending is not debt (yet).
+    """
     total = await db.fetchval(
-        "SELECT COALESCE(SUM(debt), 0)::bigint FROM ledger_reversals"
-        " WHERE account_id = $1 AND requested > reversed",
+        """
+        SELECT (SELECT COALESCE(SUM(debt), 0) FROM ledger_reversals
+                WHERE account_id = $1 AND requested > reversed + pending)
+             + (SELECT COALESCE(SUM(written_off), 0) FROM refund_collections
+                WHERE account_id = $1)
+        """,
         account_id,
     )
+    return int(total)
+
+
+async def refund_pending(db: Db, account_id: uuid.UUID) -> int:
+    """µc of refunds waiting for the account's live holds to end."""
+    total = await db.fetchval(
+        "SELECT refund_pending FROM account_balances WHERE account_id = $1", account_id
+    )
+    if total is None:
+        raise NotFound("no such account")
     return int(total)

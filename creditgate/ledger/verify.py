@@ -12,34 +12,26 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from creditgate.ledger.db import Db, connection
+from creditgate.ledger.guards import (
+    CHANGED_TRIGGERS_SQL,
+    REQUIRED_TRIGGERS,
+    TRIGGER_ARGS,
+    serving_role_warnings,
+)
+
+__all__ = ["REQUIRED_CONSTRAINTS", "REQUIRED_TRIGGERS", "Report", "verify_ledger"]
 
 _MAX_PER_CHECK = 100
 
-# The triggers and constraints the invariants rest on: disabled or dropped,
-# the database would no longer refuse what it must.
-REQUIRED_TRIGGERS = (
-    ("ledger_entries", "ledger_entries_append_only"),
-    ("ledger_entries", "ledger_entries_no_truncate"),
-    ("ledger_entries", "ledger_entries_allocate_lots"),
-    ("holds", "holds_end_once"),
-    ("holds", "holds_no_delete"),
-    ("holds", "holds_no_truncate"),
-    ("accounts", "accounts_balance_row"),
-    ("credit_lots", "credit_lots_only_shrink"),
-    ("credit_lots", "credit_lots_no_delete"),
-    ("credit_lots", "credit_lots_no_truncate"),
-    ("credit_lot_uses", "credit_lot_uses_append_only"),
-    ("credit_lot_uses", "credit_lot_uses_no_truncate"),
-    ("ledger_reversals", "ledger_reversals_append_only"),
-    ("ledger_reversals", "ledger_reversals_no_truncate"),
-    ("usage_records", "usage_records_append_only"),
-    ("usage_records", "usage_records_no_truncate"),
-)
+# The triggers the invariants rest on (missing, disabled or replaced: the
+# database would no longer refuse what it must) are listed in guards.py; and
+# these constraints.
 REQUIRED_CONSTRAINTS = (
     ("account_balances", "available_within_overdraft"),
     ("ledger_entries", "ledger_entries_balance_after_recorded"),
     ("ledger_entries", "ledger_entries_debit_has_hold"),
     ("ledger_entries", "ledger_entries_expiry_names_its_lot"),
+    ("account_balances", "refund_pending_not_negative"),
 )
 
 
@@ -48,7 +40,13 @@ class Report:
     accounts: int = 0
     entries: int = 0
     holds: int = 0
+    # µc of refunds not covered because their credits were already spent
+    # (information: debt is not an inconsistency).
+    refund_debt: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
+    # Not failures: the ledger adds up, but the deployment is weaker than it
+    # should be (the serving role could change the guards itself).
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -60,7 +58,9 @@ class Report:
             "accounts": self.accounts,
             "entries": self.entries,
             "holds": self.holds,
+            "refundDebtMicros": self.refund_debt,
             "problems": self.problems,
+            "warnings": self.warnings,
         }
 
 
@@ -70,7 +70,6 @@ class _Check(NamedTuple):
     args: tuple[Any, ...] = ()
 
 
-_TRIGGER_ARGS = ([t for t, _ in REQUIRED_TRIGGERS], [n for _, n in REQUIRED_TRIGGERS])
 _CONSTRAINT_ARGS = ([t for t, _ in REQUIRED_CONSTRAINTS], [n for _, n in REQUIRED_CONSTRAINTS])
 
 # One row per offence; each query is self-contained.
@@ -217,16 +216,38 @@ _CHECKS: tuple[_Check, ...] = (
         """,
     ),
     _Check(
-        "an invariant's trigger is missing or disabled",
+        "an invariant's trigger is missing, not enabled, or not as the migrations installed it",
+        CHANGED_TRIGGERS_SQL,
+        TRIGGER_ARGS,
+    ),
+    _Check(
+        "refunds pending do not add up (per account, the pending of its reversals ="
+        " collected + written off + refund_pending; refund_pending <= reserved)",
         """
-        SELECT want.tbl AS table_name, want.name AS trigger_name
-        FROM unnest($1::text[], $2::text[]) AS want(tbl, name)
-        LEFT JOIN pg_trigger t ON t.tgname = want.name
-             AND t.tgrelid = to_regclass(want.tbl) AND t.tgenabled <> 'D'
-        WHERE t.oid IS NULL
-        LIMIT $3
+        SELECT b.account_id, b.refund_pending, COALESCE(r.pending, 0) AS reversals_pending,
+               COALESCE(c.collected, 0) AS collected, COALESCE(c.written_off, 0) AS written_off
+        FROM account_balances b
+        LEFT JOIN (SELECT account_id, SUM(pending)::bigint AS pending FROM ledger_reversals
+                   GROUP BY account_id) r USING (account_id)
+        LEFT JOIN (SELECT account_id, SUM(collected)::bigint AS collected,
+                          SUM(written_off)::bigint AS written_off
+                   FROM refund_collections GROUP BY account_id) c USING (account_id)
+        WHERE COALESCE(r.pending, 0)
+              <> COALESCE(c.collected, 0) + COALESCE(c.written_off, 0) + b.refund_pending
+           OR b.refund_pending > b.reserved
+        LIMIT $1
         """,
-        _TRIGGER_ARGS,
+    ),
+    _Check(
+        "refund collection differs from its entry",
+        """
+        SELECT c.id AS collection_id, c.collected, e.amount AS entry_amount_micros
+        FROM refund_collections c LEFT JOIN ledger_entries e ON e.id = c.entry_id
+        WHERE c.entry_id IS NOT NULL
+          AND (e.id IS NULL OR e.kind <> 'reversal' OR e.amount <> -c.collected
+               OR e.account_id <> c.account_id)
+        LIMIT $1
+        """,
     ),
     _Check(
         "an invariant's constraint is missing",
@@ -253,8 +274,10 @@ async def verify_ledger(db: Db) -> Report:
     Balances and reservations recomputed from entries and holds; each hold
     ended at most once with the debits its outcome implies; the running
     balance chained per account; credit lots adding up to their uses; and the
-    triggers and constraints that enforce the rest still in place; and every
-    refund reversal's entry taking back exactly what its record says.
+    triggers (enabled, as the migrations installed them) and constraints that
+    enforce the rest still in place; every refund reversal's entry taking back
+    exactly what its record says, and pending refunds adding up. A serving
+    role able to change the triggers is a warning, not a problem.
     """
     report = Report()
     async with connection(db) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -268,6 +291,11 @@ async def verify_ledger(db: Db) -> Report:
             counts["entries"],
             counts["holds"],
         )
+        report.refund_debt = await conn.fetchval(
+            "SELECT (SELECT COALESCE(SUM(debt), 0) FROM ledger_reversals)"
+            " + (SELECT COALESCE(SUM(written_off), 0) FROM refund_collections)"
+        )
+        report.warnings = [w.as_json() for w in await serving_role_warnings(conn)]
         for problem, sql, args in _CHECKS:
             rows = await conn.fetch(sql, *args, _MAX_PER_CHECK + 1)
             for r in rows[:_MAX_PER_CHECK]:

@@ -4,7 +4,8 @@ Files are named ``NNNN_description.sql``. The runner records each applied
 file's SHA-256; an applied file whose text changed stops the start (a
 migration is history: fix it with a new one). A session-level advisory lock
 lets several replicas start at once: one applies, the others wait and then
-find nothing to do.
+find nothing to do. Each migration's transaction also records the ledger's
+guard triggers as it leaves them (``ledger.guards``), for ``verify``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+
+from creditgate.ledger.guards import record_definitions
 
 # pg_advisory_lock key: the first 8 bytes of sha256("creditgate.migrations").
 _LOCK_KEY = int.from_bytes(
@@ -102,6 +105,9 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                     mig.name,
                     mig.checksum,
                 )
+                # The guard triggers as this migration leaves them: what
+                # `verify` compares against (only a migration re-records).
+                await record_definitions(conn)
         return [m.name for m in pending]
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
