@@ -107,7 +107,11 @@ def test_kubernetes_files_match_the_code() -> None:
 def test_the_kubernetes_scrape_sends_the_metrics_token() -> None:
     """The Secret sets METRICS_TOKEN, so Prometheus must scrape with it, not by annotation."""
     (deployment,) = yaml.safe_load_all((DEPLOY / "k8s" / "deployment.yaml").read_text())
-    (secret,) = yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text())
+    (secret,) = (
+        d
+        for d in yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text())
+        if d["metadata"]["name"] == "creditgate-secrets"
+    )
     pod = deployment["spec"]["template"]
     annotations = pod["metadata"].get("annotations") or {}
     token_set = "METRICS_TOKEN" in secret["stringData"]
