@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate import ledger
@@ -26,6 +28,8 @@ from creditgate.config import Settings, parse_config
 from creditgate.http.app import create_app
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.proxy.mock_upstream import MockStats
+from creditgate.proxy.relay import READ_ERROR, Relay
+from creditgate.proxy.upstream import UpstreamClient
 from tests.conftest import Services
 from tests.proxy.conftest import (
     MESSAGES,
@@ -37,8 +41,9 @@ from tests.proxy.conftest import (
     prompt_estimate,
     proxy_config_text,
     settled_outcome,
+    text_estimate,
 )
-from tests.proxy.test_faults import body
+from tests.proxy.test_faults import body, read_stream, text_of
 
 # A model whose calls are cut after 2 s, with a settle margin of 1 s (so its
 # holds live 3 s), and whose images may cost up to 3,000 tokens each.
@@ -50,12 +55,6 @@ max_output_tokens = 4000
 max_image_tokens = 3000
 deployments = [{ upstream = "main", model = "stallable-upstream" }]
 timeouts = { connect = 1, first_byte = 2, idle = 2, total = 2 }
-
-[models."wide"]
-input_price = 1
-output_price = 1
-max_output_tokens = 100000
-deployments = [{ upstream = "main", model = "wide-upstream" }]
 
 [ledger]
 settle_margin_seconds = 1
@@ -207,46 +206,56 @@ def cost_stallable(in_tokens: int, out_tokens: int) -> int:
 
 
 async def test_bytes_sent_before_the_upstream_dropped_are_relayed_and_charged(
-    gws: TestClient, db, customer_factory, key: str
+    gw: TestClient, db, customer_factory, key: str
 ) -> None:
     c = await customer_factory(10)
-    # Large chunks to a client that waits before reading: the relay is blocked in
-    # a write while the upstream sends its last chunks and drops the connection,
-    # so they sit in aiohttp's buffer behind the stored connection error.
-    piece = "y" * 60_000
-    payload = body("wide", key, stream=True, drop_after=3, content=piece)
-    sock = await asyncio.to_thread(raw_request, gws.server.port, c.auth, payload)
-    try:
-        await asyncio.sleep(1.0)
-        raw = await asyncio.to_thread(read_all, sock)
-    finally:
-        sock.close()
-    assert raw.count(piece.encode()) == 3  # every chunk the upstream sent
-    assert b'"UPSTREAM_ERROR"' in raw  # then the error that ended it
-    after = await settled_outcome(db, c.account.id)
-    [debit] = after.debits
-    out_tokens = -(-3 * len(piece) // 3)
-    assert debit == Debit(
-        prompt_estimate(MESSAGES) + out_tokens,  # 1 µc per token
-        prompt_estimate(MESSAGES),
-        out_tokens,
-        True,
-        0,
+    resp = await gw.post(
+        "/v1/chat/completions",
+        json=body("pricey", key, stream=True, drop_after=3, chunk_delay_ms=20),
+        headers=c.auth,
     )
+    events, _ = await read_stream(resp)
+    assert text_of(events) == "Hello from the"  # the three chunks
+    out_tokens = text_estimate("Hello from the")
+    charged = cost("pricey", prompt_estimate(MESSAGES), out_tokens)
+    assert (await settled_outcome(db, c.account.id)).debits == [
+        Debit(charged, prompt_estimate(MESSAGES), out_tokens, True, 0)
+    ]
 
 
-def read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes or ends its chunked body."""
-    sock.settimeout(15)
-    parts: list[bytes] = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        parts.append(chunk)
-        if b"".join(parts[-2:]).endswith(b"0\r\n\r\n"):
-            break
-    return b"".join(parts)
+async def test_the_relay_forwards_what_arrived_before_the_connection_error(
+    upstream: TestServer, key: str
+) -> None:
+    """Deterministically: the whole stream and the upstream's drop are buffered
+    before the relay reads (as when it was blocked writing to a slow client);
+    aiohttp's reads then raise the stored error first."""
+    config = parse_config(
+        tomllib.loads(proxy_config_text(str(upstream.make_url("/v1"))), parse_float=Decimal), {}
+    )
+    model = config.models["pricey"]
+    ended: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session:
+            stream = await UpstreamClient(session).stream(
+                model, body("pricey", key, stream=True, drop_after=3, chunk_delay_ms=20)
+            )
+            await asyncio.sleep(0.5)  # the rest of the stream and the drop arrive meanwhile
+            assert stream.response.content.exception() is not None
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            relay = Relay(stream, resp)
+            ended.append(await relay.run(5.0, send_timeout=5.0))
+            await resp.write_eof()
+            return resp
+
+    app = web.Application()
+    app.router.add_post("/relay", handler)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post("/relay")
+        events, _ = await read_stream(resp)
+    assert text_of(events) == "Hello from the"
+    assert ended == [READ_ERROR]
 
 
 async def test_an_estimate_without_usage_is_clamped_to_n_times_max_tokens(
