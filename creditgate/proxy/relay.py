@@ -24,6 +24,8 @@ from aiohttp import web
 from creditgate.proxy.sse import DONE, EventSplitter, event_data, inspect_chunk, sse_event
 from creditgate.proxy.upstream import Stream
 
+SEND_TIMEOUT = 60.0  # seconds one write to the client may wait (the proxy passes the model's idle)
+
 # How a relayed stream ended.
 DONE_END = "done"  # the upstream sent [DONE]
 EOF_END = "eof"  # the upstream closed the stream without [DONE]
@@ -69,7 +71,7 @@ class Relay:
         self.end = ""
         self._writing = False
 
-    async def run(self, idle: float, *, send_timeout: float) -> str:
+    async def run(self, idle: float, *, send_timeout: float = SEND_TIMEOUT) -> str:
         """Relay until the stream ends; returns (and records) how it ended.
 
         Bounded in time as a whole: the stream's deadline (the call's, which

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate import ledger
-from creditgate.config import Settings, parse_config
+from creditgate.config import ConfigError, Settings, parse_config
 from creditgate.http.app import create_app
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.proxy.mock_upstream import MockStats
@@ -391,3 +391,58 @@ async def test_a_stream_whose_client_leaves_before_the_first_event_is_charged_it
     gone = [r for r in caplog.records if r.getMessage() == "client disconnected mid-call"]
     assert gone and gone[0].levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ---------------------------------------------------------------- old configs, the sweeper
+
+
+async def test_removed_config_keys_still_load_and_are_named_in_a_warning(
+    services: Services, upstream: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = (
+        "\n[proxy]\nspeculative_upstream = true\n"
+        "\n[ledger]\nasync_reserve = true\nhold_ttl_seconds = 900\n"
+    )
+    text = proxy_config_text(str(upstream.make_url("/v1"))) + old
+    config = parse_config(tomllib.loads(text, parse_float=Decimal), {})
+    assert config.ignored_keys == (
+        "proxy.speculative_upstream",
+        "ledger.async_reserve",
+        "ledger.hold_ttl_seconds",
+    )
+    bad = text.replace("async_reserve = true", 'async_reserve = "x"')
+    with pytest.raises(ConfigError, match=r"ledger\.async_reserve"):  # still checked for type
+        parse_config(tomllib.loads(bad, parse_float=Decimal), {})
+    settings = Settings(
+        config=config, database_url=services.database_url, redis_url=services.redis_url
+    )
+    caplog.set_level(logging.WARNING)
+    async with TestClient(GatewayServer(create_app(settings), handler_cancellation=False)):
+        pass
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("config keys ignored")]
+    assert warning.keys == list(config.ignored_keys)  # type: ignore[attr-defined]
+
+
+async def test_the_sweeper_charges_an_expired_holds_recorded_progress(db, customer_factory) -> None:
+    c = await customer_factory(10)
+    live, crashed, silent = (uuid.uuid4() for _ in range(3))
+    for hold_id, ttl in ((live, 600), (crashed, 0.01), (silent, 0.01)):
+        await ledger.reserve_hold(
+            db, hold_id=hold_id, account_id=c.account.id, amount=50_000, ttl_seconds=ttl
+        )
+    # Streams record progress as they go (proxy.metering); `silent` never sent text.
+    for hold_id in (live, crashed):
+        await db.execute(
+            "INSERT INTO hold_progress (hold_id, input_tokens, output_tokens, cost)"
+            " VALUES ($1, 12, 30, 42000)",
+            hold_id,
+        )
+    await asyncio.sleep(0.05)
+    assert await ledger.sweep_expired_holds(db) == 2
+    got = await outcome(db, c.account.id)
+    assert got.holds == ["live", "settled", "expired"]
+    assert got.debits == [Debit(42_000, 12, 30, True, 0)]
+    assert got.balance == 10_000_000 - 42_000 and got.reserved == 50_000
+    # Only the live hold's progress is kept.
+    assert await db.fetchval("SELECT array_agg(hold_id) FROM hold_progress") == [live]
+    await ledger.release_hold(db, live)
