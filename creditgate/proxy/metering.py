@@ -88,7 +88,7 @@ class MeteredCall:
     ) -> None:
         self.st = st
         self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
-        self._progress_at = 0.0  # loop time of the last progress record (0: none)
+        self._progress_at = 0.0  # loop time of the first text, then of the last record
         self._progress_task: asyncio.Task[None] | None = None
         self.chat = chat
         self.hold = hold
@@ -210,14 +210,19 @@ class MeteredCall:
         raise AssertionError("unreachable: tenacity returns or raises")
 
     def progress(self, text_bytes: int) -> None:
-        """A stream delivered text: record what it owes so far, at most every
-        ``PROGRESS_INTERVAL`` (the first at once), one record in flight. If
-        this process dies, the sweeper charges the last record (ledger.holds)."""
+        """A stream delivered text: record what it owes so far, once it has
+        streamed ``PROGRESS_INTERVAL`` and then at most that often, one record
+        in flight. If this process dies, the sweeper charges the last record
+        (ledger.holds). Streams shorter than the interval write nothing: the
+        hot path's cost stays that of a call without progress (BENCHMARKS.md)."""
         if text_bytes <= 0 or self._ended:
             return
         now = asyncio.get_running_loop().time()
+        if not self._progress_at:
+            self._progress_at = now  # the first text: the interval starts
+            return
         running = self._progress_task is not None and not self._progress_task.done()
-        if running or (now - self._progress_at < PROGRESS_INTERVAL and self._progress_at):
+        if running or now - self._progress_at < PROGRESS_INTERVAL:
             return
         self._progress_at = now
         measured, _ = self.measure(None, text_bytes)

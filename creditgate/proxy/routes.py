@@ -176,9 +176,10 @@ async def _complete(
     request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
     st = request.app[STATE]
+    answer: Answer | None = None  # stays None if the client left while we waited
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
-            answer: Answer | None = await st.upstream.complete(
+            answer = await st.upstream.complete(
                 call.chat.model, call.chat.upstream_body, deadline=call.deadline
             )
     except asyncio.CancelledError:

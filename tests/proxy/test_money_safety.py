@@ -446,3 +446,30 @@ async def test_the_sweeper_charges_an_expired_holds_recorded_progress(db, custom
     # Only the live hold's progress is kept.
     assert await db.fetchval("SELECT array_agg(hold_id) FROM hold_progress") == [live]
     await ledger.release_hold(db, live)
+
+
+async def test_a_long_stream_records_its_progress_on_its_hold(
+    gw: TestClient, db, customer_factory, key: str
+) -> None:
+    c = await customer_factory(10)
+    resp = await gw.post(
+        "/v1/chat/completions",
+        json=body("pricey", key, stream=True, chunks=60, chunk_delay_ms=50, content="word "),
+        headers=c.auth,
+    )
+    assert resp.status == 200
+    row = None
+    for _ in range(100):  # a record once it has streamed text for a second
+        await resp.content.readline()
+        row = await db.fetchrow(
+            "SELECT p.input_tokens, p.output_tokens, p.cost FROM hold_progress p"
+            " JOIN holds h ON h.id = p.hold_id WHERE h.account_id = $1 AND h.ended_at IS NULL",
+            c.account.id,
+        )
+        if row is not None:
+            break
+    assert row is not None and row["input_tokens"] == prompt_estimate(MESSAGES)
+    assert 0 < row["output_tokens"] <= 100  # at most the whole text: 300 bytes / 3
+    assert row["cost"] == cost("pricey", row["input_tokens"], row["output_tokens"])
+    await resp.read()
+    assert (await settled_outcome(db, c.account.id)).holds == ["settled"]
