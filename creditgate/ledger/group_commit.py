@@ -367,19 +367,28 @@ class GroupCommit:
                 self.batched_calls += len(reserved)
             except Exception as e:
                 _batch_failed("reserve", batch, e)
-        # The batch's results first, with no wait: none waits behind a call run alone.
-        gone: list[uuid.UUID] = []  # reserved for callers that left
+        # Holds made for callers that left are given back first (rare; their
+        # credits are free again before anyone hears the batch's results),
+        # then the batch's results, with no wait behind a call run alone.
+        released: set[uuid.UUID] = set()
+        for r, future in batch:
+            if r.hold_id in reserved and future.cancelled():
+                released.add(r.hold_id)
+                with contextlib.suppress(Exception):
+                    await release_hold(self._pool, r.hold_id)
+        late: list[uuid.UUID] = []  # callers that left during those releases
         alone: list[tuple[_Reserve, asyncio.Future[Hold]]] = []
         for r, future in batch:
             if r.hold_id in reserved:
-                if future.cancelled():  # the caller is gone: it must not keep credits held
-                    gone.append(r.hold_id)
-                else:
+                if not future.cancelled():
                     future.set_result(Hold(r.hold_id, r.account_id, r.amount))
+                elif r.hold_id not in released:
+                    late.append(r.hold_id)
             elif not future.cancelled():
                 alone.append((r, future))
-        for hold_id in gone:
-            await release_hold(self._pool, hold_id)
+        for hold_id in late:
+            with contextlib.suppress(Exception):
+                await release_hold(self._pool, hold_id)
         for r, future in alone:
             await _answer(future, functools.partial(self._reserve_alone, db, r))
             if future.cancelled() or _reply_lost(future):
