@@ -15,6 +15,8 @@ the client left mid-call         prompt estimate + the text generated so far
                                  (or the usage, if it came); upstream closed
 the upstream failed or timed     mid-stream: what it generated (as above);
 out                              before any output: nothing, hold released
+the client stopped reading       as a client that left: what was relayed (the
+                                 call is cut at its deadline or send timeout)
 the request was refused          nothing; no hold was taken
 ===============================  ===========================================
 """
