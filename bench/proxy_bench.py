@@ -12,10 +12,9 @@ shared machine hits every target alike:
                   validation, throttle (Redis), ledger reserve + settle
                   (Postgres, durable commits), metrics, one log line a request;
 * ``creditgate-seq`` (only when asked: ``--targets … creditgate-seq``) the same
-                  server with admission, reservation and upstream call one
-                  after the other and every reserve flushed
-                  (``speculative_upstream`` and ``async_reserve`` off): what
-                  those two save, in the same run;
+                  server with ``speculative_upstream`` and ``async_reserve``
+                  set off — since issue 14 removed both, the same path as
+                  ``creditgate`` (the keys are ignored with a warning);
 * ``litellm``     through LiteLLM Proxy (one worker, no database), when a
                   ``litellm`` executable is found (``--litellm PATH``; by default
                   ``/tmp/litellm-venv/bin/litellm``). Never a project dependency:

@@ -83,6 +83,9 @@ class Model:
     # The field that carries the cap creditgate sends when a request sets none:
     # "max_completion_tokens" for upstream models that refuse "max_tokens".
     max_tokens_field: str = "max_tokens"
+    # Prompt tokens one image part may cost at most on this model: what a hold
+    # reserves per image (proxy.pricing), so it must be the model's true maximum.
+    max_image_tokens: int = 1_500
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +170,17 @@ class Config:
     products: Mapping[str, Product] = field(default_factory=dict)
     polar: PolarConfig = field(default_factory=PolarConfig)
     estimate_bytes_per_token: int = 3
-    # Start the upstream call with the throttle check (before the reservation)
-    # for accounts recently admitted (proxy.speculation); False: after both.
-    speculative_upstream: bool = True
-    hold_ttl_seconds: int = 900
+    # A call's hold expires its model's timeouts.total plus this margin after
+    # it was reserved; the call itself is cut at timeouts.total, so the margin
+    # is what its settlement (with retries) has left before the sweeper.
+    settle_margin_seconds: float = 30.0
     # Largest group-commit batch of reserves or settles (1: one statement per call).
     group_commit_max_batch: int = 64
     # Group-commit batches in flight at once per kind (reserve, settle) per process.
     group_commit_lanes: int = 2
-    # Non-streaming calls reserve without waiting for the WAL flush: their
-    # settlement's flush covers it (ledger.group_commit). False: all durable.
-    async_reserve: bool = True
+    # Keys an older config may still set that no longer do anything: their
+    # names, for a warning at start (never an error: old configs load).
+    ignored_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     shutdown_timeout_seconds: int = 30
@@ -397,6 +400,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 "timeouts",
                 "public",
                 "max_tokens_field",
+                "max_image_tokens",
             },
             where,
         )
@@ -423,6 +427,9 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 m.get("max_tokens_field", "max_tokens"),
                 ("max_tokens", "max_completion_tokens"),
                 f"{where}.max_tokens_field",
+            ),
+            max_image_tokens=_int(
+                m.get("max_image_tokens", 1_500), f"{where}.max_image_tokens", minimum=1
             ),
         )
     if not models:
@@ -465,11 +472,28 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     ledger = _table(raw.get("ledger", {}), "ledger")
     _check_keys(
         ledger,
-        {"hold_ttl_seconds", "group_commit_max_batch", "group_commit_lanes", "async_reserve"},
+        {
+            "hold_ttl_seconds",
+            "settle_margin_seconds",
+            "group_commit_max_batch",
+            "group_commit_lanes",
+            "async_reserve",
+        },
         "ledger",
     )
     proxy = _table(raw.get("proxy", {}), "proxy")
     _check_keys(proxy, {"estimate_bytes_per_token", "speculative_upstream"}, "proxy")
+    # Removed optimisations and the fixed TTL: still accepted (checked for
+    # type), ignored, and named in a warning at start (http.app).
+    ignored: list[str] = []
+    for table, name, check in (
+        (proxy, "speculative_upstream", _bool),
+        (ledger, "async_reserve", _bool),
+        (ledger, "hold_ttl_seconds", _int),
+    ):
+        if name in table:
+            check(table[name], f"{'proxy' if table is proxy else 'ledger'}.{name}")
+            ignored.append(f"{'proxy' if table is proxy else 'ledger'}.{name}")
     http = _table(raw.get("http", {}), "http")
     _check_keys(http, {"max_body_bytes", "shutdown_timeout_seconds"}, "http")
     throttle = _table(raw.get("throttle", {}), "throttle")
@@ -482,11 +506,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         estimate_bytes_per_token=_int(
             proxy.get("estimate_bytes_per_token", 3), "proxy.estimate_bytes_per_token", minimum=1
         ),
-        speculative_upstream=_bool(
-            proxy.get("speculative_upstream", True), "proxy.speculative_upstream"
-        ),
-        hold_ttl_seconds=_int(
-            ledger.get("hold_ttl_seconds", 900), "ledger.hold_ttl_seconds", minimum=10
+        settle_margin_seconds=_seconds(
+            ledger.get("settle_margin_seconds", 30), "ledger.settle_margin_seconds"
         ),
         group_commit_max_batch=_int(
             ledger.get("group_commit_max_batch", 64), "ledger.group_commit_max_batch", minimum=1
@@ -494,7 +515,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         group_commit_lanes=_int(
             ledger.get("group_commit_lanes", 2), "ledger.group_commit_lanes", minimum=1
         ),
-        async_reserve=_bool(ledger.get("async_reserve", True), "ledger.async_reserve"),
+        ignored_keys=tuple(ignored),
         max_body_bytes=_int(
             http.get("max_body_bytes", 1024 * 1024), "http.max_body_bytes", minimum=1
         ),
@@ -507,13 +528,6 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         ),
         notifications=_notifications_config(_table(raw.get("notifications", {}), "notifications")),
     )
-    longest = max(m.timeouts.total for m in models.values())
-    if config.hold_ttl_seconds <= longest:
-        # A hold must outlive the longest call, or a live stream could lose its
-        # reservation to the sweeper.
-        raise ConfigError(
-            f"ledger.hold_ttl_seconds: must exceed the longest model timeouts.total ({longest}s)"
-        )
     return config
 
 

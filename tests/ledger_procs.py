@@ -32,7 +32,7 @@ def write_exact_config(
     path: Path,
     upstream_url: str,
     *,
-    hold_ttl_seconds: int = 900,
+    settle_margin_seconds: float = 30,
     timeouts: str = "",
     output_price: str = "10",
     max_output_tokens: int = 100,
@@ -61,7 +61,7 @@ max_parallel = 100000
 messages_per_day = 1000000
 
 [ledger]
-hold_ttl_seconds = {hold_ttl_seconds}
+settle_margin_seconds = {settle_margin_seconds}
 """
     )
     return path

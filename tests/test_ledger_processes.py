@@ -151,7 +151,7 @@ async def test_four_servers_let_exactly_n_of_10n_concurrent_calls_through(
     assert code == 0 and json.loads(out)["ok"] is True, out
 
 
-async def test_kill_9_mid_stream_releases_holds_after_expiry_without_double_charge(
+async def test_kill_9_mid_stream_charges_each_streams_recorded_progress_once(
     private_pg: PrivatePostgres,
     pg_pool: asyncpg.Pool,
     services: Services,
@@ -162,7 +162,7 @@ async def test_kill_9_mid_stream_releases_holds_after_expiry_without_double_char
     config = write_exact_config(
         tmp_path / "cg.toml",
         str(upstream.make_url("/v1")),
-        hold_ttl_seconds=10,  # the minimum: must exceed the model's total timeout
+        settle_margin_seconds=2,  # holds live 8 + 2 s
         timeouts="{ connect = 2, first_byte = 5, idle = 5, total = 8 }",
     )
     headers = {"Authorization": f"Bearer {key}"}
@@ -183,8 +183,14 @@ async def test_kill_9_mid_stream_releases_holds_after_expiry_without_double_char
                     headers=headers,
                 )
                 assert resp.status == 200
-                await resp.content.readline()  # the first event is through: the hold is live
+                # Content is through (the first text chunk, after the role chunk):
+                # the stream has recorded its progress (proxy.metering).
+                delivered = 0
+                while delivered < 3:
+                    line = await resp.content.readline()
+                    delivered += b'"content"' in line
                 streams.append(resp)
+            await asyncio.sleep(1.5)  # a progress record or two more per stream
             live = await pg_pool.fetchval(
                 "SELECT count(*) FROM holds WHERE account_id = $1 AND ended_at IS NULL",
                 account_id,
@@ -196,34 +202,34 @@ async def test_kill_9_mid_stream_releases_holds_after_expiry_without_double_char
                     await asyncio.wait_for(resp.read(), timeout=10)
                 resp.release()
 
-        async def released() -> bool:
+        async def ended() -> bool:
             reserved = await pg_pool.fetchval(
                 "SELECT reserved FROM account_balances WHERE account_id = $1", account_id
             )
             return bool(reserved == 0)
 
-        # The survivor's sweeper ends the dead process's holds once they expire.
-        assert not await released()
-        assert await wait_for(released, timeout=40), "holds were not released after expiry"
+        # The survivor's sweeper ends the dead process's holds once they expire,
+        # charging what each stream had delivered by its last progress record.
+        assert not await ended()
+        assert await wait_for(ended, timeout=40), "holds did not end after expiry"
 
         holds = await pg_pool.fetch(
-            "SELECT h.outcome, count(e.id) AS debits FROM holds h"
-            " LEFT JOIN ledger_entries e ON e.hold_id = h.id"
+            "SELECT h.outcome, count(e.id) AS debits, sum(-e.amount) AS charged,"
+            " bool_and(e.estimated) AS estimated, sum(e.output_tokens) AS tokens"
+            " FROM holds h LEFT JOIN ledger_entries e ON e.hold_id = h.id"
             " WHERE h.account_id = $1 GROUP BY h.id, h.outcome",
             account_id,
         )
-        assert sorted((h["outcome"], h["debits"]) for h in holds) == [
-            ("expired", 0),
-            ("expired", 0),
-            ("expired", 0),
-            ("expired", 0),
-            ("expired", 0),
-            ("settled", 1),
-        ]
+        assert sorted((h["outcome"], h["debits"]) for h in holds) == [("settled", 1)] * 6
+        swept = [h for h in holds if h["estimated"]]
+        assert len(swept) == 5  # every stream that delivered content, charged once
+        # Each at least the 3 tokens the client had (10 µc each), at most the whole call.
+        assert all(3 <= h["tokens"] <= MAX_TOKENS for h in swept), holds
+        assert all(h["charged"] == PRICE * h["tokens"] for h in swept), holds
         balance = await pg_pool.fetchval(
             "SELECT balance FROM account_balances WHERE account_id = $1", account_id
         )
-        assert balance == 1_000_000 - settled_cost
+        assert balance == 1_000_000 - settled_cost - sum(h["charged"] for h in swept)
         # The surviving process serves on.
         async with (
             aiohttp.ClientSession() as http,
@@ -248,7 +254,7 @@ async def test_postgres_restart_under_load_answers_503_then_recovers(
         config = write_exact_config(
             tmp_path / "cg.toml",
             str(upstream.make_url("/v1")),
-            hold_ttl_seconds=10,
+            settle_margin_seconds=2,
             timeouts="{ connect = 2, first_byte = 5, idle = 5, total = 8 }",
         )
         headers = {"Authorization": f"Bearer {key}"}
@@ -322,6 +328,70 @@ async def test_postgres_restart_under_load_answers_503_then_recovers(
         answered = {rid: b["usage"]["cost_micros"] for _, rid, s, b in results if s == 200}
         assert all(debits.get(rid) == cost for rid, cost in answered.items())
         assert set(debits) <= {rid for _, rid, _, _ in results}
+        code, out = run_verify(pg.url)
+        assert code == 0 and json.loads(out)["ok"] is True, out
+    finally:
+        pg.close()
+
+
+async def test_postgres_restart_while_streams_run_charges_every_stream_once(
+    services: Services, upstream: TestServer, tmp_path: Path
+) -> None:
+    pg = PrivatePostgres()
+    try:
+        await pg.migrate()
+        pool = await asyncpg.create_pool(pg.url, min_size=1, max_size=2)
+        account_id, key = await paying_customer(pool, 1_000_000_000)
+        await pool.close()
+        config = write_exact_config(
+            tmp_path / "cg.toml",
+            str(upstream.make_url("/v1")),
+            settle_margin_seconds=20,  # settlements retry for up to 16 s past the deadline
+            timeouts="{ connect = 2, first_byte = 5, idle = 5, total = 15 }",
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+        with servers(1, env_for(pg.url, services, config)) as (server,):
+            async with aiohttp.ClientSession() as http:
+
+                async def stream(i: int) -> tuple[str, bytes]:
+                    rid = f"stream-{i}-{uuid.uuid4().hex}"
+                    # 100 chunks 30 ms apart, starting 0-1.5 s apart: streams
+                    # end before, during and after the database's restart.
+                    await asyncio.sleep(i * 0.03)
+                    async with http.post(
+                        server.url + "/v1/chat/completions",
+                        json=completion({"chunk_delay_ms": 30}, stream=True),
+                        headers={**headers, "x-request-id": rid},
+                        timeout=aiohttp.ClientTimeout(total=60),
+                    ) as r:
+                        return rid, (await r.read() if r.status == 200 else b"")
+
+                tasks = [asyncio.create_task(stream(i)) for i in range(50)]
+                await asyncio.sleep(2.5)
+                await asyncio.to_thread(pg.stop)
+                await asyncio.sleep(2)
+                await asyncio.to_thread(pg.start)
+                results = await asyncio.gather(*tasks)
+            assert server.proc.poll() is None
+
+        conn = await asyncpg.connect(pg.url)
+        try:
+            live = await conn.fetchval("SELECT count(*) FROM holds WHERE ended_at IS NULL")
+            debits = Counter(
+                r["request_id"]
+                for r in await conn.fetch(
+                    "SELECT request_id FROM ledger_entries WHERE kind = 'debit'"
+                    " AND account_id = $1",
+                    account_id,
+                )
+            )
+        finally:
+            await conn.close()
+        delivered = [rid for rid, raw in results if b'"content":"' in raw.replace(b" ", b"")]
+        assert len(delivered) > 40  # most streams ran (a few may start while it is down)
+        assert live == 0  # every settlement went through once Postgres was back
+        assert all(debits[rid] == 1 for rid in delivered), debits
+        assert all(n == 1 for n in debits.values())
         code, out = run_verify(pg.url)
         assert code == 0 and json.loads(out)["ok"] is True, out
     finally:

@@ -39,7 +39,6 @@ from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
 from creditgate.proxy import routes as proxy
-from creditgate.proxy.speculation import Speculation
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
@@ -108,20 +107,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "creditgate"},
         reset=_keep_session,
     )
-    lanes = s.config.group_commit_lanes
-    reserve_db = None
-    if s.config.async_reserve:
-        # Reserves of non-streaming calls commit without waiting for the flush;
-        # their settlement's flush covers them (ledger.group_commit).
-        reserve_db = await asyncpg.create_pool(
-            s.database_url,
-            min_size=1,
-            max_size=lanes,
-            server_settings={"application_name": "creditgate", "synchronous_commit": "off"},
-            reset=_keep_session,
+    if s.config.ignored_keys:
+        # Speculative upstream calls, unflushed reserves and the fixed hold TTL
+        # are gone (nothing leaves before its hold is durable; a hold's TTL
+        # comes from its call's deadline): old configs load, with this warning.
+        log.warning(
+            "config keys ignored; they no longer do anything",
+            extra={"keys": list(s.config.ignored_keys)},
         )
     st.holds = GroupCommit(
-        st.db, lanes=lanes, max_batch=s.config.group_commit_max_batch, reserve_db=reserve_db
+        st.db, lanes=s.config.group_commit_lanes, max_batch=s.config.group_commit_max_batch
     )
     async with st.db.acquire() as conn:
         # Refuses to start on an edited applied migration; pending ones only
@@ -154,7 +149,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await st.throttle.start()
     st.limits = LimitsCache(st.db, s.config)
     st.default_models = DefaultModels(st.db)
-    st.speculation = Speculation(enabled=s.config.speculative_upstream)
     auth = app[AUTH]
     await auth.start(st.db)
     st.keys = auth.keys
@@ -170,8 +164,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await throttle_redis.aclose()
         await session.close()
         await st.redis.aclose()
-        if reserve_db is not None:
-            await reserve_db.close()
         await st.db.close()
 
 
@@ -182,7 +174,9 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
     ends once, each lot write-off locks its account first).
     """
     st = app[STATE]
-    interval = max(1.0, min(30.0, st.settings.config.hold_ttl_seconds / 10))
+    config = st.settings.config
+    shortest = min(m.timeouts.total for m in config.models.values())
+    interval = max(1.0, min(30.0, (shortest + config.settle_margin_seconds) / 10))
 
     async def sweep_forever() -> None:
         while True:

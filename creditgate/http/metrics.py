@@ -87,12 +87,6 @@ STREAM_ENDS = Counter(
     " idle_timeout, total_timeout, read_error, eof, malformed, error_event.",
     ["model", "end"],
 )
-UPSTREAM_SPECULATION = Counter(
-    "creditgate_upstream_speculation_total",
-    "Upstream calls started with their admission, before their reservation"
-    " (proxy.speculation): used, or dropped because the request was refused.",
-    ["outcome"],
-)
 TOKENS = Counter(
     "creditgate_tokens_total",
     "Tokens charged, by model and direction (input/output).",

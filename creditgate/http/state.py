@@ -12,7 +12,6 @@ from creditgate.auth import ApiKeyAuth
 from creditgate.config import Settings
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.preferences.cache import DefaultModels
-from creditgate.proxy.speculation import Speculation
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import LimitsCache, Throttle
 
@@ -29,7 +28,6 @@ class State:
     upstream: UpstreamClient = field(init=False)
     keys: ApiKeyAuth = field(init=False)
     default_models: DefaultModels = field(init=False)  # per account, for requests naming none
-    speculation: Speculation = field(init=False)  # whose upstream call starts with admission
 
 
 STATE = web.AppKey("creditgate", State)

@@ -29,23 +29,16 @@ arrival order:
 Lock order is the single statements': a hold row before its account's balance
 row, balance rows in account id order.
 
-Reserves with ``durable=False`` run on ``reserve_db``, a pool whose sessions
-commit with ``synchronous_commit = off``: the reserve returns once its commit
-is written, without waiting for the WAL flush (one flush fewer per call, of
-the two the whole path makes). Such a hold is visible to every transaction at
-once and every invariant holds at each commit as before; what a crash of
-Postgres could lose is the newest few of these reservations, each whole. A
-synchronous commit flushes the WAL up to its own commit record, so every
-commit made before it: once the hold's settlement (synchronous) has
-committed, the reservation is on disk too. Hence the rule for callers: **serve
-nothing on a non-durable hold before its settlement has committed** — a
-non-streaming answer, sent whole after its settlement, qualifies; a stream,
-whose first bytes go out before it, reserves durably.
+Every reserve is durable: its reply comes after its commit is flushed, so
+nothing is served on a hold a crash of Postgres could lose. A reserve whose
+caller is gone when its batch commits (cancelled), or whose reply is lost, is
+released at once, never left to its TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
@@ -54,6 +47,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
+from creditgate.errors import ApiError
 from creditgate.ledger.db import Db
 from creditgate.ledger.holds import (
     Hold,
@@ -80,7 +74,7 @@ def _batch_failed(kind: str, batch: list[Any], error: Exception) -> None:
 _RESERVE_BATCH = """
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
-                         $6::integer[])
+                         $6::float8[])
         WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, ord)
 ),
 bal AS (
@@ -181,7 +175,7 @@ class _Reserve:
     hold_id: uuid.UUID
     account_id: uuid.UUID
     amount: int
-    ttl_seconds: int
+    ttl_seconds: float
     request_id: str | None
     model: str | None
 
@@ -252,31 +246,27 @@ async def _answer(future: asyncio.Future[R], call: Callable[[], Awaitable[R]]) -
             future.set_result(result)
 
 
+def _reply_lost(future: asyncio.Future[Any]) -> bool:
+    """A reserve that failed otherwise than by a refusal (402, 409, 404): its
+    statement may have committed with only its reply lost."""
+    return future.exception() is not None and not isinstance(future.exception(), ApiError)
+
+
 class GroupCommit:
     """``reserve_hold`` and ``settle_hold`` with group commit, for one process's pool.
 
     ``lanes`` bounds how many batches (so pool connections) run at once per
     kind; calls arriving while all lanes are busy wait for the next batch.
-    ``reserve_db`` runs the reserves made with ``durable=False`` (module
-    docstring); without it every reserve is durable.
     """
 
-    def __init__(
-        self, pool: Db, *, lanes: int = 2, max_batch: int = 64, reserve_db: Db | None = None
-    ) -> None:
+    def __init__(self, pool: Db, *, lanes: int = 2, max_batch: int = 64) -> None:
         # A single connection works too, with lanes=1 (one statement at a time).
         assert lanes == 1 or isinstance(pool, asyncpg.Pool), "several lanes need a pool"
         self._pool = pool
         self.batched_calls = 0  # calls done by a multi-row statement
         self.alone_calls = 0  # calls done by the one-statement functions
-        self.unflushed_reserves = 0  # reserves sent to reserve_db (durable=False)
         self._reserves: _Queue[_Reserve, Hold] = _Queue(
             functools.partial(self._run_reserves, pool), lanes, max_batch
-        )
-        self._fast_reserves = (
-            self._reserves
-            if reserve_db is None
-            else _Queue(functools.partial(self._run_reserves, reserve_db), lanes, max_batch)
         )
         self._settles: _Queue[_Settle, Settlement] = _Queue(self._run_settles, lanes, max_batch)
 
@@ -286,16 +276,11 @@ class GroupCommit:
         hold_id: uuid.UUID,
         account_id: uuid.UUID,
         amount: int,
-        ttl_seconds: int,
+        ttl_seconds: float,
         request_id: str | None = None,
         model: str | None = None,
-        durable: bool = True,
     ) -> Hold:
-        """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold).
-
-        ``durable=False``: committed without waiting for the flush; nothing may
-        be served on the hold before its settlement commits (module docstring).
-        """
+        """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold)."""
         return await self.reserve_soon(
             hold_id=hold_id,
             account_id=account_id,
@@ -303,7 +288,6 @@ class GroupCommit:
             ttl_seconds=ttl_seconds,
             request_id=request_id,
             model=model,
-            durable=durable,
         )
 
     def reserve_soon(
@@ -312,10 +296,9 @@ class GroupCommit:
         hold_id: uuid.UUID,
         account_id: uuid.UUID,
         amount: int,
-        ttl_seconds: int,
+        ttl_seconds: float,
         request_id: str | None = None,
         model: str | None = None,
-        durable: bool = True,
     ) -> asyncio.Future[Hold]:
         """``reserve``, queued now: the future of its hold.
 
@@ -324,10 +307,9 @@ class GroupCommit:
         longer wanted once made is ended with ``give_back`` (or as any other).
         """
         assert amount >= 0, amount
-        queue = self._reserves if durable else self._fast_reserves
-        if queue is not self._reserves:
-            self.unflushed_reserves += 1
-        return queue.enqueue(_Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model))
+        return self._reserves.enqueue(
+            _Reserve(hold_id, account_id, amount, float(ttl_seconds), request_id, model)
+        )
 
     async def give_back(self, holding: asyncio.Future[Hold]) -> None:
         """End a reservation of ``reserve_soon`` no longer wanted, however far it got:
@@ -385,23 +367,36 @@ class GroupCommit:
                 self.batched_calls += len(reserved)
             except Exception as e:
                 _batch_failed("reserve", batch, e)
-        # The batch's results first, with no wait: none waits behind a call run alone.
-        gone: list[uuid.UUID] = []  # reserved for callers that left
+        # Holds made for callers that left are given back first (rare; their
+        # credits are free again before anyone hears the batch's results),
+        # then the batch's results, with no wait behind a call run alone.
+        released: set[uuid.UUID] = set()
+        for r, future in batch:
+            if r.hold_id in reserved and future.cancelled():
+                released.add(r.hold_id)
+                with contextlib.suppress(Exception):
+                    await release_hold(self._pool, r.hold_id)
+        late: list[uuid.UUID] = []  # callers that left during those releases
         alone: list[tuple[_Reserve, asyncio.Future[Hold]]] = []
         for r, future in batch:
             if r.hold_id in reserved:
-                if future.cancelled():  # the caller is gone: it must not keep credits held
-                    gone.append(r.hold_id)
-                else:
+                if not future.cancelled():
                     future.set_result(Hold(r.hold_id, r.account_id, r.amount))
+                elif r.hold_id not in released:
+                    late.append(r.hold_id)
             elif not future.cancelled():
                 alone.append((r, future))
-        for hold_id in gone:
-            await release_hold(self._pool, hold_id)
+        for hold_id in late:
+            with contextlib.suppress(Exception):
+                await release_hold(self._pool, hold_id)
         for r, future in alone:
             await _answer(future, functools.partial(self._reserve_alone, db, r))
-            if future.cancelled():  # cancelled while it ran: nobody else ends it
-                await release_hold(self._pool, r.hold_id)
+            if future.cancelled() or _reply_lost(future):
+                # Cancelled while it ran, or its reply failed (the reserve may
+                # have committed): nobody else ends it, so it is given back now
+                # (a no-op if it was never made), not at its TTL.
+                with contextlib.suppress(Exception):
+                    await release_hold(self._pool, r.hold_id)
 
     # ------------------------------------------------------------ settle
 

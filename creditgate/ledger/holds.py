@@ -57,7 +57,7 @@ WITH b AS (
     RETURNING account_id
 )
 INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
-SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second'
+SELECT $1, b.account_id, $3, $4, $5, now() + $6::float8 * interval '1 second'
 FROM b
 RETURNING id
 """
@@ -69,7 +69,7 @@ async def reserve_hold(
     hold_id: uuid.UUID,
     account_id: uuid.UUID,
     amount: int,
-    ttl_seconds: int,
+    ttl_seconds: float,
     request_id: str | None = None,
     model: str | None = None,
 ) -> Hold:
@@ -82,7 +82,7 @@ async def reserve_hold(
     assert amount >= 0, amount
     try:
         got = await db.fetchval(
-            _RESERVE, hold_id, account_id, amount, request_id, model, ttl_seconds
+            _RESERVE, hold_id, account_id, amount, request_id, model, float(ttl_seconds)
         )
     except asyncpg.UniqueViolationError:
         got = None  # a repeat of this hold id: fall through to the lookup
@@ -255,18 +255,39 @@ async def release_hold(db: Db, hold_id: uuid.UUID, *, expired: bool = False) -> 
 
 
 async def sweep_expired_holds(db: Db, limit: int = 500) -> int:
-    """Expire holds past their expiry (a crashed process's); returns how many.
+    """End holds past their expiry (a crashed process's); returns how many.
 
-    Safe to run in every process at once: each hold ends once, whoever is first.
+    A hold whose call recorded progress (``hold_progress``: a stream that
+    delivered text before its process died) is settled for that progress,
+    marked estimated — served usage is never forgiven; any other is expired
+    with no charge. Safe to run in every process at once: each hold ends
+    once, whoever is first.
     """
-    ids = await db.fetch(
-        "SELECT id FROM holds WHERE ended_at IS NULL AND expires_at < now()"
-        " ORDER BY expires_at LIMIT $1",
+    rows = await db.fetch(
+        """
+        SELECT h.id, p.input_tokens, p.output_tokens, p.cost
+        FROM holds h LEFT JOIN hold_progress p ON p.hold_id = h.id
+        WHERE h.ended_at IS NULL AND h.expires_at < now()
+        ORDER BY h.expires_at LIMIT $1
+        """,
         limit,
     )
     ended = 0
-    for r in ids:
-        ended += await release_hold(db, r["id"], expired=True)
+    for r in rows:
+        if r["cost"] is None:
+            ended += await release_hold(db, r["id"], expired=True)
+            continue
+        usage = Usage(r["input_tokens"], r["output_tokens"], r["cost"], estimated=True)
+        try:
+            settlement = await settle_hold(db, r["id"], usage)
+        except Conflict:
+            continue  # ended meanwhile (released by its own process): nothing owed here
+        ended += not settlement.replayed
+    # Progress of ended holds is of no more use (the charge is on the entry).
+    await db.execute(
+        "DELETE FROM hold_progress p USING holds h"
+        " WHERE h.id = p.hold_id AND h.ended_at IS NOT NULL"
+    )
     return ended
 
 

@@ -14,8 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tenacity import (
+    AsyncRetrying,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
 from creditgate import ledger
-from creditgate.errors import NotFound, ServiceUnavailable
+from creditgate.errors import ApiError, NotFound, ServiceUnavailable
 from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
 from creditgate.logs import log
@@ -27,6 +34,19 @@ if TYPE_CHECKING:
     from creditgate.throttle import Admission
 
 _SETTLE_LATENCY = LEDGER_LATENCY.labels("settle")
+PROGRESS_INTERVAL = 1.0  # seconds between two progress records of one stream
+# Of the settle margin (the hold's life after the call's deadline), the share
+# settlement retries may use: the rest is slack before the sweeper's turn.
+SETTLE_RETRY_SHARE = 0.8
+
+_PROGRESS = """
+INSERT INTO hold_progress (hold_id, input_tokens, output_tokens, cost)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (hold_id) DO UPDATE
+SET input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+    cost = EXCLUDED.cost, updated_at = now()
+WHERE hold_progress.cost <= EXCLUDED.cost
+"""
 _tokens = cached_labels(TOKENS)
 _credits_charged = cached_labels(CREDITS_CHARGED)
 
@@ -44,7 +64,18 @@ def _count(value: Any) -> bool:
 class MeteredCall:
     """The hold and the throttle admission of one call in flight."""
 
-    __slots__ = ("_ended", "admission", "chat", "hold", "request_id", "st", "upstream_seconds")
+    __slots__ = (
+        "_ended",
+        "_progress_at",
+        "_progress_task",
+        "admission",
+        "chat",
+        "deadline",
+        "hold",
+        "request_id",
+        "st",
+        "upstream_seconds",
+    )
 
     def __init__(
         self,
@@ -53,8 +84,12 @@ class MeteredCall:
         hold: ledger.Hold,
         admission: Admission,
         request_id: str,
+        deadline: float,
     ) -> None:
         self.st = st
+        self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
+        self._progress_at = 0.0  # loop time of the first text, then of the last record
+        self._progress_task: asyncio.Task[None] | None = None
         self.chat = chat
         self.hold = hold
         self.admission = admission
@@ -75,8 +110,11 @@ class MeteredCall:
         else:
             exact = False
             in_tok = chat.prompt_tokens_estimate
-            out_tok = estimate_text_tokens(
-                text_bytes, self.st.settings.config.estimate_bytes_per_token
+            # Never more than the call could generate: max_tokens bounds the
+            # upstream, so it bounds an estimate too.
+            out_tok = min(
+                estimate_text_tokens(text_bytes, self.st.settings.config.estimate_bytes_per_token),
+                chat.worst_case_output_tokens,
             )
         cost = cost_micros(chat.model, in_tok, out_tok)
         return ledger.Usage(in_tok, out_tok, cost, estimated=not exact), exact
@@ -102,10 +140,10 @@ class MeteredCall:
             try:
                 await self.st.throttle.finish(self.admission, tokens)
             finally:
-                settlement = await asyncio.shield(settling)
+                settlement = await asyncio.shield(self._settled(settling, measured))
         except NotFound:
-            # No such hold: only an unflushed reserve (ledger.group_commit) that a
-            # Postgres crash lost; nothing was sent on it, nothing is charged.
+            # No such hold: reserves are durable, so only a database restored
+            # from an older backup gets here; nothing is charged.
             log.warning("hold lost before its settlement", extra=self.log_ids())
             raise ServiceUnavailable(
                 "The database restarted during this call and its reservation was lost;"
@@ -140,6 +178,64 @@ class MeteredCall:
                 "cost_micros": settlement.debited,
             },
         )
+
+    async def _settled(
+        self, settling: asyncio.Future[ledger.Settlement], usage: ledger.Usage
+    ) -> ledger.Settlement:
+        """The settlement, retried while the database fails (a restart, a broken
+        connection) until it commits or the hold is about to expire.
+
+        Safe to repeat: a settlement is idempotent by hold id (a repeat
+        returns the first). A refusal (ApiError: no such hold, already
+        ended) is final. The hold expires ``settle_margin_seconds`` after the
+        call's deadline; retries stop before that.
+        """
+        try:
+            return await settling
+        except ApiError:
+            raise
+        except Exception:
+            log.warning("settlement failed; retrying", exc_info=True, extra=self.log_ids())
+        loop = asyncio.get_running_loop()
+        margin = self.st.settings.config.settle_margin_seconds
+        budget = max(0.0, self.deadline + margin * SETTLE_RETRY_SHARE - loop.time())
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(budget),
+            wait=wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1),
+            retry=retry_if_not_exception_type(ApiError),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.st.holds.settle(self.hold.id, usage)
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    def progress(self, text_bytes: int) -> None:
+        """A stream delivered text: record what it owes so far, once it has
+        streamed ``PROGRESS_INTERVAL`` and then at most that often, one record
+        in flight. If this process dies, the sweeper charges the last record
+        (ledger.holds). Streams shorter than the interval write nothing: the
+        hot path's cost stays that of a call without progress (BENCHMARKS.md)."""
+        if text_bytes <= 0 or self._ended:
+            return
+        now = asyncio.get_running_loop().time()
+        if not self._progress_at:
+            self._progress_at = now  # the first text: the interval starts
+            return
+        running = self._progress_task is not None and not self._progress_task.done()
+        if running or now - self._progress_at < PROGRESS_INTERVAL:
+            return
+        self._progress_at = now
+        measured, _ = self.measure(None, text_bytes)
+        self._progress_task = asyncio.create_task(self._record(measured))
+
+    async def _record(self, usage: ledger.Usage) -> None:
+        try:
+            await self.st.db.execute(
+                _PROGRESS, self.hold.id, usage.input_tokens, usage.output_tokens, usage.cost
+            )
+        except Exception:
+            # Progress is a crash's fallback, not the charge: the call goes on.
+            log.warning("progress record failed", exc_info=True, extra=self.log_ids())
 
     def log_ids(self) -> dict[str, str]:
         """The call's ids, as structured log fields."""

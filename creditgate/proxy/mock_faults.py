@@ -56,6 +56,12 @@ FAULT_MODES: tuple[FaultMode, ...] = (
     FaultMode("no_usage", bool, "never report usage (an upstream without usage support)"),
     FaultMode("ignore_max_tokens", bool, "generate all --chunks tokens whatever max_tokens says"),
     FaultMode("chunks", int, "completion tokens per choice, one per stream chunk", fault=False),
+    FaultMode(
+        "prompt_tokens",
+        int,
+        "report this many prompt tokens (a tokenizer at one token per byte, costly images)",
+        fault=False,
+    ),
     FaultMode("content", str, "the text of every token (default: a fixed sentence)", fault=False),
     FaultMode(
         "tool_arguments", str, "the JSON arguments of a tool call (default: from the schema)"

@@ -230,7 +230,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n = body.get("n") or 1
     plans = [_plan(body, modes) for _ in range(n)]
     tokens = sum(len(p.pieces) for p in plans)
-    in_tokens = prompt_tokens(body["messages"])
+    in_tokens = modes.get("prompt_tokens") or prompt_tokens(body["messages"])
     usage = {
         "prompt_tokens": in_tokens,
         "completion_tokens": tokens,

@@ -9,10 +9,12 @@ import orjson
 from creditgate.config import PRICE_SCALE, Model
 
 PER_MESSAGE_OVERHEAD = 8  # tokens: role, separators
-# An image costs what its size and detail say, not what its URL or base64 text
-# weighs: a flat estimate at the top of OpenAI's range (a 2048×2048 image in
-# high detail is 1,105 tokens) keeps holds near the truth for both.
-IMAGE_TOKENS = 1_500
+# The prompt bound: a byte-level tokenizer (BPE over UTF-8 bytes, as every
+# OpenAI-style tokenizer is) makes at most one token per byte, so text counts
+# one token per UTF-8 byte. An image costs at most its model's
+# ``max_image_tokens`` whatever its URL or base64 text weighs; audio is
+# bounded by the bytes of its base64 data. Other parts are refused (validation).
+IMAGE_TOKENS = 1_500  # the default of a model's max_image_tokens
 # Request fields other than messages that the upstream counts as prompt.
 _PROMPT_FIELDS = ("tools", "functions", "response_format")
 
@@ -25,7 +27,7 @@ def cost_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
 
 
 def _content_size(content: Any) -> tuple[int, int]:
-    """(UTF-8 bytes of text, images) in a message's content."""
+    """(bytes bounding the tokens, images) of a message's content."""
     if content is None:
         return 0, 0
     if isinstance(content, str):
@@ -36,20 +38,22 @@ def _content_size(content: Any) -> tuple[int, int]:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 size += len(part["text"].encode())
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                size += len(part["refusal"].encode())
             elif kind == "image_url":
                 images += 1
-            else:  # audio, files, provider parts: their JSON, a generous bound
+            else:  # input_audio (validation refuses the rest): its JSON bounds it
                 size += len(orjson.dumps(part))
         return size, images
     return len(orjson.dumps(content)), 0
 
 
-def estimate_prompt_tokens(messages: list[dict[str, Any]], bytes_per_token: int) -> int:
-    """``ceil(utf8_bytes / bytes_per_token) + 8`` per message.
+def estimate_prompt_tokens(messages: list[dict[str, Any]], image_tokens: int = IMAGE_TOKENS) -> int:
+    """An upper bound of the prompt's tokens: UTF-8 bytes + 8 per message, plus
+    ``image_tokens`` per image part.
 
-    Counts the text of the content (the JSON of non-text parts, a flat
-    ``IMAGE_TOKENS`` per image) and of any tool calls. The upstream's usage
-    replaces this estimate at settlement.
+    Counts the text of the content and of any tool calls and names. The
+    upstream's usage replaces this bound at settlement.
     """
     total = 0
     for message in messages:
@@ -59,20 +63,20 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]], bytes_per_token: int)
                 size += len(orjson.dumps(message[extra]))
         if isinstance(message.get("name"), str):
             size += len(message["name"].encode())
-        total += -(-size // bytes_per_token) + PER_MESSAGE_OVERHEAD + images * IMAGE_TOKENS
+        total += size + PER_MESSAGE_OVERHEAD + images * image_tokens
     return total
 
 
 def estimate_request_tokens(
-    body: dict[str, Any], messages: list[dict[str, Any]], bytes_per_token: int
+    body: dict[str, Any], messages: list[dict[str, Any]], image_tokens: int = IMAGE_TOKENS
 ) -> int:
-    """The prompt estimate of a whole request: its messages, plus the tool
+    """The prompt bound of a whole request: its messages, plus the tool
     definitions and response schema the upstream also reads as prompt."""
-    total = estimate_prompt_tokens(messages, bytes_per_token)
+    total = estimate_prompt_tokens(messages, image_tokens)
     for name in _PROMPT_FIELDS:
         value = body.get(name)
         if value:
-            total += -(-len(orjson.dumps(value)) // bytes_per_token)
+            total += len(orjson.dumps(value))
     return total
 
 

@@ -7,12 +7,15 @@ back: the final usage chunk (sent after settling, with the cost in it) and
 ``[DONE]`` (sent only once the charge is committed). ``resp.write`` waits
 while the client's socket is full, and nothing is read from the upstream
 meanwhile, so a slow client slows the upstream and memory stays bounded by
-one read plus the socket buffers.
+one read plus the socket buffers — but never longer than the send timeout
+per write nor past the call's deadline: a client that stops reading cannot
+keep a call (and its hold) alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -20,6 +23,8 @@ from aiohttp import web
 
 from creditgate.proxy.sse import DONE, EventSplitter, event_data, inspect_chunk, sse_event
 from creditgate.proxy.upstream import Stream
+
+SEND_TIMEOUT = 60.0  # seconds one write to the client may wait (the proxy passes the model's idle)
 
 # How a relayed stream ended.
 DONE_END = "done"  # the upstream sent [DONE]
@@ -30,15 +35,18 @@ TOTAL_TIMEOUT = "total_timeout"
 MALFORMED = "malformed"  # an event whose data is not JSON
 ERROR_EVENT = "error_event"  # the upstream sent an error object
 CLIENT_GONE = "client_gone"  # a write to the client failed
+STALLED = "stalled"  # a write to the client timed out: it stopped reading
 
 
 class Relay:
     """One stream's relay; its fields survive an interrupted ``run``."""
 
     __slots__ = (
+        "_writing",
         "end",
         "error",
         "last_chunk",
+        "progress",
         "resp",
         "stream",
         "text_bytes",
@@ -46,8 +54,14 @@ class Relay:
         "usage_chunk",
     )
 
-    def __init__(self, stream: Stream, resp: web.StreamResponse) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        resp: web.StreamResponse,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self.stream = stream
+        self.progress = progress  # told the generated text bytes after each write
         self.resp = resp
         self.usage: dict[str, Any] | None = None
         self.usage_chunk: dict[str, Any] | None = None  # OpenAI's final chunk, held back
@@ -55,22 +69,49 @@ class Relay:
         self.text_bytes = 0  # generated text received, for an estimate without usage
         self.error: dict[str, Any] | None = None  # the upstream's mid-stream error object
         self.end = ""
+        self._writing = False
 
-    async def run(self, idle: float) -> str:
-        """Relay until the stream ends; returns (and records) how it ended."""
+    async def run(self, idle: float, *, send_timeout: float = SEND_TIMEOUT) -> str:
+        """Relay until the stream ends; returns (and records) how it ended.
+
+        Bounded in time as a whole: the stream's deadline (the call's, which
+        its hold outlives) is enforced around reads *and* writes, and a single
+        write to a client that stopped reading waits at most ``send_timeout``.
+        """
+        try:
+            async with asyncio.timeout_at(self.stream.deadline):
+                return await self._relay(idle, send_timeout)
+        except TimeoutError:
+            # The deadline ran out: while a write was blocked (the response is
+            # half-written: STALLED), or while waiting on the upstream.
+            self.end = STALLED if self._writing else TOTAL_TIMEOUT
+            return self.end
+
+    async def _relay(self, idle: float, send_timeout: float) -> str:
         loop = asyncio.get_running_loop()
         content = self.stream.response.content
         deadline = self.stream.deadline
         splitter = EventSplitter()
         chunk = self.stream.head
+        failed = False
         while True:
             out = self._take(splitter.feed(chunk))
             if out:
+                self._writing = True
                 try:
-                    await self.resp.write(out)
+                    async with asyncio.timeout(send_timeout):
+                        await self.resp.write(out)
                 except ConnectionResetError:
                     self.end = CLIENT_GONE
+                except TimeoutError:
+                    self.end = STALLED
+                self._writing = False
+                if self.progress is not None:
+                    self.progress(self.text_bytes)
             if self.end:
+                return self.end
+            if failed:
+                self.end = READ_ERROR
                 return self.end
             now = loop.time()
             if now >= deadline:
@@ -78,17 +119,21 @@ class Relay:
                 return self.end
             try:
                 # What arrived while we wrote is taken without a timer; only an
-                # actual wait is bounded (idle, or what is left of the total).
+                # actual wait is bounded (idle; the total bounds the whole run).
                 chunk = content.read_nowait()
                 if not chunk and not content.at_eof():
-                    async with asyncio.timeout_at(min(now + idle, deadline)):
+                    async with asyncio.timeout(idle):
                         chunk = await content.readany()
             except TimeoutError:
-                self.end = TOTAL_TIMEOUT if loop.time() >= deadline else IDLE_TIMEOUT
+                self.end = IDLE_TIMEOUT
                 return self.end
             except aiohttp.ClientError:
-                self.end = READ_ERROR
-                return self.end
+                # aiohttp raises a connection's error before handing out the
+                # bytes that arrived before it: those are relayed (and billed)
+                # first, then the stream ends as a read error.
+                chunk = _buffered(content)
+                failed = True
+                continue
             if not chunk:
                 self.end = EOF_END
                 return self.end
@@ -125,3 +170,12 @@ class Relay:
             # content; the usage goes out once, in the final chunk, with its cost.
             out.append(sse_event({**info.obj, "usage": None}))
         return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """The bytes a failed response had already received (its read methods raise
+    the stored error first; ``_read_nowait`` is the buffer's own, unchecked, read)."""
+    try:
+        return content._read_nowait(-1)
+    except Exception:
+        return b""

@@ -87,6 +87,8 @@ def parse_chat_request(
     Raises ValidationError (400) listing every problem as ``{path, message}``,
     or ModelNotFound (404) for a well-formed request naming an unknown model.
     Fields creditgate does not know pass through to the upstream untouched.
+    ``bytes_per_token`` is no longer used for the prompt, whose estimate is an
+    upper bound (proxy.pricing); it stays for existing callers.
     A body without ``model`` (or ``null``) uses ``default_model`` when given
     (the account's preference).
     """
@@ -141,7 +143,7 @@ def parse_chat_request(
         include_usage=include_usage,
         max_output_tokens=cap or model.max_output_tokens,
         n=n,
-        prompt_tokens_estimate=estimate_request_tokens(body, messages, bytes_per_token),
+        prompt_tokens_estimate=estimate_request_tokens(body, messages, model.max_image_tokens),
     )
 
 

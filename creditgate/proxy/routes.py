@@ -15,6 +15,8 @@ the client left mid-call         prompt estimate + the text generated so far
                                  (or the usage, if it came); upstream closed
 the upstream failed or timed     mid-stream: what it generated (as above);
 out                              before any output: nothing, hold released
+the client stopped reading       as a client that left: what was relayed (the
+                                 call is cut at its deadline or send timeout)
 the request was refused          nothing; no hold was taken
 ===============================  ===========================================
 """
@@ -31,19 +33,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from creditgate import ledger
 from creditgate.auth import authenticate
+from creditgate.config import Config, Model
 from creditgate.errors import ApiError, ModelNotFound
 from creditgate.http.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
 from creditgate.http.envelope import json_response, read_json_object
 from creditgate.http.ids import REQUEST_ID, STARTED
 from creditgate.http.labelled import cached_labels
-from creditgate.http.metrics import (
-    LEDGER_LATENCY,
-    PROXY_OVERHEAD,
-    STREAM_ENDS,
-    UPSTREAM_DURATION,
-    UPSTREAM_SPECULATION,
-)
+from creditgate.http.metrics import LEDGER_LATENCY, PROXY_OVERHEAD, STREAM_ENDS, UPSTREAM_DURATION
 from creditgate.http.openapi import (
     BOOL,
     CREDITS,
@@ -64,16 +62,15 @@ from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.pricing import cost_micros
 from creditgate.proxy.relay import Relay
-from creditgate.proxy.request import ChatRequest, parse_chat_request
+from creditgate.proxy.request import parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 from creditgate.proxy.upstream import Answer, Stream
 
 _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
-_speculation_used = UPSTREAM_SPECULATION.labels("used")
-_speculation_dropped = UPSTREAM_SPECULATION.labels("dropped")
 _stream_ends = cached_labels(STREAM_ENDS)
 _upstream_duration = cached_labels(UPSTREAM_DURATION)
 _CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
+TAIL_SEND_TIMEOUT = 10.0  # seconds for a stream's last events (after its settlement)
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -82,7 +79,12 @@ _SSE_HEADERS = {
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """OpenAI-compatible chat completion, streaming or not, charged to the caller."""
+    """OpenAI-compatible chat completion, streaming or not, charged to the caller.
+
+    Plain and in order: authenticate → validate → throttle → reserve (durable)
+    → upstream → settle → answer. Nothing reaches the upstream or the client
+    before the call's hold is committed and flushed.
+    """
     st = request.app[STATE]
     principal = await authenticate(request)
     account_id = principal.account_id
@@ -95,99 +97,63 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body, config.models, config.estimate_bytes_per_token, default_model=default_model
     )
     limits = await st.limits.get(account_id, principal.key_id)
-    upstream: asyncio.Future[Any] | None = None
-    span: list[float] = []
-    if st.speculation.allowed(account_id):
-        # The upstream call starts now, with the admission and then the
-        # reservation (proxy.speculation); nothing of its answer is sent before
-        # both are confirmed, and a refusal drops it.
-        upstream, span = _start_upstream(st, chat)
-    try:
-        admission = await st.throttle.admit(
-            limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
-        )
-    except BaseException as e:
-        if upstream is not None:
-            _drop(upstream)
-        _refused(st, account_id, e)
-        raise
+    admission = await st.throttle.admit(
+        limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
+    )
+    # The call's deadline is fixed before its hold is asked for, and the hold
+    # expires a settle margin after that deadline counted from the database's
+    # own clock at commit (later still): the hold outlives the call by construction.
+    deadline = asyncio.get_running_loop().time() + chat.model.timeouts.total
     started = time.perf_counter()
+    hold_id = uuid.uuid4()
     holding = st.holds.reserve_soon(
-        hold_id=uuid.uuid4(),
+        hold_id=hold_id,
         account_id=account_id,
         amount=cost_micros(chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens),
-        ttl_seconds=config.hold_ttl_seconds,
+        ttl_seconds=hold_ttl_seconds(config, chat.model),
         request_id=request_id,
         model=chat.model.name,
-        # A stream's first bytes go out before its settlement: its hold must be
-        # on disk at once. An answer sent whole after its settlement need not
-        # wait for the flush: the settlement's flush covers it (ledger.group_commit).
-        durable=chat.stream,
     )
     try:
         hold = await holding
         _RESERVE_LATENCY.observe(time.perf_counter() - started)
     except BaseException as e:
-        if upstream is not None:
-            _drop(upstream)
-        _refused(st, account_id, e)
         try:
-            # Made, but this handler was cancelled meanwhile: given back even if
-            # it is cancelled again.
-            await asyncio.shield(st.holds.give_back(holding))
+            # Made but never answered (this handler was cancelled meanwhile, or
+            # the reply was lost): given back at once, even if cancelled again.
+            await asyncio.shield(_give_back(st, holding, hold_id, e))
         finally:
             await st.throttle.finish(admission, None)  # never served: all given back
         raise
-    st.speculation.admitted(account_id)
-    call = MeteredCall(st, chat, hold, admission, request_id)
-    if upstream is not None:
-        _speculation_used.inc()
-        # It has been running since it started: that time is the upstream's, not ours.
-        call.upstream_seconds = _ran_so_far(span)
+    call = MeteredCall(st, chat, hold, admission, request_id, deadline)
     try:
         if chat.stream:
-            return await _stream(request, call, admission.headers, upstream)
-        return await _complete(request, call, admission.headers, upstream)
+            return await _stream(request, call, admission.headers)
+        return await _complete(request, call, admission.headers)
     finally:
         await call.close()  # releases the hold unless it was settled
         _upstream_duration(chat.model.name).observe(call.upstream_seconds)
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
 
 
-async def _call_upstream(st: State, chat: ChatRequest) -> Answer | Stream:
-    """The upstream call: the whole answer, or a stream whose first event is here."""
-    if chat.stream:
-        return await st.upstream.stream(chat.model, chat.upstream_body)
-    return await st.upstream.complete(chat.model, chat.upstream_body)
+def hold_ttl_seconds(config: Config, model: Model) -> float:
+    """A call's hold lives its model's total timeout (the call's deadline) plus
+    the settle margin (its settlement, retries included)."""
+    return model.timeouts.total + config.settle_margin_seconds
 
 
-def _start_upstream(st: State, chat: ChatRequest) -> tuple[asyncio.Future[Any], list[float]]:
-    """The upstream call as a task, and its span: when it started, and once done, ended."""
-    task = asyncio.ensure_future(_call_upstream(st, chat))
-    span = [time.perf_counter()]
-    task.add_done_callback(lambda _: span.append(time.perf_counter()))
-    return task, span
-
-
-def _ran_so_far(span: list[float]) -> float:
-    """Seconds a started upstream call has run: until it ended, or until now."""
-    return (span[1] if len(span) > 1 else time.perf_counter()) - span[0]
-
-
-def _refused(st: State, account_id: uuid.UUID, error: BaseException) -> None:
-    if isinstance(error, ApiError):  # a refusal (429, 402, 503), not a client gone
-        st.speculation.refused(account_id)
-
-
-def _drop(upstream: asyncio.Future[Any]) -> None:
-    """Stop a speculative upstream call whose request was refused."""
-    _speculation_dropped.inc()
-    if not upstream.done():
-        upstream.cancel()  # closes its connection: the upstream stops generating
-    elif not upstream.cancelled() and upstream.exception() is None:
-        result = upstream.result()
-        if isinstance(result, Stream):
-            result.close()
+async def _give_back(
+    st: State, holding: asyncio.Future[Any], hold_id: uuid.UUID, error: BaseException
+) -> None:
+    """End a reservation whose caller will not use it, however far it got."""
+    if isinstance(error, ApiError):
+        return  # refused (402, 404): nothing was reserved
+    await st.holds.give_back(holding)
+    if not isinstance(error, asyncio.CancelledError):
+        # A reply that failed (a broken connection) may hide a committed
+        # hold: releasing an unknown or ended hold is a no-op, so try.
+        with contextlib.suppress(Exception):
+            await ledger.release_hold(st.db, hold_id)
 
 
 @contextlib.contextmanager
@@ -210,19 +176,15 @@ async def _client_left(
 
 
 async def _complete(
-    request: web.Request,
-    call: MeteredCall,
-    headers: dict[str, str],
-    upstream: asyncio.Future[Any] | None,
+    request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
     st = request.app[STATE]
+    answer: Answer | None = None  # stays None if the client left while we waited
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
-            # Awaiting the started call (a task) cancels it if this handler is.
-            answer = await (
-                upstream or st.upstream.complete(call.chat.model, call.chat.upstream_body)
+            answer = await st.upstream.complete(
+                call.chat.model, call.chat.upstream_body, deadline=call.deadline
             )
-            assert isinstance(answer, Answer), answer
     except asyncio.CancelledError:
         if shutdown_cut(request):
             await call.release()  # nothing delivered: not charged (the client gets a 503)
@@ -230,7 +192,7 @@ async def _complete(
         # aiohttp cancelled us (handler_cancellation: the client left).
         await _client_left(call)
         raise
-    if watch.gone:
+    if watch.gone or answer is None:
         return await _client_left(call)
     body = answer.body
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
@@ -251,25 +213,27 @@ async def _complete(
 
 
 async def _stream(
-    request: web.Request,
-    call: MeteredCall,
-    headers: dict[str, str],
-    started: asyncio.Future[Any] | None,
+    request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
     st = request.app[STATE]
     model = call.chat.model
+    upstream: Stream | None = None
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
-            upstream = await (started or st.upstream.stream(model, call.chat.upstream_body))
-            assert isinstance(upstream, Stream), upstream
+            upstream = await st.upstream.stream(
+                model, call.chat.upstream_body, deadline=call.deadline
+            )
     except asyncio.CancelledError:
         if shutdown_cut(request):
             await call.release()  # as in _complete
             raise
         await _client_left(call)  # as in _complete
         raise
-    if watch.gone:
-        upstream.close()
+    if watch.gone or upstream is None:
+        # The client left before the first event: nothing was sent, the prompt
+        # estimate is charged (the upstream read it).
+        if upstream is not None:
+            upstream.close()
         return await _client_left(call)
     resp = web.StreamResponse(
         headers={
@@ -279,12 +243,12 @@ async def _stream(
             "x-creditgate-deployment": upstream.deployment.name,
         }
     )
-    relay = Relay(upstream, resp)
+    relay = Relay(upstream, resp, progress=call.progress)
     try:
         # The headers go now: the upstream's first event is already here.
         await resp.prepare(request)
         with ClientWatch(request) as watch, _upstream_time(call):
-            await relay.run(model.timeouts.idle)
+            await relay.run(model.timeouts.idle, send_timeout=model.timeouts.idle)
     except asyncio.CancelledError:
         upstream.close()
         if shutdown_cut(request):
@@ -303,16 +267,22 @@ async def _stream(
     _stream_ends(model.name, end).inc()
     if end != ends.DONE_END:
         upstream.close()  # the upstream stops generating
-    if end == ends.CLIENT_GONE:
+    if end in (ends.CLIENT_GONE, ends.STALLED):
+        if end == ends.STALLED and request.transport is not None:
+            # A write that timed out leaves the response half-written: the
+            # connection is dropped, nothing more goes to this client.
+            request.transport.abort()
         await _client_left(call, relay.text_bytes, relay.usage)
         return resp
-    await _finish_stream(call, relay, end)
+    await _finish_stream(call, relay, end, request.transport)
     if end == ends.DONE_END:
         await upstream.finish()  # after the client has its last byte
     return resp
 
 
-async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.StreamResponse:
+async def _finish_stream(
+    call: MeteredCall, relay: Relay, end: str, transport: asyncio.BaseTransport | None
+) -> web.StreamResponse:
     """Settle, then send the usage chunk (if asked for) and ``[DONE]`` or an error event."""
     resp = relay.resp
     complete = end == ends.DONE_END or (end == ends.EOF_END and relay.usage is not None)
@@ -321,12 +291,13 @@ async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.Strea
         # The upstream failed before generating anything: nothing is charged.
         await call.release()
         log.info("stream failed before any output", extra={**call.log_ids(), "end": end})
-        return await _end_stream(resp, [_stream_error(relay, end)])
+        return await _end_stream(resp, [_stream_error(relay, end)], transport)
     try:
         charge = await call.settle(relay.usage, relay.text_bytes)
     except Exception:
-        # The content went out but its charge is not recorded: the stream must
-        # not end as a success. The hold stays for the sweeper.
+        # The content went out and retries (proxy.metering) did not record its
+        # charge: the stream must not end as a success. The hold stays for the
+        # sweeper, which charges the progress it recorded.
         log.error("settlement failed after a stream", exc_info=True, extra=call.log_ids())
         tail.append(
             error_event(
@@ -341,10 +312,12 @@ async def _finish_stream(call: MeteredCall, relay: Relay, end: str) -> web.Strea
         else:
             tail.append(_stream_error(relay, end))
             log.info("stream ended early", extra={**call.log_ids(), "end": end})
-    return await _end_stream(resp, tail)
+    return await _end_stream(resp, tail, transport)
 
 
-async def _end_stream(resp: web.StreamResponse, tail: list[bytes]) -> web.StreamResponse:
+async def _end_stream(
+    resp: web.StreamResponse, tail: list[bytes], transport: asyncio.BaseTransport | None
+) -> web.StreamResponse:
     try:
         await resp.write(b"".join(tail))
         await resp.write_eof()

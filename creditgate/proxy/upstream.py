@@ -188,27 +188,36 @@ class UpstreamClient:
         self._rng = rng
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
-    async def complete(self, model: Model, body: dict[str, Any]) -> Answer:
+    async def complete(
+        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+    ) -> Answer:
         """A non-streaming completion; see ``_call`` for the errors it raises."""
-        result = await self._call(model, body, stream=False)
+        result = await self._call(model, body, stream=False, deadline=deadline)
         assert isinstance(result, Answer)
         return result
 
-    async def stream(self, model: Model, body: dict[str, Any]) -> Stream:
+    async def stream(
+        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+    ) -> Stream:
         """A streaming completion, started; see ``_call`` for the errors it raises."""
-        result = await self._call(model, body, stream=True)
+        result = await self._call(model, body, stream=True, deadline=deadline)
         assert isinstance(result, Stream)
         return result
 
-    async def _call(self, model: Model, body: dict[str, Any], *, stream: bool) -> Answer | Stream:
-        """Try the model's deployments until one answers soundly.
+    async def _call(
+        self, model: Model, body: dict[str, Any], *, stream: bool, deadline: float | None
+    ) -> Answer | Stream:
+        """Try the model's deployments until one answers soundly, by ``deadline``
+        (loop time; default: the model's total timeout from now). The proxy
+        passes its call's deadline, which its hold outlives (proxy.routes).
 
         Raises UpstreamBadRequest (the request's own fault, status kept),
         UpstreamTimeout (504: nothing within the first-byte or total timeout)
         or UpstreamError (502: failed after retries, or garbage).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + model.timeouts.total
+        if deadline is None:
+            deadline = loop.time() + model.timeouts.total
         attempts = 0
         last: ApiError | None = None  # made only when it is needed: off the happy path
         for deployment in attempt_order(model.deployments, self._rng):

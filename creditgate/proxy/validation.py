@@ -89,9 +89,14 @@ def _part(p: Problems, path: str, part: Any) -> None:
         if _object(audio, p, f"{path}.input_audio", required=True):
             _string(p, f"{path}.input_audio.data", audio.get("data"), required=True)
             _string(p, f"{path}.input_audio.format", audio.get("format"), required=True)
-    elif kind == "file":
-        _object(part.get("file"), p, f"{path}.file", required=True)
-    # Other part types are a provider's or a newer API's: passed through.
+    else:
+        # A file (a PDF's pages, a file id) or a part type unknown here has no
+        # size bound creditgate can compute: its hold would not bound its cost.
+        p.add(
+            f"{path}.type",
+            f"content parts of type {kind!r} are not accepted: their cost cannot be bounded"
+            " before the call (accepted: text, refusal, image_url, input_audio)",
+        )
 
 
 def _content(p: Problems, path: str, content: Any, *, required: bool) -> None:

@@ -23,7 +23,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from creditgate.config import Settings, parse_config
 from creditgate.http.app import create_app
 from creditgate.proxy.mock_upstream import STATS, MockStats
-from creditgate.proxy.speculation import Speculation
 from tests.conftest import Services
 
 PROXY_CONFIG = """
@@ -129,8 +128,8 @@ def cost(model: str, in_tokens: int, out_tokens: int) -> int:
 
 
 def prompt_estimate(messages: list[dict[str, Any]]) -> int:
-    """DESIGN.md §9, computed independently: ceil(utf8 bytes / 3) + 8 per text message."""
-    return sum(math.ceil(len(m["content"].encode()) / 3) + 8 for m in messages)
+    """The prompt bound, computed independently: UTF-8 bytes + 8 per text message."""
+    return sum(len(m["content"].encode()) + 8 for m in messages)
 
 
 def text_estimate(text: str) -> int:
@@ -169,16 +168,6 @@ class GatewayServer(TestServer):
     async def _make_runner(self, **kwargs: Any) -> Any:
         kwargs["handler_cancellation"] = self._handler_cancellation
         return await super()._make_runner(**kwargs)
-
-
-@pytest.fixture(params=["sequential", "speculative"])
-def upstream_start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A test twice: the upstream called once the call is admitted and reserved,
-    and called with its admission (proxy.speculation) — which an account gets
-    only after an admitted call, forced here from the first."""
-    if request.param == "speculative":
-        monkeypatch.setattr(Speculation, "allowed", lambda self, account_id: True)
-    return str(request.param)
 
 
 @pytest.fixture

@@ -25,9 +25,6 @@ from tests.proxy.conftest import (
     text_estimate,
 )
 
-# Every fault twice: upstream called after the reservation, and with the admission.
-pytestmark = pytest.mark.usefixtures("upstream_start")
-
 GRANT = 10_000_000  # µc: every customer here starts with 10 credits
 
 OUT = 5  # the mock's default completion: five tokens …

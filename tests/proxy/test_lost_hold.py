@@ -1,9 +1,10 @@
-"""A settlement that finds no hold: what a Postgres crash leaves of an unflushed
-reserve (ledger.group_commit; tests/test_reserve_durability.py shows the loss).
-The call answers 503 with nothing charged, never a 404 or a 500."""
+"""A settlement that finds no hold (reserves are durable, so only a database
+restored from an older backup could lose one). The call answers 503 with
+nothing charged, never a 404 or a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -32,7 +33,8 @@ async def test_a_settlement_whose_hold_was_lost_is_503_and_charges_nothing(
     before = await outcome(db, c.account.id)
     # The reservation this call was made on is not in the database: as after a crash.
     lost = ledger.Hold(uuid.uuid4(), c.account.id, 5_000)
-    call = MeteredCall(st, chat, lost, admission, "req-lost")
+    deadline = asyncio.get_running_loop().time() + chat.model.timeouts.total
+    call = MeteredCall(st, chat, lost, admission, "req-lost", deadline)
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     with pytest.raises(ServiceUnavailable) as raised:
         await call.settle(usage, 20)

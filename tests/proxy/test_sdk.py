@@ -29,9 +29,6 @@ WEATHER_TOOL = {
 }
 QUESTION = [{"role": "user", "content": "Weather in Paris for 1 day?"}]
 
-# Every test twice: upstream called after the reservation, and with the admission.
-pytestmark = pytest.mark.usefixtures("upstream_start")
-
 
 async def test_sdk_streams_n_choices_with_one_usage_chunk(
     gw: TestClient, db, customer_factory

@@ -54,8 +54,6 @@ GOOD_MESSAGES = [
                 "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"},
             },
             {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
-            {"type": "file", "file": {"file_id": "file-1"}},
-            {"type": "video_url", "video_url": {"url": "https://x"}},  # a provider's part: passed
         ],
     },
     {
@@ -270,14 +268,33 @@ def test_unknown_model_is_404_alone_and_listed_with_other_problems() -> None:
     assert paths({"model": "nope", "messages": []}) == {"messages", "model"}
 
 
+def test_parts_whose_cost_cannot_be_bounded_are_refused() -> None:
+    for part in (
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "video_url", "video_url": {"url": "https://x"}},
+    ):
+        body = chat(messages=[{"role": "user", "content": [part]}])
+        with pytest.raises(ValidationError) as raised:
+            parse(body)
+        assert raised.value.status == 400
+        assert raised.value.details == [
+            {
+                "path": "messages[0].content[0].type",
+                "message": f"content parts of type {part['type']!r} are not accepted: their cost"
+                " cannot be bounded before the call (accepted: text, refusal, image_url,"
+                " input_audio)",
+            }
+        ]
+
+
 def test_estimate_counts_tools_schema_and_images_flat() -> None:
     base = parse(chat()).prompt_tokens_estimate
-    assert base == 1 + 8  # ceil(2 / 3) + 8
+    assert base == 2 + 8  # one token per UTF-8 byte (an upper bound) + 8
     tools = [{"type": "function", "function": {"name": "f"}}]
     import orjson
 
     with_tools = parse(chat(tools=tools)).prompt_tokens_estimate
-    assert with_tools == base + -(-len(orjson.dumps(tools)) // 3)
+    assert with_tools == base + len(orjson.dumps(tools))
     huge = "data:image/png;base64," + "A" * 300_000
     image = {
         "role": "user",
