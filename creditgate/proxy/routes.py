@@ -255,7 +255,7 @@ async def _stream(
             # The drain's cut (http.drain): ended like any stream cut short.
             uncancel_cut()
             _stream_ends(model.name, SHUTDOWN_END).inc()
-            return await _finish_stream(call, relay, SHUTDOWN_END)
+            return await _finish_stream(call, relay, SHUTDOWN_END, request.transport)
         # aiohttp cancelled us (the client left): what was generated is owed.
         _stream_ends(model.name, "cancelled").inc()
         await call.settle(relay.usage, relay.text_bytes)
@@ -285,13 +285,14 @@ async def _finish_stream(
 ) -> web.StreamResponse:
     """Settle, then send the usage chunk (if asked for) and ``[DONE]`` or an error event."""
     resp = relay.resp
+    send_timeout = call.chat.model.timeouts.idle
     complete = end == ends.DONE_END or (end == ends.EOF_END and relay.usage is not None)
     tail: list[bytes] = []
     if not complete and relay.usage is None and relay.text_bytes == 0:
         # The upstream failed before generating anything: nothing is charged.
         await call.release()
         log.info("stream failed before any output", extra={**call.log_ids(), "end": end})
-        return await _end_stream(resp, [_stream_error(relay, end)], transport)
+        return await _end_stream(resp, [_stream_error(relay, end)], transport, send_timeout)
     try:
         charge = await call.settle(relay.usage, relay.text_bytes)
     except Exception:
@@ -312,17 +313,27 @@ async def _finish_stream(
         else:
             tail.append(_stream_error(relay, end))
             log.info("stream ended early", extra={**call.log_ids(), "end": end})
-    return await _end_stream(resp, tail, transport)
+    return await _end_stream(resp, tail, transport, send_timeout)
 
 
 async def _end_stream(
-    resp: web.StreamResponse, tail: list[bytes], transport: asyncio.BaseTransport | None
+    resp: web.StreamResponse,
+    tail: list[bytes],
+    transport: asyncio.BaseTransport | None,
+    send_timeout: float,
 ) -> web.StreamResponse:
+    """Write the stream's last events, bounded like every other write to the client."""
     try:
-        await resp.write(b"".join(tail))
-        await resp.write_eof()
+        async with asyncio.timeout(send_timeout):
+            await resp.write(b"".join(tail))
+            await resp.write_eof()
     except ConnectionResetError:
         pass  # the client left after the content; the charge stands
+    except TimeoutError:
+        # A client that stopped reading at the very end: the charge stands, the
+        # connection is dropped rather than held.
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
     return resp
 
 
