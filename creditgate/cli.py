@@ -332,6 +332,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=None,
         reuse_port=True,
         shutdown_timeout=grace,
+        # aiohttp's keep-alive timer also runs until a request's headers are
+        # complete: it is the slow-header timeout (config.HttpLimits).
+        keepalive_timeout=settings.config.http_limits.header_timeout_seconds,
     )
     log.info("stopped", extra={"pid": os.getpid()})
     return 0
@@ -416,7 +419,11 @@ async def _dev(args: argparse.Namespace, env: dict[str, str]) -> int:
         finally:
             await conn.close()
 
-        app = web.AppRunner(create_app(settings), access_log=None)
+        app = web.AppRunner(
+            create_app(settings),
+            access_log=None,
+            keepalive_timeout=settings.config.http_limits.header_timeout_seconds,
+        )
         await app.setup()
         runners.append(app)
         await web.TCPSite(app, args.host, args.port).start()

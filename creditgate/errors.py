@@ -73,6 +73,18 @@ class PayloadTooLarge(ApiError):
     status, code, type = 413, "PAYLOAD_TOO_LARGE", "invalid_request_error"
 
 
+class RequestTimeout(ApiError):
+    """The client sent its body too slowly (``[http] body_timeout_seconds``)."""
+
+    status, code, type = 408, "REQUEST_TIMEOUT", "invalid_request_error"
+
+
+class ClientDisconnected(ApiError):
+    """The client left before its request was read: nginx's 499, a client outcome, not ours."""
+
+    status, code, type = 499, "CLIENT_DISCONNECTED", "invalid_request_error"
+
+
 class RateLimited(ApiError):
     status, code, type = 429, "RATE_LIMITED", "rate_limit_error"
 
