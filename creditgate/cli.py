@@ -305,8 +305,7 @@ def _timestamp(text: str) -> datetime:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from creditgate.http import serving
     from creditgate.http.app import create_app
 
     settings = _settings()
@@ -324,17 +323,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `grace` seconds, then cancel them (a cut stream is still billed).
     app = create_app(settings)
     _freeze_heap()
-    web.run_app(
+    # run_app's graceful stop, plus the [http] limits on slow and numerous clients.
+    limits = settings.config.http_limits
+    serving.run(
         app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        reuse_port=True,
+        host,
+        port,
         shutdown_timeout=grace,
-        # aiohttp's keep-alive timer also runs until a request's headers are
-        # complete: it is the slow-header timeout (config.HttpLimits).
-        keepalive_timeout=settings.config.http_limits.header_timeout_seconds,
+        header_timeout=limits.header_timeout_seconds,
+        max_connections=limits.max_connections,
     )
     log.info("stopped", extra={"pid": os.getpid()})
     return 0

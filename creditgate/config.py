@@ -152,13 +152,15 @@ class HttpLimits:
     from the moment a connection opens until its request's headers are
     complete: one timeout for unfinished headers and for idle keep-alive
     connections. ``body_timeout_seconds`` bounds reading a whole body.
+    ``max_connections`` caps open connections per process (``http.serving``).
     """
 
     header_timeout_seconds: float = 30.0
     body_timeout_seconds: float = 60.0
+    max_connections: int = 1000  # open connections per process; one more is a 503
 
 
-HTTP_LIMIT_KEYS = {"header_timeout_seconds", "body_timeout_seconds"}
+HTTP_LIMIT_KEYS = {"header_timeout_seconds", "body_timeout_seconds", "max_connections"}
 
 
 def _http_limits(t: dict[str, Any]) -> HttpLimits:
@@ -169,6 +171,7 @@ def _http_limits(t: dict[str, Any]) -> HttpLimits:
         body_timeout_seconds=_seconds(
             t.get("body_timeout_seconds", 60), "http.body_timeout_seconds"
         ),
+        max_connections=_int(t.get("max_connections", 1000), "http.max_connections", minimum=1),
     )
 
 

@@ -50,11 +50,14 @@ def written_response(request: web.Request, data: Any, *, replayed: bool) -> web.
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:
     """``{"error": {code, message, type, details?}, "correlationId": …}``."""
-    return json_response(
+    response = json_response(
         {"error": err.body(), "correlationId": request.get(CORRELATION_ID)},
         status=err.status,
         headers=err.headers,
     )
+    if err.close_connection:
+        response.force_close()
+    return response
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -72,9 +75,6 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
-        # The rest of the body may still trickle in: never keep this connection.
-        if request.transport is not None:
-            request.transport.close()
         raise RequestTimeout(f"The request body was not received within {timeout:g} s.") from None
     except (ConnectionResetError, ClientPayloadError, ClientConnectionError):
         raise ClientDisconnected("The client closed the connection mid-upload.") from None
