@@ -29,6 +29,7 @@ from tests.billing_support import CLERK_WEBHOOK_SECRET, POLAR_WEBHOOK_SECRET, bi
 from tests.conftest import Customer, Services, running
 from tests.fake_clerk import FakeClerk
 from tests.polar_fake import order_payload, sign_clerk, sign_polar, webhook_body
+from tests.procs import run_cli
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -495,3 +496,14 @@ async def test_every_field_of_every_route_refuses_hostile_input_without_a_500(
     # The corpus reached the handlers, not only the authentication in front of them.
     assert statuses.get(400, 0) > sent / 2, statuses
     assert await ledger_rows(db) == before
+
+
+def test_cli_credits_grant_refuses_amounts_outside_the_grammar(services: Services) -> None:
+    user = f"user_{uuid.uuid4().hex}"
+    code, _ = run_cli(services, "accounts", "create", "--user", user)
+    assert code == 0
+    for amount in ("1_000", "１２", "٣", "1e3", " 5"):
+        code, err = run_cli(services, "credits", "grant", user, amount, "--reason", "x")
+        assert code == 1 and err["error"]["code"] == "VALIDATION_ERROR", (amount, err)
+    code, balance = run_cli(services, "balance", user)
+    assert code == 0 and balance["balanceMicros"] == 0, balance
