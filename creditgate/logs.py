@@ -43,8 +43,19 @@ def _redact_match(m: re.Match[str]) -> str:
     return prefix + "[redacted]"
 
 
+# Every pattern above contains one of these (lower case): a line with none of
+# them — nearly every line — skips the regex (~2 µs instead of ~100 µs).
+_TRIGGERS = (
+    "bearer", "basic", "__session", "authorization", "cookie", "x-api-key",
+    "signature", "cg_", "eyj", "whsec_", "polar_", "sk_",
+)  # fmt: skip
+
+
 def redact(text: str) -> str:
     """``text`` with every credential-shaped substring replaced by ``[redacted]``."""
+    lower = text.lower()
+    if not any(trigger in lower for trigger in _TRIGGERS):
+        return text
     return _SECRETS.sub(_redact_match, text)
 
 

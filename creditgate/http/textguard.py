@@ -47,13 +47,41 @@ def json_problem(raw: bytes, value: Any) -> dict[str, str] | None:
     Refused: nesting deeper than ``MAX_JSON_DEPTH``, NUL in any string, and
     control characters in object keys. Bodies that can hold none of them (no
     backslash escape or DEL, fewer brackets than the limit) skip the walk, so
-    an ordinary request pays a few byte scans.
+    an ordinary request pays a few byte scans; the walk itself builds no
+    paths until it has found something.
     """
     may_deep = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
     # NUL, or a control character in a key, is escaped (``\\u0000``, ``\\n``); DEL may be raw.
     may_control = b"\\" in raw or b"\x7f" in raw
-    if not (may_deep or may_control):
+    if not (may_deep or may_control) or _fine(value, b"\\u0000" in raw):
         return None
+    return _locate(value)
+
+
+def _fine(value: Any, may_nul: bool) -> bool:
+    """True when ``value`` passes; the fast pass (no paths, containers only on the stack)."""
+    if type(value) is not dict and type(value) is not list:
+        return not (may_nul and isinstance(value, str) and "\x00" in value)
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    search = _CONTROL.search
+    while stack:
+        node, depth = stack.pop()
+        if depth >= MAX_JSON_DEPTH:
+            return False
+        children = node.values() if type(node) is dict else node
+        if type(node) is dict and any(search(key) for key in node):
+            return False
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif may_nul and kind is str and "\x00" in child:
+                return False
+    return True
+
+
+def _locate(value: Any) -> dict[str, str] | None:
+    """The path and message of the first problem (the slow pass, run once per refusal)."""
     # Iterative, so a body nested 1,000 deep cannot exhaust Python's stack.
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
