@@ -64,3 +64,22 @@ async def test_headers_aiohttp_refuses_are_logged_without_their_credentials(
     for secret in (key, key[3:20], session[:40], session[20:60]):
         assert secret not in text
     assert "[redacted]" in text
+
+
+@pytest.mark.parametrize(
+    ("line", "kept"),
+    [
+        ('{"msg":"request","route":"/v1/chat/completions","status":200}', None),
+        ('{"msg":"api key created","prefix":"cg_AbCd1234"}', "cg_AbCd1234"),
+        ('{"msg":"The session token is missing or malformed."}', None),
+        ("b'Authorization: Bearer cg_" + "k" * 43 + "\\\\x01'", "Authorization: [redacted]"),
+        ("Cookie: theme=dark; __session=eyJhbGciOiJSUzI1NiJ9.eyJzdWIi", "Cookie: [redacted]"),
+        ('{"exc":"token eyJhbGciOiJSUzI1NiJ9.e30.sig"}', '{"exc":"token [redacted]"}'),
+    ],
+)
+def test_redaction_keeps_ordinary_lines_and_prefixes(line: str, kept: str | None) -> None:
+    from creditgate.logs import redact
+
+    out = redact(line)
+    assert (kept or line) in out
+    assert "k" * 20 not in out and "eyJhbGci" not in out
