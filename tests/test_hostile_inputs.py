@@ -286,6 +286,18 @@ async def test_admin_credits_refuse_amounts_outside_the_grammar(
     assert await ledger_rows(db) == before
 
 
+# (br without the brotli package is refused by aiohttp itself, before any handler.)
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_cannot_be_decoded_is_400(
+    cg: TestClient, customer_factory: Any, encoding: str
+) -> None:
+    c: Customer = await customer_factory(10)
+    headers = {**c.auth, "Content-Type": "application/json", "Content-Encoding": encoding}
+    resp = await cg.post(CHAT, data=b"not compressed at all", headers=headers)
+    error = await refused(resp)
+    assert error["code"] == "VALIDATION_ERROR"
+
+
 @contextlib.asynccontextmanager
 async def served(settings: Settings) -> AsyncIterator[int]:
     """The app served as ``creditgate serve`` serves it (no handler cancellation); its port.

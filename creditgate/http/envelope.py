@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import ClientConnectionError, ClientPayloadError, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from creditgate.errors import ApiError, ClientDisconnected, RequestTimeout, ValidationError
 from creditgate.http.ids import CORRELATION_ID
@@ -78,6 +79,12 @@ async def read_body(request: web.Request) -> bytes:
         raise RequestTimeout(f"The request body was not received within {timeout:g} s.") from None
     except (ConnectionResetError, ClientPayloadError, ClientConnectionError):
         raise ClientDisconnected("The client closed the connection mid-upload.") from None
+    except RequestPayloadError:
+        # A body aiohttp cannot decode (corrupt gzip/deflate/br, bad chunking).
+        raise ValidationError(
+            "The request body could not be decoded; check Content-Encoding and chunking.",
+            details=[{"path": "", "message": "undecodable body"}],
+        ) from None
 
 
 async def read_json(request: web.Request) -> Any:
