@@ -465,8 +465,7 @@ def _timestamp(text: str) -> datetime:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from creditgate.http import serving
     from creditgate.http.app import create_app
     from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
 
@@ -488,17 +487,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     ignore_repeated_signals(app)
     _freeze_heap()
+    # run_app's graceful stop, plus the [http] limits on slow and numerous clients.
+    limits = settings.config.http_limits
     try:
-        web.run_app(
+        serving.run(
             app,
-            host=host,
-            port=port,
-            print=_announce(args, host, port),
-            access_log=None,
-            reuse_port=True,
+            host,
+            port,
             # The drain (on_shutdown) owns the timing; aiohttp's own wait, after
             # it, only bounds a straggler.
             shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT,
+            header_timeout=limits.header_timeout_seconds,
+            max_connections=limits.max_connections,
+            on_listening=_announce(args, host, port),
         )
     except OSError as e:
         if e.errno not in _BIND_ERRNOS:
@@ -765,7 +766,11 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
         finally:
             await conn.close()
 
-        app = web.AppRunner(create_app(settings), access_log=None)
+        app = web.AppRunner(
+            create_app(settings),
+            access_log=None,
+            keepalive_timeout=settings.config.http_limits.header_timeout_seconds,
+        )
         await app.setup()
         runners.append(app)
         await web.SockSite(app, sock).start()

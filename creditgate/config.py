@@ -162,6 +162,37 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """``[http]`` limits on slow clients (README "Security").
+
+    ``header_timeout_seconds`` is aiohttp's keep-alive timer, which also runs
+    from the moment a connection opens until its request's headers are
+    complete: one timeout for unfinished headers and for idle keep-alive
+    connections. ``body_timeout_seconds`` bounds reading a whole body.
+    ``max_connections`` caps open connections per process (``http.serving``).
+    """
+
+    header_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = 60.0
+    max_connections: int = 1000  # open connections per process; one more is a 503
+
+
+HTTP_LIMIT_KEYS = {"header_timeout_seconds", "body_timeout_seconds", "max_connections"}
+
+
+def _http_limits(t: dict[str, Any]) -> HttpLimits:
+    return HttpLimits(
+        header_timeout_seconds=_seconds(
+            t.get("header_timeout_seconds", 30), "http.header_timeout_seconds"
+        ),
+        body_timeout_seconds=_seconds(
+            t.get("body_timeout_seconds", 60), "http.body_timeout_seconds"
+        ),
+        max_connections=_int(t.get("max_connections", 1000), "http.max_connections", minimum=1),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """What the TOML file describes: upstreams, models, tiers, products."""
 
@@ -185,6 +216,7 @@ class Config:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     shutdown_timeout_seconds: int = 30
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,7 +527,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             check(table[name], f"{'proxy' if table is proxy else 'ledger'}.{name}")
             ignored.append(f"{'proxy' if table is proxy else 'ledger'}.{name}")
     http = _table(raw.get("http", {}), "http")
-    _check_keys(http, {"max_body_bytes", "shutdown_timeout_seconds"}, "http")
+    _check_keys(http, {"max_body_bytes", "shutdown_timeout_seconds", *HTTP_LIMIT_KEYS}, "http")
     throttle = _table(raw.get("throttle", {}), "throttle")
     _check_keys(throttle, {"day_zone", "lease_ttl_seconds"}, "throttle")
     config = Config(
@@ -527,6 +559,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             http.get("shutdown_timeout_seconds", 30), "http.shutdown_timeout_seconds", minimum=0
         ),
         notifications=_notifications_config(_table(raw.get("notifications", {}), "notifications")),
+        http_limits=_http_limits(http),
     )
     return config
 

@@ -16,6 +16,8 @@ class ApiError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "INTERNAL_SERVER_ERROR"
     type: ClassVar[str] = "server_error"
+    # The connection cannot serve another request after this answer.
+    close_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -71,6 +73,19 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, code, type = 413, "PAYLOAD_TOO_LARGE", "invalid_request_error"
+
+
+class RequestTimeout(ApiError):
+    """The client sent its body too slowly (``[http] body_timeout_seconds``)."""
+
+    status, code, type = 408, "REQUEST_TIMEOUT", "invalid_request_error"
+    close_connection = True  # the rest of the body may still trickle in
+
+
+class ClientDisconnected(ApiError):
+    """The client left before its request was read: nginx's 499, a client outcome, not ours."""
+
+    status, code, type = 499, "CLIENT_DISCONNECTED", "invalid_request_error"
 
 
 class RateLimited(ApiError):

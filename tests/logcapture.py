@@ -26,3 +26,34 @@ def remember_secret(*values: str) -> None:
 def log_file(name: str) -> IO[bytes]:
     """A fresh file in the run's log directory, for a subprocess's stderr."""
     return open(LOG_DIR / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.log", "ab")
+
+
+def send_raw(host: str, port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` as is over a fresh socket (no client library to refuse it); the answer."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass  # the server may cut a connection it refused
+    return b"".join(chunks)
+
+
+def hostile_headers(key: str, session: str) -> list[bytes]:
+    """Requests whose headers aiohttp refuses, each carrying a credential aiohttp would quote.
+
+    aiohttp logs the raw header line of a value holding a control character,
+    and the first 100 bytes of a header longer than 8,190 bytes.
+    """
+    start = b"GET /api/user/balance HTTP/1.1\r\nHost: x\r\n"
+    bad = [f"Authorization: Bearer {key}{c}".encode() for c in ("\x01", "\x7f", "\x00")]
+    bad += [
+        f"Authorization: Bearer {key}{'A' * 9000}".encode(),
+        f"Cookie: __session={session}{'A' * 9000}".encode(),
+        f"Cookie: theme=dark; __session={session}\x01".encode(),
+    ]
+    return [start + line + b"\r\n\r\n" for line in bad]

@@ -143,7 +143,52 @@ def test_money_parsing_is_exact() -> None:
 def test_credit_amounts_beyond_decimals_range_are_refused_not_crashed(text: str) -> None:
     with pytest.raises(MoneyError):
         credits_to_micros(text)
-    assert credits_to_micros("1e3") == 1_000 * 1_000_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " 5 ",
+        "5 ",
+        "1_000",
+        "１２",
+        "٣",
+        "1e3",
+        "1E3",
+        "+5",
+        "5.",
+        ".5",
+        "0x10",
+        "1.1234567",
+        "Infinity",
+        "NaN",
+        "",
+        "-",
+        "5\x00",
+        "1" * 41,
+    ],
+)
+def test_an_amount_as_text_has_one_grammar(text: str) -> None:
+    # Decimal() and int() accept spaces, "_", exponents and any Unicode digit;
+    # an amount accepts -?[0-9]+(.[0-9]{1,6})? only.
+    with pytest.raises(MoneyError):
+        credits_to_micros(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "micros"),
+    [
+        ("5", 5_000_000),
+        ("-1.5", -1_500_000),
+        ("007", 7_000_000),
+        ("0.000001", 1),
+        (0.000015, 15),
+        (1000.0, 1_000_000_000),
+        (3, 3_000_000),
+    ],
+)
+def test_amounts_in_the_grammar_and_json_numbers_parse_exactly(value: object, micros: int) -> None:
+    assert credits_to_micros(value) == micros
 
 
 def test_a_polar_time_that_is_not_iso_8601_is_unprocessable() -> None:

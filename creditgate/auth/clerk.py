@@ -31,6 +31,7 @@ from jwt.exceptions import (
 
 from creditgate.auth.jwks import JwksKeys
 from creditgate.errors import Unauthorized
+from creditgate.http.textguard import has_control
 
 LEEWAY_SECONDS = 5
 # A verified token is remembered (by its exact text) this long at most, and
@@ -56,7 +57,7 @@ def _unauthorized(message: str) -> Unauthorized:
 
 
 def _id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID_LEN:
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID_LEN or has_control(value):
         raise _unauthorized(f"The session token's {what} is missing or malformed.")
     return value
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientConnectionError, ClientPayloadError, web
+from aiohttp.web_protocol import RequestPayloadError
 
-from creditgate.errors import ApiError, ValidationError
+from creditgate.errors import ApiError, ClientDisconnected, RequestTimeout, ValidationError
 from creditgate.http.ids import CORRELATION_ID
+from creditgate.http.textguard import json_problem
 
 
 def _default(value: Any) -> Any:
@@ -48,32 +51,67 @@ def written_response(request: web.Request, data: Any, *, replayed: bool) -> web.
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:
     """``{"error": {code, message, type, details?}, "correlationId": …}``."""
-    return json_response(
+    response = json_response(
         {"error": err.body(), "correlationId": request.get(CORRELATION_ID)},
         status=err.status,
         headers=err.headers,
     )
+    if err.close_connection:
+        response.force_close()
+    return response
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, read within ``[http] body_timeout_seconds``.
+
+    Reading honours the app's body limit on bytes actually read, so a chunked
+    body without Content-Length is refused just the same (413). A client that
+    sends too slowly gets 408 and its connection closed; one that leaves
+    mid-upload is a ClientDisconnected (499), not a backing-service error.
+    """
+    from creditgate.http.state import STATE
+
+    timeout = request.app[STATE].settings.config.http_limits.body_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body was not received within {timeout:g} s.") from None
+    except (ConnectionResetError, ClientPayloadError, ClientConnectionError):
+        raise ClientDisconnected("The client closed the connection mid-upload.") from None
+    except RequestPayloadError:
+        # A body aiohttp cannot decode (corrupt gzip/deflate/br, bad chunking).
+        raise ValidationError(
+            "The request body could not be decoded; check Content-Encoding and chunking.",
+            details=[{"path": "", "message": "undecodable body"}],
+        ) from None
 
 
 async def read_json(request: web.Request) -> Any:
     """The request body parsed as JSON; ValidationError (400) if it is not.
 
-    Reading honours the app's body limit on bytes actually read, so a chunked
-    body without Content-Length is refused just the same (413).
+    Also 400: JSON nested deeper than ``textguard.MAX_JSON_DEPTH``, NUL in any
+    string, control characters in a field name (the error names the path).
     """
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         raise ValidationError(
             "The request body is empty; send a JSON object.",
             details=[{"path": "", "message": "body is required"}],
         )
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise ValidationError(
             "The request body is not valid JSON.",
             details=[{"path": "", "message": str(e)}],
         ) from None
+    problem = json_problem(raw, body)
+    if problem is not None:
+        raise ValidationError(
+            "The request body holds a value creditgate refuses.", details=[problem]
+        )
+    return body
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

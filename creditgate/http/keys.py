@@ -26,6 +26,7 @@ from creditgate.errors import Forbidden, NotFound, ValidationError
 from creditgate.http.envelope import data_response, read_json_object
 from creditgate.http.openapi import STR, TIME, UUID, Endpoint, Schema, arr, nullable, obj
 from creditgate.http.state import STATE
+from creditgate.http.textguard import has_control
 
 MAX_NAME_LEN = 100
 _FIELDS = {"name", "expiresAt", "scope"}
@@ -41,6 +42,8 @@ def _parse_create(body: dict[str, Any]) -> tuple[str, datetime | None, str]:
         problems.append({"path": "name", "message": "required: a non-empty string"})
     elif len(name.strip()) > MAX_NAME_LEN:
         problems.append({"path": "name", "message": f"at most {MAX_NAME_LEN} characters"})
+    elif has_control(name):
+        problems.append({"path": "name", "message": "must not contain control characters"})
     expires_at = None
     raw_expiry = body.get("expiresAt")
     if raw_expiry is not None:

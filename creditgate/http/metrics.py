@@ -48,6 +48,10 @@ HTTP_REQUESTS = Counter(
     "HTTP requests answered, by route template, method and status.",
     ["route", "method", "status"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "creditgate_http_connections_refused_total",
+    "Connections answered 503 and closed at once: the process had [http] max_connections open.",
+)
 HTTP_LATENCY = Histogram(
     "creditgate_http_request_duration_seconds",
     "Time from request to the last byte of the response.",

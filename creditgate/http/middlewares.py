@@ -11,11 +11,13 @@ from aiohttp import web
 
 from creditgate.errors import (
     ApiError,
+    ClientDisconnected,
     InternalError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    ValidationError,
 )
 from creditgate.http.envelope import error_response
 from creditgate.http.ids import (
@@ -28,6 +30,7 @@ from creditgate.http.ids import (
 )
 from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from creditgate.http.textguard import control_problem
 from creditgate.logs import log
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +55,11 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def _as_api_error(request: web.Request, exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
@@ -67,9 +75,28 @@ def _as_api_error(request: web.Request, exc: BaseException) -> ApiError:
         return MethodNotAllowed(
             f"{request.method} is not allowed here; use {allowed}.", headers={"Allow": allowed}
         )
+    if isinstance(exc, ConnectionResetError) and _client_gone(request):
+        # The client's own connection, not a backing service's (a read the
+        # handler did itself): the client's outcome, logged at info.
+        return ClientDisconnected("The client closed the connection.")
     if isinstance(exc, UNAVAILABLE):
         return ServiceUnavailable("A backing service is unavailable; retry shortly.")
     return InternalError("Internal server error.")
+
+
+def _check_url_params(request: web.Request) -> None:
+    """400 for a control character (NUL above all) in a path or query parameter.
+
+    Ids, names and cursors never hold one, and NUL would reach Postgres as a
+    500; checked here once rather than in every handler.
+    """
+    problems = [
+        {"path": name, "message": problem}
+        for name, value in (*request.match_info.items(), *request.query.items())
+        if (problem := control_problem(name) or control_problem(value)) is not None
+    ]
+    if problems:
+        raise ValidationError("The URL holds a value creditgate refuses.", details=problems)
 
 
 @web.middleware
@@ -83,6 +110,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     request[CORRELATION_ID] = request_id if not correlation else pick_id(correlation)
     started = request[STARTED] = time.perf_counter()
     try:
+        _check_url_params(request)
         response = await handler(request)
     except asyncio.CancelledError:
         raise

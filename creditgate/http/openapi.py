@@ -212,6 +212,8 @@ def _operation(e: Endpoint) -> dict[str, Any]:
     errors = set(e.errors) | set(_AUTH_ERRORS.get(e.auth, ())) | {500}
     if e.request is not None:
         errors |= {400, 413}
+    if params:
+        errors.add(400)  # a control character in a path or query parameter (middlewares)
     for status in sorted(errors):
         responses[str(status)] = {
             "description": _STATUS_TEXT.get(status, "Error"),

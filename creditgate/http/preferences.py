@@ -40,6 +40,7 @@ from creditgate.http.openapi import (
 )
 from creditgate.http.params import Problems
 from creditgate.http.state import STATE
+from creditgate.http.textguard import has_control
 from creditgate.logs import log
 from creditgate.preferences import UNSET, Changes, get_preferences, update_preferences
 
@@ -60,6 +61,9 @@ def _url(value: Any, problems: Problems, allowed_hosts: tuple[str, ...]) -> str 
         url = None
     if len(value) > MAX_URL:
         message = f"at most {MAX_URL} characters"
+    elif has_control(value) or any(c.isspace() for c in value):
+        # yarl keeps them; Postgres refuses NUL, and a sender must not get the rest.
+        message = "must not contain spaces or control characters"
     elif url is None or url.scheme not in ("http", "https") or not url.host:
         message = "must be an absolute http:// or https:// URL"
     elif url.user is not None or url.password is not None:

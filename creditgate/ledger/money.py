@@ -7,6 +7,7 @@ arguments), parsed exactly with ``Decimal``.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 MICROS_PER_CREDIT = 1_000_000
@@ -19,18 +20,37 @@ class MoneyError(ValueError):
     """An amount of credits that cannot be represented exactly."""
 
 
-def credits_to_micros(value: object) -> int:
-    """Parse a credit amount (int, Decimal, or decimal string) into µc, exactly.
+# The one grammar of an amount written as text: ASCII digits only, no sign
+# but "-", no spaces, underscores or exponents (Python's Decimal and int accept
+# all of those, and any Unicode digit).
+_AMOUNT = re.compile(r"-?[0-9]+(?:\.[0-9]{1,6})?", re.ASCII)
+# Longer text is refused before it is parsed: 10**15 µc is 10 integer digits.
+_MAX_AMOUNT_CHARS = 40
 
-    Floats are accepted only through their shortest decimal form (``repr``),
-    which is what the JSON text said; more than 6 decimals is refused, never
-    rounded.
+
+def credits_to_micros(value: object) -> int:
+    """Parse a credit amount into µc, exactly, or raise MoneyError.
+
+    Accepted: a string matching ``-?[0-9]+(\\.[0-9]{1,6})?`` (ASCII), a JSON
+    number with at most 6 decimals (an int, or a float through its shortest
+    decimal form, ``repr``), or a Decimal (internal callers). Everything else —
+    spaces, ``_``, ``+``, exponents, non-ASCII digits, more than 6 decimals —
+    is refused, never rounded.
     """
     if isinstance(value, bool):
         raise MoneyError("amount must be a number")
     if isinstance(value, float):
-        value = repr(value)
-    if not isinstance(value, int | str | Decimal):
+        # A JSON number: its shortest decimal form is what the JSON said (repr
+        # writes 0.000015 as 1.5e-05, so no text grammar here); the decimal
+        # and size checks below apply. inf/nan never come out of JSON.
+        value = Decimal(repr(value))
+    elif isinstance(value, str):
+        if len(value) > _MAX_AMOUNT_CHARS or _AMOUNT.fullmatch(value) is None:
+            raise MoneyError(
+                f"{value[:_MAX_AMOUNT_CHARS]!r} is not an amount: write digits,"
+                " an optional leading '-' and at most 6 decimals (e.g. \"12.5\")"
+            )
+    elif not isinstance(value, int | Decimal):
         raise MoneyError("amount must be a number")
     try:
         d = Decimal(value)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import re
 from typing import Any, TypeGuard
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Tuples, not sets: a JSON list or object in these fields is unhashable, and
+# `x in frozenset` raised TypeError (a 500) where `x in tuple` is just False.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 128
 MAX_STOP = 4
 MAX_TOOLS = 128
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TOOL_CHOICES = frozenset({"none", "auto", "required"})
-RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
-IMAGE_DETAILS = frozenset({"auto", "low", "high"})
+TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+IMAGE_DETAILS = ("auto", "low", "high")
 
 
 class Problems:

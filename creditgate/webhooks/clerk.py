@@ -19,7 +19,7 @@ from svix.webhooks import Webhook, WebhookVerificationError
 
 from creditgate.billing.metrics import WEBHOOKS
 from creditgate.errors import ServiceUnavailable, Unauthorized, ValidationError
-from creditgate.http.envelope import data_response
+from creditgate.http.envelope import data_response, read_body
 from creditgate.http.state import STATE
 from creditgate.logs import log
 from creditgate.webhooks.clerk_events import CLERK_EVENTS, clerk_facts
@@ -52,7 +52,7 @@ async def clerk_webhook(request: web.Request) -> web.Response:
             "Clerk webhooks are refused: CLERK_WEBHOOK_SECRET is not configured (or not valid)."
         )
     headers = required_headers(request, SIGNATURE_HEADERS)
-    body = await request.read()
+    body = await read_body(request)
     try:
         # svix raises ValueError / binascii.Error on a malformed signature
         # header rather than its own error: all of them are "not verified".

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from creditgate import ledger
+from creditgate.http.textguard import has_control
 
 # Clerk event type → (account kind, what to do).
 CLERK_EVENTS: dict[str, tuple[str, str]] = {
@@ -27,7 +28,7 @@ CLERK_EVENTS: dict[str, tuple[str, str]] = {
 def clerk_facts(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
     """The only fact a lifecycle event needs: the Clerk id (no names, no emails)."""
     clerk_id = data.get("id")
-    if not isinstance(clerk_id, str) or not 1 <= len(clerk_id) <= 255:
+    if not isinstance(clerk_id, str) or not 1 <= len(clerk_id) <= 255 or has_control(clerk_id):
         raise ValueError("data.id must be a Clerk id")
     return {"id": clerk_id}
 

@@ -34,8 +34,9 @@ from polar.webhooks import (
 from creditgate.billing.metrics import WEBHOOKS
 from creditgate.billing.polar_events import HANDLED, facts_of
 from creditgate.errors import ServiceUnavailable, Unauthorized, ValidationError
-from creditgate.http.envelope import data_response
+from creditgate.http.envelope import data_response, read_body
 from creditgate.http.state import STATE
+from creditgate.http.textguard import strings_problem
 from creditgate.logs import log
 from creditgate.webhooks.store import record_event
 from creditgate.webhooks.worker import wake_worker
@@ -81,7 +82,7 @@ async def polar_webhook(request: web.Request) -> web.Response:
             "Polar webhooks are refused: POLAR_WEBHOOK_SECRET is not configured."
         )
     headers = required_headers(request, SIGNATURE_HEADERS)
-    body = await request.read()
+    body = await read_body(request)
     try:
         event = verified_event(body, headers, secret)
     except (Unauthorized, ValidationError):
@@ -97,6 +98,10 @@ async def polar_webhook(request: web.Request) -> web.Response:
         if not isinstance(data, dict):
             raise ValueError("the event has no data object")
         facts = facts_of(event_type, data)
+        # Postgres refuses NUL in jsonb: a verified event carrying one is unreadable.
+        nul_at = strings_problem(facts)
+        if nul_at is not None:
+            raise ValueError(f"data.{nul_at} holds NUL (\\u0000)")
     except ValueError as e:
         WEBHOOKS.labels("polar", "refused").inc()
         raise ValidationError(f"The {event_type} event cannot be read: {e}.") from None
