@@ -80,6 +80,7 @@ class RedisClusterNodes:
             timeout=30,
         )
         self.wait_ok()
+        self.wait_replicas_synced()
 
     def _start_node(self, port: int) -> None:
         node_dir = self.workdir / str(port)
@@ -101,6 +102,10 @@ class RedisClusterNodes:
                 "",
                 "--appendonly",
                 "no",
+                # A replica syncs at once (the default waits 5 s for more replicas):
+                # one that never synced is never promoted.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--dir",
                 str(node_dir),
             ],
@@ -139,6 +144,16 @@ class RedisClusterNodes:
             except redis.exceptions.RedisError:
                 pass
             assert time.monotonic() < deadline, "the Redis Cluster did not become ok"
+            time.sleep(0.1)
+
+    def wait_replicas_synced(self, timeout: float = 20) -> None:
+        """Until every replica's link to its master is up (only then can it be promoted)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [self.client(p).info("replication") for p in self.alive()]
+            if all(i.get("master_link_status", "up") == "up" for i in infos):
+                return
+            assert time.monotonic() < deadline, "Redis Cluster replicas did not sync"
             time.sleep(0.1)
 
     def slot_owners(self, via: int | None = None) -> dict[int, int]:

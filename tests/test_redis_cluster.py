@@ -164,8 +164,9 @@ async def test_two_processes_share_limits_across_shards(
         assert Counter(results[n * 3 * R : (n + 1) * 3 * R]) == {200: R, 429: 2 * R}
 
 
+@pytest.mark.parametrize("promotion", ["automatic", "takeover"])
 async def test_a_killed_master_fails_over_and_the_throttle_recovers(
-    cluster: RedisClusterNodes,
+    cluster: RedisClusterNodes, promotion: str
 ) -> None:
     pipe = ClusterPipe(cluster.url, connect_timeout=0.5)
     throttle = Throttle(pipe, policy="closed", timeout_ms=300, probe_interval=0.1)
@@ -192,7 +193,10 @@ async def test_a_killed_master_fails_over_and_the_throttle_recovers(
         await asyncio.sleep(0.3)
         replica = cluster.replica_of(victim)
         cluster.kill(victim)
-        cluster.client(replica).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        if promotion == "takeover":  # an operator's forced promotion, at once
+            cluster.client(replica).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        # "automatic": the replica is elected after the node timeout (1 s here),
+        # and until then every node answers CLUSTERDOWN.
         async with asyncio.timeout(20):
             while "closed" not in outcomes:
                 await asyncio.sleep(0.05)
@@ -201,6 +205,9 @@ async def test_a_killed_master_fails_over_and_the_throttle_recovers(
         stop.set()
         await loader
         assert not throttle.degraded
+        # Down once, recovered once: no flapping while the cluster was down.
+        first, last = outcomes.index("closed"), len(outcomes) - 1 - outcomes[::-1].index("closed")
+        assert set(outcomes[first : last + 1]) == {"closed"}, outcomes
         assert outcomes[0] == "ok"
         assert cluster.master_of(f"cg:{{{acct}}}", via=replica) == replica
         # Limits hold exactly on the promoted shard, and on the others.
@@ -209,6 +216,38 @@ async def test_a_killed_master_fails_over_and_the_throttle_recovers(
             *(burst(throttle, ten_a_minute(a), 2 * R) for a in fresh.values())
         )
         assert all(r == {"admitted": R, "refused": R} for r in results), results
+    finally:
+        await throttle.aclose()
+        await pipe.aclose()
+
+
+async def test_a_cluster_that_refuses_keyed_calls_keeps_the_throttle_degraded(
+    cluster: RedisClusterNodes,
+) -> None:
+    # A master with an unserved slot answers CLUSTERDOWN to every keyed call
+    # but still accepts SCRIPT LOAD: the probe must not call it healthy.
+    pipe = ClusterPipe(cluster.url)
+    throttle = Throttle(pipe, policy="closed", timeout_ms=1000, probe_interval=0.05)
+    await throttle.start()
+    try:
+        master = cluster.masters()[0]
+        acct = accounts_on(cluster, cluster.masters())[master]
+        limits = ten_a_minute(acct)
+        assert await burst(throttle, limits, 1) == {"admitted": 1}
+        owned = next(s for s, p in cluster.slot_owners().items() if p == master)
+        cluster.client(master).execute_command("CLUSTER", "DELSLOTS", owned)
+        with pytest.raises(ServiceUnavailable):
+            await throttle.admit(limits, 1)
+        states = []
+        for _ in range(10):  # the probe runs every 50 ms meanwhile
+            await asyncio.sleep(0.05)
+            states.append(throttle.degraded)
+        assert states == [True] * 10
+        cluster.client(master).execute_command("CLUSTER", "ADDSLOTS", owned)
+        async with asyncio.timeout(10):
+            while throttle.degraded:
+                await asyncio.sleep(0.05)
+        assert await burst(throttle, limits, R) == {"admitted": R - 1, "refused": 1}
     finally:
         await throttle.aclose()
         await pipe.aclose()

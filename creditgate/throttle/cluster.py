@@ -185,6 +185,11 @@ class ClusterPipe:
             slots = await self._slot_map()
             masters = sorted(set(slots) - {""})
             replies = await asyncio.gather(*(self._pipe(a).execute(*args) for a in masters))
+            if name == "SCRIPT":
+                # Keyless commands succeed on a cluster that refuses every keyed
+                # one (CLUSTERDOWN while a master is failing over); the probe
+                # (SCRIPT LOAD) must not call such a cluster healthy.
+                await self._require_state_ok(masters)
             return replies[0]
         return await self.execute_encoded(len(args), encode_args(args))
 
@@ -242,6 +247,12 @@ class ClusterPipe:
         return self._pipe(addr)
 
     # ------------------------------------------------------------ internals
+
+    async def _require_state_ok(self, masters: list[str]) -> None:
+        infos = await asyncio.gather(*(self._pipe(a).execute("CLUSTER", "INFO") for a in masters))
+        for info in infos:
+            if b"cluster_state:ok" not in info:
+                raise RedisReplyError("CLUSTERDOWN a node reports cluster_state other than ok")
 
     def _relay(
         self, inner: asyncio.Future[Any], outer: asyncio.Future[Any], count: int, encoded: bytes
