@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestServer
 from creditgate.config import Tier
 from creditgate.errors import RateLimited, ServiceUnavailable
 from creditgate.throttle import Throttle, resolve
-from creditgate.throttle.cluster import ClusterPipe, make_pipe, parse_cluster_url
+from creditgate.throttle.cluster import ClusterPipe, _routing_key, make_pipe, parse_cluster_url
 from creditgate.throttle.limits import Limits
+from creditgate.throttle.resp import encode_args
 from tests.cluster_support import RedisClusterNodes, cluster_tools, redis_cluster
 from tests.conftest import Services
 from tests.test_throttle_processes import serve_processes, wait_healthy
@@ -72,6 +73,17 @@ def test_cluster_url_parsing() -> None:
     assert parse_cluster_url("rediss+cluster://:secret@h:1").password == "secret"
     with pytest.raises(ValueError, match="host:port"):
         parse_cluster_url("redis+cluster://h:notaport")
+
+
+def test_routing_key_is_the_first_key() -> None:
+    tag = f"cg:{{{uuid.uuid4()}}}"
+    assert _routing_key(encode_args(("EVALSHA", "a" * 40, 2, tag, f"{tag}:par", "a"))) == (
+        tag.encode()
+    )
+    assert _routing_key(encode_args(("EVALSHA", "a" * 40, 0, "arg"))) is None
+    assert _routing_key(encode_args(("EVAL", "return 1", 1, "k", "arg"))) == b"k"
+    assert _routing_key(encode_args(("GET", "k"))) == b"k"
+    assert _routing_key(encode_args(("PING",))) is None
 
 
 async def test_limits_hold_exactly_on_every_shard(cluster: RedisClusterNodes) -> None:

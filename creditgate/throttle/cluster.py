@@ -50,6 +50,8 @@ _EVERY_MASTER = frozenset(("SCRIPT", "PING", "FLUSHALL", "FLUSHDB"))
 # Redirections followed for one call before giving up (a map in flux).
 _MAX_REDIRECTS = 5
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
+_EVALSHA_HEAD = b"$7\r\nEVALSHA\r\n$40\r\n"
+_EVALSHA_KEYS_AT = len(_EVALSHA_HEAD) + 40 + 2  # where numkeys' header starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,17 @@ def _redirection(exc: BaseException | None) -> tuple[str, int, str] | None:
 
 def _routing_key(encoded: bytes) -> bytes | None:
     """The key a command (encoded by ``encode_args``) is routed by, or None for none."""
+    if encoded.startswith(_EVALSHA_HEAD):
+        # The hot path (every throttle call): EVALSHA <40-hex sha> numkeys key …
+        pos = _EVALSHA_KEYS_AT
+        end = encoded.index(b"\r\n", pos)
+        start = end + 2
+        if encoded[start : start + 2] == b"0\r":
+            return None  # no keys
+        pos = encoded.index(b"\r\n", start) + 2
+        end = encoded.index(b"\r\n", pos)
+        start = end + 2
+        return encoded[start : start + int(encoded[pos + 1 : end])]
     pos = 0
     values: list[bytes] = []
     want = 2  # the command name, then its first argument (or more for scripts)
