@@ -53,6 +53,7 @@ class RedisClusterNodes:
         self.replicas = replicas
         self.ports = [_free_port() for _ in range(masters * (1 + replicas))]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.paused: set[int] = set()
 
     @property
     def url(self) -> str:
@@ -130,7 +131,8 @@ class RedisClusterNodes:
         return redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2)
 
     def alive(self) -> list[int]:
-        return [p for p, proc in self.procs.items() if proc.poll() is None]
+        """The ports of nodes running and not paused."""
+        return [p for p, proc in self.procs.items() if proc.poll() is None and p not in self.paused]
 
     def wait_ok(self, timeout: float = 20) -> None:
         """Until every live node says cluster_state:ok and agrees on the masters."""
@@ -197,6 +199,11 @@ class RedisClusterNodes:
         proc = self.procs[port]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP one node: connections open, nothing answered (a hung or cut-off machine)."""
+        os.kill(self.procs[port].pid, signal.SIGSTOP)
+        self.paused.add(port)
 
     def move_slot_keys(self, slot: int, source: int, target: int) -> None:
         """Start a slot's migration (IMPORTING/MIGRATING) and MIGRATE its keys; not finished."""

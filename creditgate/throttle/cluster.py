@@ -186,6 +186,8 @@ class ClusterPipe:
         self._connect_timeout = connect_timeout
         self._pipes: dict[str, _NodePipe] = {}
         self._slots: list[str] | None = None  # master "host:port" by slot; "" unserved
+        # The masters of the last map: asked for the next one too (reset keeps them).
+        self._known: list[str] = []
         self._refreshing: asyncio.Task[list[str]] | None = None
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -339,25 +341,43 @@ class ClusterPipe:
         return await asyncio.shield(self._refreshing)
 
     async def _load_slots(self) -> list[str]:
-        """Ask the known masters, then the seeds, for CLUSTER SLOTS; the first answer wins."""
+        """CLUSTER SLOTS of the masters last known and the seeds, all at once; the first wins.
+
+        All at once: a dead node whose address swallows packets costs the
+        connect timeout, which must not delay learning the map from the others.
+        """
         seeds = [f"{_host(h)}:{p}" for h, p in self._url.seeds]
-        candidates = list(dict.fromkeys([*self.masters, *seeds]))
-        last: BaseException | None = None
-        for addr in candidates:
+        candidates = list(dict.fromkeys([*self._known, *seeds]))
+
+        async def ask(addr: str) -> tuple[str, Any]:
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    reply = await self._pipe(addr).execute("CLUSTER", "SLOTS")
-            except (RedisDown, RedisReplyError, TimeoutError) as exc:
+                    return addr, await self._pipe(addr).execute("CLUSTER", "SLOTS")
+            except (RedisDown, RedisReplyError, TimeoutError):
                 self._drop(addr)
-                last = exc
-                continue
-            slots = _slot_table(reply, addr.rpartition(":")[0])
-            self._slots = slots
-            # Connections to nodes that no longer serve a slot (a demoted master).
-            for stale in set(self._pipes) - set(slots) - set(seeds):
-                self._drop(stale)
-            log.info("redis cluster slot map loaded", extra={"masters": len(set(slots) - {""})})
-            return slots
+                raise
+
+        asks = [asyncio.ensure_future(ask(addr)) for addr in candidates]
+        last: BaseException | None = None
+        try:
+            for answer in asyncio.as_completed(asks):
+                try:
+                    addr, reply = await answer
+                except (RedisDown, RedisReplyError, TimeoutError) as exc:
+                    last = exc
+                    continue
+                slots = _slot_table(reply, addr.rpartition(":")[0])
+                self._slots = slots
+                self._known = sorted(set(slots) - {""})
+                # Connections to nodes that no longer serve a slot (a demoted master).
+                for stale in set(self._pipes) - set(slots) - set(seeds):
+                    self._drop(stale)
+                log.info("redis cluster slot map loaded", extra={"masters": len(self._known)})
+                return slots
+        finally:
+            for pending in asks:
+                pending.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
         raise RedisDown(f"no Redis Cluster node answered CLUSTER SLOTS: {type(last).__name__}")
 
     def _drop(self, addr: str) -> None:
