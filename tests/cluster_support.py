@@ -205,14 +205,25 @@ class RedisClusterNodes:
         os.kill(self.procs[port].pid, signal.SIGSTOP)
         self.paused.add(port)
 
-    def move_slot_keys(self, slot: int, source: int, target: int) -> None:
-        """Start a slot's migration (IMPORTING/MIGRATING) and MIGRATE its keys; not finished."""
+    def move_slot_keys(
+        self, slot: int, source: int, target: int, keys: list[str] | None = None
+    ) -> None:
+        """Start a slot's migration (IMPORTING/MIGRATING) and MIGRATE ``keys`` (default: all).
+
+        The migration is not finished (``finish_slot``).
+        """
         src, dst = self.client(source), self.client(target)
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
-        keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys is None:
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
         if keys:
             src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+
+    def error_count(self, port: int, error: str) -> int:
+        """How many ``error`` replies (e.g. TRYAGAIN) a node has sent (INFO errorstats)."""
+        stats = self.client(port).info("errorstats")
+        return int(stats.get(f"errorstat_{error}", {}).get("count", 0))
 
     def finish_slot(self, slot: int, target: int) -> None:
         """End a migration: every master learns ``target`` owns ``slot``."""

@@ -138,6 +138,40 @@ async def test_ask_then_moved_while_a_slot_is_resharded(cluster: RedisClusterNod
         await pipe.aclose()
 
 
+async def test_tryagain_while_an_accounts_keys_are_split_mid_migration(
+    cluster: RedisClusterNodes,
+) -> None:
+    # redis-cli --cluster reshard moves a slot's keys in batches: for a moment
+    # an account's hash is on the target and its lease set still on the source,
+    # and a script call gets TRYAGAIN. It waits and retries; no degradation.
+    pipe = ClusterPipe(cluster.url)
+    throttle = Throttle(pipe, policy="closed", timeout_ms=5000)
+    await throttle.start()
+    try:
+        acct = uuid.uuid4()
+        limits = ten_a_minute(acct)
+        key = f"cg:{{{acct}}}"
+        source = cluster.master_of(key)
+        target = next(p for p in cluster.masters() if p != source)
+        slot = int(cluster.client(source).execute_command("CLUSTER", "KEYSLOT", key))
+        assert await burst(throttle, limits, 2) == {"admitted": 2}  # leases held: both keys
+        cluster.move_slot_keys(slot, source, target, keys=[key])
+        before = cluster.error_count(source, "TRYAGAIN")
+        pending = asyncio.ensure_future(throttle.admit(limits, 1))
+        async with asyncio.timeout(10):
+            while cluster.error_count(source, "TRYAGAIN") == before:
+                await asyncio.sleep(0.01)
+        assert not pending.done()
+        await asyncio.to_thread(cluster.move_slot_keys, slot, source, target, [f"{key}:par"])
+        await pending
+        cluster.finish_slot(slot, target)
+        assert await burst(throttle, limits, 2 * R) == {"admitted": R - 3, "refused": R + 3}
+        assert not throttle.degraded
+    finally:
+        await throttle.aclose()
+        await pipe.aclose()
+
+
 async def test_two_processes_share_limits_across_shards(
     services: Services,
     upstream: TestServer,

@@ -49,6 +49,9 @@ _SCRIPT_CALLS = frozenset((b"EVALSHA", b"EVAL", b"EVALSHA_RO", b"EVAL_RO", b"FCA
 _EVERY_MASTER = frozenset(("SCRIPT", "PING", "FLUSHALL", "FLUSHDB"))
 # Redirections followed for one call before giving up (a map in flux).
 _MAX_REDIRECTS = 5
+# TRYAGAIN (a slot's keys split mid-migration): wait this long, up to this often.
+_TRYAGAIN_PAUSE = 0.02
+_MAX_TRYAGAIN = 50
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 _EVALSHA_HEAD = b"$7\r\nEVALSHA\r\n$40\r\n"
 _EVALSHA_KEYS_AT = len(_EVALSHA_HEAD) + 40 + 2  # where numkeys' header starts
@@ -138,10 +141,13 @@ class _NodePipe(RedisPipe):
 
 
 def _redirection(exc: BaseException | None) -> tuple[str, int, str] | None:
-    """("MOVED"|"ASK", slot, "host:port") of a redirection error, else None."""
+    """("MOVED"|"ASK", slot, "host:port") of a redirection error, ("TRYAGAIN", -1, ""), or None."""
     if not isinstance(exc, RedisReplyError):
         return None
-    parts = str(exc).split()
+    text = str(exc)
+    if text.startswith("TRYAGAIN"):
+        return "TRYAGAIN", -1, ""
+    parts = text.split()
     if len(parts) != 3 or parts[0] not in ("MOVED", "ASK"):
         return None
     return parts[0], int(parts[1]), parts[2]
@@ -273,6 +279,7 @@ class ClusterPipe:
         self, inner: asyncio.Future[Any], outer: asyncio.Future[Any], count: int, encoded: bytes
     ) -> None:
         if outer.done():
+            _consume(inner)
             return
         if inner.cancelled():
             outer.cancel()
@@ -289,22 +296,42 @@ class ClusterPipe:
         follow.add_done_callback(lambda done: _copy(done, outer))
 
     async def _follow(self, redirect: tuple[str, int, str], count: int, encoded: bytes) -> Any:
-        """The call's reply after following MOVED/ASK redirections (a few at most)."""
-        for _ in range(_MAX_REDIRECTS):
+        """The call's reply after following MOVED/ASK redirections and TRYAGAIN pauses."""
+        redirects = tries = 0
+        while True:
             kind, slot, addr = redirect
             try:
                 if kind == "ASK":
                     return await self._pipe(addr).asking(count, encoded)
-                if self._slots is not None:
-                    self._slots[slot] = addr
-                self._refresh_soon()
-                return await self._pipe(addr).execute_encoded(count, encoded)
+                if kind == "MOVED":
+                    if self._slots is not None:
+                        self._slots[slot] = addr
+                    self._refresh_soon()
+                    return await self._pipe(addr).execute_encoded(count, encoded)
+                # TRYAGAIN: the slot is mid-migration with this call's keys on
+                # both sides (redis-cli moves a slot's keys in batches); they
+                # will all be on one side within moments. The caller's time
+                # budget still bounds its wait (a late admission is given back).
+                await asyncio.sleep(_TRYAGAIN_PAUSE)
+                key = _routing_key(encoded)
+                slots = await self._slot_map()
+                target = slots[key_slot(key) if key is not None else 0]
+                if not target:
+                    raise RedisDown("no master serves this slot")
+                return await self._pipe(target).execute_encoded(count, encoded)
             except RedisReplyError as exc:
                 again = _redirection(exc)
                 if again is None:
                     raise
+                if again[0] == "TRYAGAIN":
+                    tries += 1
+                    if tries > _MAX_TRYAGAIN:
+                        raise
+                else:
+                    redirects += 1
+                    if redirects > _MAX_REDIRECTS:
+                        raise RedisReplyError(f"too many redirections for slot {again[1]}") from exc
                 redirect = again
-        raise RedisReplyError(f"too many redirections for slot {redirect[1]}")
 
     def _pipe(self, addr: str) -> _NodePipe:
         pipe = self._pipes.get(addr)
