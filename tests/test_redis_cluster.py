@@ -172,7 +172,7 @@ async def test_tryagain_while_an_accounts_keys_are_split_mid_migration(
         await pipe.aclose()
 
 
-async def test_two_processes_share_limits_across_shards(
+async def test_two_processes_share_limits_across_shards_and_survive_a_failover(
     services: Services,
     upstream: TestServer,
     db,
@@ -186,7 +186,16 @@ async def test_two_processes_share_limits_across_shards(
     while len(customers) < 2:  # two accounts whose keys sit on different shards
         c = await customer_factory(1, tier="ten")
         customers.setdefault(cluster.master_of(f"cg:{{{c.account.id}}}"), c)
-    env = {"REDIS_URL": cluster.url, "THROTTLE_REDIS_TIMEOUT_MS": "2000"}
+    victim = next(iter(customers))
+    while True:  # an unlimited account on the shard that will fail
+        heavy = await customer_factory(1, tier="free")
+        if cluster.master_of(f"cg:{{{heavy.account.id}}}") == victim:
+            break
+    env = {
+        "REDIS_URL": cluster.url,
+        "THROTTLE_REDIS_TIMEOUT_MS": "2000",
+        "THROTTLE_ON_REDIS_ERROR": "closed",
+    }
     with serve_processes(services, config, 2, tmp_path, **env) as procs:
         urls = [u for _, u in procs]
         async with aiohttp.ClientSession() as session:
@@ -206,8 +215,23 @@ async def test_two_processes_share_limits_across_shards(
             results = await asyncio.gather(
                 *(one(i, c.auth) for c in customers.values() for i in range(3 * R))
             )
-    for n, _ in enumerate(customers):
-        assert Counter(results[n * 3 * R : (n + 1) * 3 * R]) == {200: R, 429: 2 * R}
+            for n, _ in enumerate(customers):
+                assert Counter(results[n * 3 * R : (n + 1) * 3 * R]) == {200: R, 429: 2 * R}
+
+            # Fail the shard over under both processes; neither is restarted.
+            replica = cluster.replica_of(victim)
+            assert cluster.client(victim).execute_command("WAIT", 1, 5000) == 1
+            cluster.kill(victim)
+            cluster.client(replica).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+            statuses: list[int] = []
+            async with asyncio.timeout(30):
+                while statuses.count(503) < 2 or statuses[-2:] != [200, 200]:
+                    statuses.append(await one(len(statuses), heavy.auth))
+                    await asyncio.sleep(0.02)
+            assert set(statuses) == {200, 503}  # the "closed" policy, then shared again
+            # The replicated buckets came along: the limited account is still full.
+            after = await asyncio.gather(*(one(i, customers[victim].auth) for i in range(2)))
+            assert after == [429, 429]
 
 
 @pytest.mark.parametrize("promotion", ["automatic", "takeover", "paused-takeover"])
