@@ -111,6 +111,34 @@ async def test_limits_hold_exactly_on_every_shard(cluster: RedisClusterNodes) ->
         await pipe.aclose()
 
 
+async def test_leases_are_renewed_on_every_shard(cluster: RedisClusterNodes) -> None:
+    # renew.lua runs per admission on its account's shard, like admit.lua.
+    pipe = ClusterPipe(cluster.url)
+    throttle = Throttle(pipe, policy="closed", timeout_ms=2000, lease_ttl_ms=900)
+    await throttle.start()
+    try:
+        by_master = accounts_on(cluster, cluster.masters())
+        admitted = {port: await throttle.admit(ten_a_minute(a), 1) for port, a in by_master.items()}
+        first = {
+            port: float(cluster.client(port).zscore(f"cg:{{{a}}}:par", admitted[port].lease_id))
+            for port, a in by_master.items()
+        }
+        # The keeper renews every ttl/3; wait until each lease's expiry moved on.
+        async with asyncio.timeout(20):
+            while True:
+                now = {
+                    port: cluster.client(port).zscore(f"cg:{{{a}}}:par", admitted[port].lease_id)
+                    for port, a in by_master.items()
+                }
+                if all(v is not None and v > first[p] for p, v in now.items()):
+                    break
+                await asyncio.sleep(0.1)
+        assert not throttle.degraded
+    finally:
+        await throttle.aclose()
+        await pipe.aclose()
+
+
 async def test_ask_then_moved_while_a_slot_is_resharded(cluster: RedisClusterNodes) -> None:
     pipe = ClusterPipe(cluster.url)
     throttle = Throttle(pipe, policy="closed", timeout_ms=2000)
