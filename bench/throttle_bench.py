@@ -1,9 +1,13 @@
 """Throttle decisions per second from one process against one Redis, and the time one adds.
 
     .venv/bin/python bench/throttle_bench.py [--redis-url URL] [--seconds 5] [--concurrency 32]
+    .venv/bin/python bench/throttle_bench.py --target both    # one node vs a 3-shard cluster
 
 Without --redis-url it starts a redis-server of its own on a free port (so the
-shared one is not loaded), and stops it after. What is measured, all through
+shared one is not loaded), and stops it after; ``--target cluster`` starts a
+3-master Redis Cluster instead (tests/cluster_support.py, no replicas) and
+talks to it through ``throttle.cluster.ClusterPipe``; ``both`` runs one after
+the other. A ``redis+cluster://`` --redis-url is a cluster. What is measured, all through
 ``creditgate.throttle.Throttle`` exactly as the chat route calls it:
 
 * latency: one request at a time, the wall time of ``admit`` (what a decision
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from creditgate.config import Tier
 from creditgate.throttle import Throttle, resolve
+from creditgate.throttle.cluster import ClusterPipe, make_pipe
 from creditgate.throttle.resp import RedisPipe
 
 TIER = Tier("bench", 10**9, 10**10, 10**6, 2**31 - 1)
@@ -81,15 +86,22 @@ def own_redis() -> str:
             proc.wait(10)
 
 
-async def redis_cpu(client: RedisPipe) -> float:
-    """Seconds of CPU the Redis server has used (INFO cpu)."""
-    info = (await client.execute("INFO", "cpu")).decode()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+async def redis_cpu(client: RedisPipe | ClusterPipe) -> float:
+    """Seconds of CPU the Redis server (every master of a cluster) has used (INFO cpu)."""
+    nodes = (
+        [client.node(a) for a in client.masters] if isinstance(client, ClusterPipe) else [client]
+    )
+    total = 0.0
+    for node in nodes:
+        info = (await node.execute("INFO", "cpu")).decode()
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        total += float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+    return total
 
 
 async def run(args: argparse.Namespace, url: str) -> None:
-    client = RedisPipe(url)
+    client = make_pipe(url)
+    print(f"--- target: {'3-shard cluster' if isinstance(client, ClusterPipe) else 'one node'}")
     throttle = Throttle(client, policy="closed", timeout_ms=1000)
     await throttle.start()
     limits = [resolve(uuid.uuid4(), None, TIER) for _ in range(args.accounts)]
@@ -148,6 +160,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--samples", type=int, default=5000)
     p.add_argument("--accounts", type=int, default=1000)
+    p.add_argument("--target", choices=("single", "cluster", "both"), default="single")
     args = p.parse_args()
     try:
         import uvloop
@@ -157,9 +170,15 @@ def main() -> None:
         pass
     if args.redis_url:
         asyncio.run(run(args, args.redis_url))
-    else:
+        return
+    if args.target in ("single", "both"):
         with own_redis() as url:
             asyncio.run(run(args, url))
+    if args.target in ("cluster", "both"):
+        from tests.cluster_support import redis_cluster
+
+        with tempfile.TemporaryDirectory() as tmp, redis_cluster(Path(tmp), replicas=0) as nodes:
+            asyncio.run(run(args, nodes.url))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from creditgate import billing, ledger, migrations, webhooks
@@ -42,7 +41,7 @@ from creditgate.proxy import routes as proxy
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
-from creditgate.throttle.resp import RedisPipe
+from creditgate.throttle.cluster import make_client, make_pipe
 from creditgate.webhooks import setup_webhooks
 
 # Every route, from the tables beside their handlers (they also make /openapi.json).
@@ -128,7 +127,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             log.warning(warning.message, extra={"role": warning.role, "tables": warning.tables})
     if todo:
         log.warning("migrations pending; run `creditgate migrate`", extra={"pending": todo})
-    st.redis = aioredis.from_url(s.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    # A redis+cluster:// URL gives redis-py's RedisCluster (throttle/cluster.py).
+    st.redis = make_client(s.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
         skip_auto_headers=("User-Agent",),
@@ -137,7 +137,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # The throttle's own connection: shared by all requests of this process,
     # pipelined, and waited on at most the time budget.
     budget = s.throttle_redis_timeout_ms / 1000
-    throttle_redis = RedisPipe(s.redis_url, connect_timeout=max(budget, 0.5))
+    throttle_redis = make_pipe(s.redis_url, connect_timeout=max(budget, 0.5))
     lease_ttl_ms = int(s.config.throttle.lease_ttl_seconds * 1000)
     st.throttle = Throttle(
         throttle_redis,

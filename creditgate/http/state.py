@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from creditgate.auth import ApiKeyAuth
 from creditgate.config import Settings
@@ -22,7 +23,7 @@ class State:
     # Made in the app's startup (http.app._resources):
     db: asyncpg.Pool = field(init=False)
     holds: GroupCommit = field(init=False)  # reserve/settle with group commit, on db
-    redis: aioredis.Redis = field(init=False)
+    redis: aioredis.Redis | RedisCluster = field(init=False)  # throttle.cluster.make_client
     throttle: Throttle = field(init=False)
     limits: LimitsCache = field(init=False)
     upstream: UpstreamClient = field(init=False)

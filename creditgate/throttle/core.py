@@ -37,6 +37,7 @@ from typing import Any
 from creditgate.errors import RateLimited, ServiceUnavailable
 from creditgate.http.metrics import REDIS_DEGRADED, THROTTLE_DECISIONS
 from creditgate.logs import log
+from creditgate.throttle.cluster import ClusterPipe
 from creditgate.throttle.day import DayZone
 from creditgate.throttle.limits import LIMIT_NAMES, Limits
 from creditgate.throttle.local import LocalStore
@@ -139,7 +140,7 @@ class Throttle:
 
     def __init__(
         self,
-        redis: RedisPipe,
+        redis: RedisPipe | ClusterPipe,
         *,
         policy: str = "local",
         timeout_ms: int = 50,
