@@ -70,7 +70,6 @@ _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
 _stream_ends = cached_labels(STREAM_ENDS)
 _upstream_duration = cached_labels(UPSTREAM_DURATION)
 _CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
-TAIL_SEND_TIMEOUT = 10.0  # seconds for a stream's last events (after its settlement)
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
