@@ -274,6 +274,7 @@ def test_the_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None
     assert test.endswith(".venv/bin/pytest") and "'.[test]'" in test
     ci = (ROOT / ".ci" / "run").read_text("utf-8").strip().splitlines()
     assert ci[-1] == test
+    assert first_block in (DOCS / "index.md").read_text("utf-8"), "the site's overview agrees"
 
 
 def test_the_readme_has_one_contents_line_per_docs_page() -> None:
