@@ -226,11 +226,64 @@ def test_the_link_checker_finds_broken_links_and_anchors(tmp_path: Path) -> None
     assert github_slug("`creditgate dev` (local)") == "creditgate-dev-local"
 
 
-def test_no_docs_page_refers_to_files_outside_the_repository() -> None:
-    outside = re.compile(r"DESIGN\.md|REFERENCES\.md|\.\./shared|/work/")
-    for path in [*sorted(DOCS.glob("*.md")), ROOT / "mkdocs.yml"]:
-        for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-            assert not outside.search(line), f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+OUTSIDE = re.compile(r"DESIGN\.md|REFERENCES\.md|\.\./shared|/work/")
+
+
+def outside_references(path: Path) -> list[str]:
+    """Lines of ``path`` naming a file users do not have (the design notes, a workspace path)."""
+    return [
+        f"{path.name}:{n}: {line.strip()}"
+        for n, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+
+
+def test_no_page_refers_to_files_outside_the_repository() -> None:
+    """Users have only the repository: no page, top-level document or site config
+    points at the design notes or a workspace path."""
+    paths = [*_doc_files(), ROOT / "mkdocs.yml"]
+    assert [p for p in paths if p.name in TOP_LEVEL_DOCS] == [ROOT / n for n in TOP_LEVEL_DOCS]
+    assert [line for path in paths for line in outside_references(path)] == []
+
+
+def test_the_outside_reference_check_finds_them(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "ok\nsee DESIGN.md §8\n[x](../shared/REFERENCES.md)\nPYTHONPATH=/work/main\n", "utf-8"
+    )
+    assert [p.split(":")[1] for p in outside_references(page)] == ["2", "3", "4"]
+
+
+# ---------------------------------------------------------------- the README
+
+
+def _readme_blocks() -> list[str]:
+    return re.findall(r"^```\w*\n(.*?)^```", (ROOT / "README.md").read_text("utf-8"), re.M | re.S)
+
+
+def test_the_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
+    """The first two commands a newcomer meets: dev (with the dev extra) and the tests;
+    CI runs exactly the README's test command."""
+    text = (ROOT / "README.md").read_text("utf-8")
+    first_block = _readme_blocks()[0]
+    assert text.index("```") < text.index("\n## "), "the commands come before any section"
+    dev, test = first_block.strip().splitlines()
+    assert dev == (
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/creditgate dev"
+    )
+    assert test.endswith(".venv/bin/pytest") and "'.[test]'" in test
+    ci = (ROOT / ".ci" / "run").read_text("utf-8").strip().splitlines()
+    assert ci[-1] == test
+    assert first_block in (DOCS / "index.md").read_text("utf-8"), "the site's overview agrees"
+
+
+def test_the_readme_has_one_contents_line_per_docs_page() -> None:
+    text = (ROOT / "README.md").read_text("utf-8")
+    rows = [line for line in text.splitlines() if re.match(r"^\| \[.+\]\(docs/[\w-]+\.md\)", line)]
+    linked = [re.search(r"\(docs/([\w-]+\.md)\)", row).group(1) for row in rows]  # type: ignore[union-attr]
+    pages = sorted(p.name for p in DOCS.glob("*.md") if p.name != "index.md")
+    assert sorted(linked) == pages, "each docs page once in the README's table of contents"
+    assert "ARCHITECTURE.md" in text and "BENCHMARKS.md" in text
 
 
 # ---------------------------------------------------------------- (c) the reference
