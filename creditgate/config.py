@@ -163,7 +163,7 @@ class NotificationsConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """``[http]`` limits on slow clients (README "Security").
+    """``[http]`` limits on slow clients (docs/security.md).
 
     ``header_timeout_seconds`` is aiohttp's keep-alive timer, which also runs
     from the moment a connection opens until its request's headers are

@@ -122,7 +122,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # make /ready answer 503 until `creditgate migrate` has run.
         todo = await migrations.pending(conn)
         # One owner/superuser URL keeps working, but append-only is then only
-        # as good as the code: say so at start (README: Database roles).
+        # as good as the code: say so at start (docs/operations.md#database-roles).
         for warning in await serving_role_warnings(conn):
             log.warning(warning.message, extra={"role": warning.role, "tables": warning.tables})
     if todo:

@@ -100,12 +100,12 @@ class RoleWarning:
 
 SUPERUSER = (
     "the serving role is a superuser: it can disable or replace the ledger's append-only"
-    " triggers; serve with an application role (README: Database roles)"
+    " triggers; serve with an application role (docs/operations.md#database-roles)"
 )
 OWNER = (
     "the serving role owns ledger tables (or can act as their owner, or truncate them): it"
     " can disable or replace the append-only triggers; serve with an application role"
-    " (README: Database roles)"
+    " (docs/operations.md#database-roles)"
 )
 
 
