@@ -71,6 +71,9 @@ async def test_headers_aiohttp_refuses_are_logged_without_their_credentials(
     [
         ('{"msg":"request","route":"/v1/chat/completions","status":200}', None),
         ('{"msg":"api key created","prefix":"cg_AbCd1234"}', "cg_AbCd1234"),
+        # An environment variable's name is not a key (keys are lower-case cg_…).
+        ('{"msg":"upstream key unset","variable":"CG_UPSTREAM_KEY_MAIN"}', None),
+        ('{"msg":"upstream key unset","variable":"SK_PROVIDER_SECRET_KEY"}', None),
         ('{"msg":"The session token is missing or malformed."}', None),
         ("b'Authorization: Bearer cg_" + "k" * 43 + "\\\\x01'", "Authorization: [redacted]"),
         ("Cookie: theme=dark; __session=eyJhbGciOiJSUzI1NiJ9.eyJzdWIi", "Cookie: [redacted]"),
