@@ -30,7 +30,7 @@ _SECRETS = re.compile(
     | (?P<cookie>__session=)[^\s"',;\\]*                         # Clerk's session cookie
     | (?P<header>\b(?:authorization|cookie|x-api-key|webhook-signature|svix-signature)
          (?:"|')?\s*(?::|=)\s*(?:"|')?)[^\r\n"'\\]*    # a whole credential header's value
-    | (?-i:cg_[A-Za-z0-9_-]{12,})            # creditgate API keys (case-sensitive: not CG_SOME_VARIABLE)
+    | (?-i:cg_[A-Za-z0-9_-]{12,})              # creditgate API keys (case-sensitive)
     | eyJ[A-Za-z0-9_-]{6,}  (?:\.[A-Za-z0-9_-]*){0,2}             # JWTs, even cut short
     | (?-i:\b(?:whsec|polar_[a-z]{2,4}|sk)_[A-Za-z0-9_-]{12,})  # webhook, Polar, OpenAI secrets
     """,
