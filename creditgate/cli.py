@@ -26,7 +26,7 @@ import asyncpg
 
 from creditgate import ledger, migrations
 from creditgate.auth.api_keys import SCOPES
-from creditgate.config import ConfigError, Settings, load_settings
+from creditgate.config import LIMIT_NAMES, ConfigError, LimitName, Settings, load_settings
 from creditgate.errors import ApiError
 from creditgate.logs import log, setup_logging
 
@@ -371,7 +371,7 @@ async def cmd_limits(args: argparse.Namespace) -> dict[str, Any]:
     from creditgate.throttle import overrides
 
     changes: dict[str, int | None] = {}
-    for name in ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day"):
+    for name in LIMIT_NAMES:
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = None if value == "none" else _positive(name, value)
@@ -397,7 +397,7 @@ async def cmd_limits(args: argparse.Namespace) -> dict[str, Any]:
         await conn.close()
 
 
-def _positive(name: str, text: str) -> int:
+def _positive(name: LimitName, text: str) -> int:
     from creditgate.throttle.limits import MAX_VALUE
 
     if not text.isdigit() or not 1 <= int(text) <= MAX_VALUE[name]:
@@ -989,8 +989,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("account", help="account id or Clerk user/org id")
     s.add_argument("--key", help="an API key id of the account: override the key's limits")
-    for flag in ("requests-per-minute", "tokens-per-minute", "max-parallel", "messages-per-day"):
-        s.add_argument(f"--{flag}", metavar="N|none")
+    for name in LIMIT_NAMES:
+        s.add_argument("--" + name.replace("_", "-"), metavar="N|none")
     s.set_defaults(run=cmd_limits)
 
     s = sub.add_parser("balance", parents=[common], help="an account's balance")
