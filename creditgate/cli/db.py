@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from creditgate.cli.output import CliError
 from creditgate.config import ConfigError, Settings, load_settings
+
+DB_CONNECT_TIMEOUT = 10.0  # seconds serve waits for Postgres at start
 
 
 def settings() -> Settings:
@@ -36,3 +39,25 @@ async def connected(url: str | None) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+async def database_problem(url: str) -> str | None:
+    """None if Postgres at ``url`` answers, else a one-line description and fix.
+
+    The message names host and port, never the URL (it may hold a password).
+    """
+    try:
+        parts = urlsplit(url)
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    except ValueError:
+        return "DATABASE_URL is not a valid URL: postgresql://USER:PASSWORD@HOST:5432/DB"
+    try:
+        conn = await asyncpg.connect(url, timeout=DB_CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        reason = type(e).__name__ if isinstance(e, TimeoutError) else str(e).splitlines()[0]
+        return (
+            f"cannot connect to the database at {where} ({reason}):"
+            " check DATABASE_URL and that Postgres is running and reachable"
+        )
+    await conn.close()
+    return None

@@ -11,8 +11,7 @@ import os
 import socket
 from collections.abc import Callable
 
-import asyncpg
-
+from creditgate.cli.db import database_problem
 from creditgate.cli.db import settings as load_cli_settings
 from creditgate.cli.output import CliError, emit
 from creditgate.config import Settings
@@ -108,9 +107,6 @@ def _probe_port(host: str, port: int) -> None:
             raise _port_error(host, port, e) from None
 
 
-DB_CONNECT_TIMEOUT = 10.0  # seconds serve waits for Postgres at start
-
-
 def _preflight(settings: Settings) -> None:
     """What ``serve`` checks before it says "serving": one-line errors, not tracebacks.
 
@@ -126,7 +122,7 @@ def _preflight(settings: Settings) -> None:
             "DATABASE_URL is not set: set it to your Postgres URL"
             " (postgresql://USER:PASSWORD@HOST:5432/DB), or run 'creditgate dev' to try it locally",
         )
-    problem = asyncio.run(_database_problem(settings.database_url))
+    problem = asyncio.run(database_problem(settings.database_url))
     if problem is not None:
         raise CliError("SERVICE_UNAVAILABLE", problem)
     for upstream in missing_upstream_keys(settings.config):
@@ -134,30 +130,6 @@ def _preflight(settings: Settings) -> None:
             "upstream API key variable is not set; calls to this upstream will fail",
             extra={"upstream": upstream.name, "variable": upstream.api_key_env},
         )
-
-
-async def _database_problem(url: str) -> str | None:
-    """None if Postgres at ``url`` answers, else a one-line description and fix.
-
-    The message names host and port, never the URL (it may hold a password).
-    """
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
-    except ValueError:
-        return "DATABASE_URL is not a valid URL: postgresql://USER:PASSWORD@HOST:5432/DB"
-    try:
-        conn = await asyncpg.connect(url, timeout=DB_CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        reason = type(e).__name__ if isinstance(e, TimeoutError) else str(e).splitlines()[0]
-        return (
-            f"cannot connect to the database at {where} ({reason}):"
-            " check DATABASE_URL and that Postgres is running and reachable"
-        )
-    await conn.close()
-    return None
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
