@@ -93,7 +93,12 @@ def test_the_head_names_the_arguments_in_the_scripts_order() -> None:
 
 
 _TYPOS = """
+import uuid
+
 from creditgate.config import Settings
+from creditgate.ledger import ensure_account, post_entry
+from creditgate.ledger.db import Db
+from creditgate.ledger.kinds import HoldOutcome
 from creditgate.proxy.relay import StreamEnd
 from creditgate.throttle import Admission, Limits, Throttle
 from creditgate.throttle.resp import RedisPipe
@@ -105,11 +110,21 @@ def typos(pipe: RedisPipe, limits: Limits, admission: Admission, settings: Setti
     admission.store = "rediss"
     end: StreamEnd = "idle-timeout"
     print(settings.throttle_on_redis_error == "close", end)
+
+
+async def ledger_typos(db: Db, account_id: uuid.UUID) -> None:
+    await ensure_account(db, "usr", "user_1")
+    await post_entry(
+        db, account_id=account_id, amount=1, kind="grnat", idempotency_key="k", reason="r"
+    )
+    outcome: HoldOutcome = "setled"
+    print(outcome)
 """
 
 
 def test_strict_mypy_catches_a_typo_in_a_closed_set(tmp_path: Path) -> None:
-    """Policies, limit names, stores and stream ends are Literal types: a misspelt one fails."""
+    """Policies, limit names, stores, stream ends, account and entry kinds, hold outcomes
+    are Literal types: a misspelt one fails."""
     snippet = tmp_path / "typos.py"
     snippet.write_text(_TYPOS)
     result = subprocess.run(
@@ -122,6 +137,7 @@ def test_strict_mypy_catches_a_typo_in_a_closed_set(tmp_path: Path) -> None:
     lines = [line for line in result.stdout.splitlines() if "error:" in line]
     flagged = {int(line.split(":")[1]) for line in lines}
     body = _TYPOS.splitlines()
-    for typo in ('"lokal"', '"tokens_per_minut"', '"rediss"', '"idle-timeout"', '"close"'):
+    typos = ('"lokal"', '"tokens_per_minut"', '"rediss"', '"idle-timeout"', '"close"')
+    for typo in (*typos, '"usr"', '"grnat"', '"setled"'):
         number = next(i + 1 for i, line in enumerate(body) if typo in line)
         assert number in flagged, (typo, result.stdout)

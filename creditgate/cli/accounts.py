@@ -11,6 +11,7 @@ import asyncpg
 from creditgate import ledger, migrations
 from creditgate.cli.db import connected, settings
 from creditgate.cli.output import CliError, Outcome
+from creditgate.ledger.kinds import AccountKind
 from creditgate.logs import log
 
 
@@ -38,7 +39,8 @@ async def cmd_migrate(args: argparse.Namespace) -> Outcome:
 async def cmd_accounts_create(args: argparse.Namespace) -> Outcome:
     """``accounts create --user|--org ID [--tier T]``: create (or find) an account."""
     config = settings()
-    kind, external_id = ("user", args.user) if args.user else ("org", args.org)
+    kind: AccountKind = "user" if args.user else "org"
+    external_id = args.user or args.org
     if args.tier not in config.config.tiers:
         tiers = ", ".join(sorted(config.config.tiers))
         raise CliError("VALIDATION_ERROR", f"--tier: no tier named {args.tier!r}; tiers: {tiers}")
