@@ -113,10 +113,14 @@ class ThrottleConfig:
     lease_ttl_seconds: float = 60.0  # a crashed process's parallel slots free after this
 
 
+# A Polar product: a one-off credit pack or a subscription's monthly credits.
+ProductKind = Literal["pack", "subscription"]
+
+
 @dataclass(frozen=True, slots=True)
 class Product:
     id: str
-    kind: str  # "pack" | "subscription"
+    kind: ProductKind
     credits_micros: int
     tier: str | None
     name: str | None = None  # shown as the balance's ``plan``; defaults to the tier or the id
@@ -497,9 +501,12 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         where = f"products.{pid}"
         p = _table(p, where)
         _check_keys(p, {"kind", "credits", "tier", "name"}, where)
-        kind = _str(p.get("kind"), f"{where}.kind")
-        if kind not in ("pack", "subscription"):
-            raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {kind!r}")
+        kind: ProductKind
+        match _str(p.get("kind"), f"{where}.kind"):
+            case "pack" | "subscription" as kind:
+                pass
+            case other:
+                raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {other!r}")
         micros = _decimal(p.get("credits", 0), f"{where}.credits") * 1_000_000
         if micros != micros.to_integral_value():
             raise ConfigError(f"{where}.credits: at most 6 decimal places")

@@ -95,7 +95,8 @@ def test_the_head_names_the_arguments_in_the_scripts_order() -> None:
 _TYPOS = """
 import uuid
 
-from creditgate.config import Settings
+from creditgate.config import Product, Settings
+from creditgate.doctor import Check
 from creditgate.ledger import ensure_account, post_entry
 from creditgate.ledger.db import Db
 from creditgate.ledger.kinds import HoldOutcome
@@ -119,6 +120,7 @@ async def ledger_typos(db: Db, account_id: uuid.UUID) -> None:
     )
     outcome: HoldOutcome = "setled"
     print(outcome)
+    print(Check("database", "okay", ""), Product("p", "packs", 1, None))
 """
 
 
@@ -138,6 +140,6 @@ def test_strict_mypy_catches_a_typo_in_a_closed_set(tmp_path: Path) -> None:
     flagged = {int(line.split(":")[1]) for line in lines}
     body = _TYPOS.splitlines()
     typos = ('"lokal"', '"tokens_per_minut"', '"rediss"', '"idle-timeout"', '"close"')
-    for typo in (*typos, '"usr"', '"grnat"', '"setled"'):
+    for typo in (*typos, '"usr"', '"grnat"', '"setled"', '"okay"', '"packs"'):
         number = next(i + 1 for i, line in enumerate(body) if typo in line)
         assert number in flagged, (typo, result.stdout)
