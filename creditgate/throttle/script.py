@@ -25,12 +25,13 @@ and "c" (cancel) reply ``[1, 0, 0, day]``, an ``Ack``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, overload
+from typing import Literal, NamedTuple, get_args, overload
 
 from creditgate.throttle.limits import LIMIT_NAMES, LimitName
 
 # "a" admit, "q" query, "r" return, "c" cancel (see admit.lua's ARGV[1]).
 Mode = Literal["a", "q", "r", "c"]
+_MODES: tuple[Mode, ...] = get_args(Mode)
 DecidingModes = Literal["a", "q"]
 AckModes = Literal["r", "c"]
 
@@ -60,11 +61,11 @@ class Head(NamedTuple):
     @classmethod
     def from_args(cls, args: Sequence[str | int]) -> Head:
         """The head of a full argument list (how the local fallback reads a call)."""
-        mode = str(args[0])
-        if mode not in ("a", "q", "r", "c"):
-            raise ValueError(f"unknown admit.lua mode {mode!r}")
+        mode = next((m for m in _MODES if m == args[0]), None)
+        if mode is None:
+            raise ValueError(f"unknown admit.lua mode {args[0]!r}")
         return cls(
-            mode,  # type: ignore[arg-type]  # checked just above
+            mode,
             int(args[1]),
             int(args[2]),
             int(args[3]),
