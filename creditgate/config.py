@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 # Prices are kept as integers of 10⁻⁹ µc per token so cost arithmetic is exact.
 PRICE_SCALE = 10**9
 DEFAULT_TIER = "free"
 # Largest requests/tokens per minute the throttle counts exactly (see above).
 MAX_PER_MINUTE = 2**53 // 60_000 // 4
-THROTTLE_POLICIES = ("local", "open", "closed")
+# What the throttle does while Redis is unreachable (THROTTLE_ON_REDIS_ERROR);
+# the one definition, the throttle imports it.
+ThrottlePolicy = Literal["local", "open", "closed"]
+THROTTLE_POLICIES: tuple[ThrottlePolicy, ...] = get_args(ThrottlePolicy)
 DEFAULT_MAX_MESSAGES = 2048  # OpenAI's own limit on messages per request
 
 
@@ -88,6 +91,11 @@ class Model:
     max_image_tokens: int = 1_500
 
 
+# A tier's four throttle limits, in the order the throttle script takes them.
+LimitName = Literal["requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day"]
+LIMIT_NAMES: tuple[LimitName, ...] = get_args(LimitName)
+
+
 @dataclass(frozen=True, slots=True)
 class Tier:
     name: str
@@ -105,10 +113,14 @@ class ThrottleConfig:
     lease_ttl_seconds: float = 60.0  # a crashed process's parallel slots free after this
 
 
+# A Polar product: a one-off credit pack or a subscription's monthly credits.
+ProductKind = Literal["pack", "subscription"]
+
+
 @dataclass(frozen=True, slots=True)
 class Product:
     id: str
-    kind: str  # "pack" | "subscription"
+    kind: ProductKind
     credits_micros: int
     tier: str | None
     name: str | None = None  # shown as the balance's ``plan``; defaults to the tier or the id
@@ -231,7 +243,7 @@ class Settings:
     admin_token: str | None = None
     metrics_token: str | None = None
     log_level: str = "info"
-    throttle_on_redis_error: str = "local"  # "local" | "open" | "closed"
+    throttle_on_redis_error: ThrottlePolicy = "local"
     throttle_redis_timeout_ms: int = 50
     clerk_jwks_url: str | None = None
     clerk_issuer: str | None = None
@@ -489,9 +501,12 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         where = f"products.{pid}"
         p = _table(p, where)
         _check_keys(p, {"kind", "credits", "tier", "name"}, where)
-        kind = _str(p.get("kind"), f"{where}.kind")
-        if kind not in ("pack", "subscription"):
-            raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {kind!r}")
+        kind: ProductKind
+        match _str(p.get("kind"), f"{where}.kind"):
+            case "pack" | "subscription" as kind:
+                pass
+            case other:
+                raise ConfigError(f"{where}.kind: must be 'pack' or 'subscription', got {other!r}")
         micros = _decimal(p.get("credits", 0), f"{where}.credits") * 1_000_000
         if micros != micros.to_integral_value():
             raise ConfigError(f"{where}.credits: at most 6 decimal places")
@@ -675,9 +690,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("LOG_LEVEL", "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL: debug, info, warning or error, got {log_level!r}")
-    policy = env.get("THROTTLE_ON_REDIS_ERROR", "local").lower()
-    if policy not in THROTTLE_POLICIES:
-        raise ConfigError(f"THROTTLE_ON_REDIS_ERROR: local, open or closed, got {policy!r}")
+    policy = _throttle_policy(env.get("THROTTLE_ON_REDIS_ERROR", "local").lower())
     budget_text = env.get("THROTTLE_REDIS_TIMEOUT_MS", "50")
     if not budget_text.isdigit() or not 1 <= int(budget_text) <= 10_000:
         raise ConfigError(
@@ -727,3 +740,11 @@ def _origins(text: str) -> tuple[str, ...]:
             )
         found.append(item.lower())
     return tuple(found)
+
+
+def _throttle_policy(text: str) -> ThrottlePolicy:
+    """THROTTLE_ON_REDIS_ERROR's value as its type, or ConfigError."""
+    for policy in THROTTLE_POLICIES:
+        if text == policy:
+            return policy
+    raise ConfigError(f"THROTTLE_ON_REDIS_ERROR: local, open or closed, got {text!r}")

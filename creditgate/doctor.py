@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,10 +23,14 @@ from creditgate.ledger.role_report import role_report
 TIMEOUT = 5.0  # seconds per network check
 
 
+# A check's verdict; any "fail" makes `creditgate doctor` exit 1.
+CheckStatus = Literal["ok", "warn", "fail", "skip"]
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
-    status: str  # "ok" | "warn" | "fail" | "skip"
+    status: CheckStatus
     detail: str
 
     def as_json(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from creditgate.ledger import Account, ensure_account
 from creditgate.ledger.db import Db
+from creditgate.ledger.kinds import AccountKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +32,9 @@ class SessionAccounts:
         self._db = db
         self._ttl = ttl
         self._max = max_entries
-        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._cache: dict[tuple[AccountKind, str], _Cached] = {}
 
-    async def get(self, kind: str, external_id: str) -> Account:
+    async def get(self, kind: AccountKind, external_id: str) -> Account:
         """The account of this Clerk user (``kind='user'``) or organization (``'org'``)."""
         now = time.monotonic()
         hit = self._cache.get((kind, external_id))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -41,7 +42,7 @@ AIOHTTP_SHUTDOWN_TIMEOUT = 0.5  # aiohttp's own wait (twice, at most): only for 
 # SIGTERM to process exit is at most shutdown_timeout_seconds + this: the cut's
 # settling (3 s), aiohttp's wait (2 × 0.5 s) and closing the pools (< 1 s).
 SHUTDOWN_MARGIN_SECONDS = 5
-SHUTDOWN_END = "shutdown"  # how a stream cut by the drain ended (the stream_ends label)
+SHUTDOWN_END: Final = "shutdown"  # how a stream cut by the drain ended (the stream_ends label)
 
 _CUT = web.RequestKey("shutdown_cut", bool)
 

@@ -9,6 +9,7 @@ import asyncpg
 
 from creditgate.errors import Conflict, NotFound, ValidationError
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.kinds import AccountKind
 from creditgate.ledger.money import micros_to_credits
 
 KINDS = ("user", "org")
@@ -32,7 +33,9 @@ class Account:
         }
 
 
-async def ensure_account(db: Db, kind: str, external_id: str, tier: str = "free") -> Account:
+async def ensure_account(
+    db: Db, kind: AccountKind, external_id: str, tier: str = "free"
+) -> Account:
     """The account of this Clerk user/org, created (with its balance row) if new.
 
     Safe under concurrency: two first requests of a new account create one.
@@ -89,7 +92,7 @@ async def resolve_account(db: Db, ref: str) -> Account:
     raise NotFound(f"no account {ref!r}")
 
 
-async def close_account(db: Db, kind: str, external_id: str) -> Account:
+async def close_account(db: Db, kind: AccountKind, external_id: str) -> Account:
     """Close the account of this Clerk user/org: no new charges, history kept.
 
     An account not seen yet is created closed, so a deletion that arrives

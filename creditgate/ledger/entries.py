@@ -11,16 +11,16 @@ import asyncpg
 
 from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.kinds import ENTRY_KINDS as ENTRY_KINDS  # re-exported
+from creditgate.ledger.kinds import EntryKind, PostedKind
 from creditgate.ledger.money import micros_to_credits
-
-ENTRY_KINDS = ("grant", "debit", "adjustment", "reversal", "expiry")
 
 
 @dataclass(frozen=True, slots=True)
 class Posted:
     entry_id: uuid.UUID
     account_id: uuid.UUID
-    kind: str
+    kind: EntryKind
     amount: int  # signed µc
     balance: int  # the account's balance right after the entry (the same on a replay)
     expires_at: datetime | None
@@ -87,7 +87,7 @@ async def post_entry(
     *,
     account_id: uuid.UUID,
     amount: int,
-    kind: str,
+    kind: PostedKind,
     idempotency_key: str,
     reason: str,
     expires_at: datetime | None = None,

@@ -21,6 +21,7 @@ import asyncpg
 
 from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.kinds import HoldOutcome
 from creditgate.ledger.money import micros_to_credits
 
 
@@ -250,7 +251,7 @@ RETURNING a.account_id
 
 async def release_hold(db: Db, hold_id: uuid.UUID, *, expired: bool = False) -> bool:
     """End a hold without a charge. Returns False if it had already ended."""
-    outcome = "expired" if expired else "released"
+    outcome: HoldOutcome = "expired" if expired else "released"
     return await db.fetchval(_RELEASE, hold_id, outcome) is not None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Literal
 
 import aiohttp
 from aiohttp import web
@@ -26,16 +26,29 @@ from creditgate.proxy.upstream import Stream
 
 SEND_TIMEOUT = 60.0  # seconds one write to the client may wait (the proxy passes the model's idle)
 
-# How a relayed stream ended.
-DONE_END = "done"  # the upstream sent [DONE]
-EOF_END = "eof"  # the upstream closed the stream without [DONE]
-READ_ERROR = "read_error"  # the upstream connection failed
-IDLE_TIMEOUT = "idle_timeout"
-TOTAL_TIMEOUT = "total_timeout"
-MALFORMED = "malformed"  # an event whose data is not JSON
-ERROR_EVENT = "error_event"  # the upstream sent an error object
-CLIENT_GONE = "client_gone"  # a write to the client failed
-STALLED = "stalled"  # a write to the client timed out: it stopped reading
+# How a relayed stream ended (the stream_ends metric's label, the logs' "end");
+# "shutdown" is the drain's cut (http.drain.SHUTDOWN_END).
+StreamEnd = Literal[
+    "done",
+    "eof",
+    "read_error",
+    "idle_timeout",
+    "total_timeout",
+    "malformed",
+    "error_event",
+    "client_gone",
+    "stalled",
+    "shutdown",
+]
+DONE_END: Final = "done"  # the upstream sent [DONE]
+EOF_END: Final = "eof"  # the upstream closed the stream without [DONE]
+READ_ERROR: Final = "read_error"  # the upstream connection failed
+IDLE_TIMEOUT: Final = "idle_timeout"
+TOTAL_TIMEOUT: Final = "total_timeout"
+MALFORMED: Final = "malformed"  # an event whose data is not JSON
+ERROR_EVENT: Final = "error_event"  # the upstream sent an error object
+CLIENT_GONE: Final = "client_gone"  # a write to the client failed
+STALLED: Final = "stalled"  # a write to the client timed out: it stopped reading
 
 
 class Relay:
@@ -68,10 +81,10 @@ class Relay:
         self.last_chunk: dict[str, Any] | None = None  # for the ids of a chunk we make
         self.text_bytes = 0  # generated text received, for an estimate without usage
         self.error: dict[str, Any] | None = None  # the upstream's mid-stream error object
-        self.end = ""
+        self.end: StreamEnd | Literal[""] = ""  # "": still running
         self._writing = False
 
-    async def run(self, idle: float, *, send_timeout: float = SEND_TIMEOUT) -> str:
+    async def run(self, idle: float, *, send_timeout: float = SEND_TIMEOUT) -> StreamEnd:
         """Relay until the stream ends; returns (and records) how it ended.
 
         Bounded in time as a whole: the stream's deadline (the call's, which
@@ -87,7 +100,7 @@ class Relay:
             self.end = STALLED if self._writing else TOTAL_TIMEOUT
             return self.end
 
-    async def _relay(self, idle: float, send_timeout: float) -> str:
+    async def _relay(self, idle: float, send_timeout: float) -> StreamEnd:
         loop = asyncio.get_running_loop()
         content = self.stream.response.content
         deadline = self.stream.deadline

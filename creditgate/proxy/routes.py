@@ -28,7 +28,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -61,7 +61,7 @@ from creditgate.proxy import relay as ends
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.pricing import cost_micros
-from creditgate.proxy.relay import Relay
+from creditgate.proxy.relay import Relay, StreamEnd
 from creditgate.proxy.request import parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 from creditgate.proxy.upstream import Answer, Stream
@@ -280,7 +280,10 @@ async def _stream(
 
 
 async def _finish_stream(
-    call: MeteredCall, relay: Relay, end: str, transport: asyncio.BaseTransport | None
+    call: MeteredCall,
+    relay: Relay,
+    end: StreamEnd | Literal[""],
+    transport: asyncio.BaseTransport | None,
 ) -> web.StreamResponse:
     """Settle, then send the usage chunk (if asked for) and ``[DONE]`` or an error event."""
     resp = relay.resp
@@ -345,7 +348,7 @@ def _usage_chunk(relay: Relay, charge: Charge) -> dict[str, Any]:
     return {**chunk, "object": "chat.completion.chunk", "choices": [], "usage": charge.usage}
 
 
-def _stream_error(relay: Relay, end: str) -> bytes:
+def _stream_error(relay: Relay, end: StreamEnd | Literal[""]) -> bytes:
     """The error event that ends a stream cut short, OpenAI-style."""
     if end == ends.ERROR_EVENT and relay.error is not None:
         return sse_event({"error": relay.error})  # the upstream's own error, as it sent it

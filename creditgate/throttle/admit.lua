@@ -38,6 +38,9 @@
 --   scope: requests remaining, requests reset ms, tokens remaining, tokens
 --   reset ms, parallel remaining, messages remaining (-1 where not limited)};
 --   modes "r" and "c" return {1, 0, 0, day number}.
+--
+-- Python reads these positions in one place only, throttle/script.py (Head,
+-- decode): a change of the layout here changes it there.
 
 local PERIOD = 60000
 local t = redis.call('TIME')

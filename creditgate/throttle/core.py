@@ -32,18 +32,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
+from creditgate.config import THROTTLE_POLICIES, ThrottlePolicy
 from creditgate.errors import RateLimited, ServiceUnavailable
 from creditgate.http.metrics import REDIS_DEGRADED, THROTTLE_DECISIONS
 from creditgate.logs import log
 from creditgate.throttle.cluster import ClusterPipe
 from creditgate.throttle.day import DayZone
-from creditgate.throttle.limits import LIMIT_NAMES, Limits
+from creditgate.throttle.limits import LIMIT_NAMES, LimitName, Limits, ScopeName
 from creditgate.throttle.local import LocalStore
 from creditgate.throttle.resp import RedisDown, RedisPipe, RedisReplyError, encode_args
+from creditgate.throttle.script import HEAD_PREFIX, Decision, Head, Mode, decode
 
-POLICIES = ("local", "open", "closed")
+# The Redis-down policies, defined once (config validates THROTTLE_ON_REDIS_ERROR).
+POLICIES = THROTTLE_POLICIES
+# Where an admission was decided, so where it is given back.
+Store = Literal["redis", "local", "open"]
 _ADMITTED = THROTTLE_DECISIONS.labels("all", "admitted")
 # Consecutive calls over the time budget that mark Redis as hung (one slow
 # moment only sends that one request to the fallback).
@@ -57,7 +62,7 @@ class _ScriptCall:
     """One call of admit.lua: the limits' (pre-encoded) keys and arguments, and the head."""
 
     limits: Limits
-    head: list[str | int]  # mode … messages: the arguments that change per call
+    head: Head  # mode … messages: the arguments that change per call
 
     @property
     def keys(self) -> list[str]:
@@ -65,7 +70,7 @@ class _ScriptCall:
 
     @property
     def args(self) -> list[str | int]:
-        return [*self.head, *self.limits.scope_args]
+        return [*self.head.args(), *self.limits.scope_args]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +114,7 @@ class Admission:
     tokens: int  # taken from each tokens-per-minute bucket
     lease_id: str
     day: int  # the calendar day its message was counted on
-    store: str  # "redis" | "local" | "open": where to give it back
+    store: Store  # where to give it back
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
 
@@ -128,11 +133,11 @@ class Check:
     """What ``check`` found, without taking anything (for quota pre-flight checks)."""
 
     allowed: bool
-    limit: str | None  # the limit that refuses, when not allowed
+    limit: LimitName | None  # the limit that refuses, when not allowed
     retry_after: int | None  # whole seconds; None when waiting cannot help
     headers: dict[str, str]
     # Each limit of LIMIT_NAMES, before this request would take anything.
-    standings: dict[str, Standing] = field(default_factory=dict)
+    standings: dict[LimitName, Standing] = field(default_factory=dict)
 
 
 class Throttle:
@@ -142,7 +147,7 @@ class Throttle:
         self,
         redis: RedisPipe | ClusterPipe,
         *,
-        policy: str = "local",
+        policy: ThrottlePolicy = "local",
         timeout_ms: int = 50,
         lease_ttl_ms: int = 60_000,
         day_zone: DayZone | None = None,
@@ -151,7 +156,7 @@ class Throttle:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self._redis = redis
-        self._policy = policy
+        self._policy: ThrottlePolicy = policy
         self._timeout = timeout_ms / 1000
         self.lease_ttl_ms = lease_ttl_ms
         self.day_zone = day_zone or DayZone()
@@ -223,14 +228,14 @@ class Throttle:
             day = self.day_zone.day_number()
             return Admission(limits, tokens, lease_id, day, store, _limit_headers(limits))
         headers = _headers(limits, out)
-        if out[0]:
+        if out.allowed:
             _ADMITTED.inc()
-            admission = Admission(limits, tokens, lease_id, out[3], store, headers)
+            admission = Admission(limits, tokens, lease_id, out.day, store, headers)
             self._live[lease_id] = admission
             return admission
-        scope, name, value = _deciding(limits, out[1])
+        scope, name, value = _deciding(limits, out)
         THROTTLE_DECISIONS.labels(name, "refused").inc()
-        retry_after = max(1, math.ceil(out[2] / 1000))
+        retry_after = max(1, math.ceil(out.retry_after_ms / 1000))
         headers["Retry-After"] = str(retry_after)
         raise RateLimited(
             _refusal_message(scope, name, value, retry_after),
@@ -247,23 +252,23 @@ class Throttle:
             return Check(False, "tokens_per_minute", None, _limit_headers(limits), standings)
         if out is None:
             return Check(True, None, None, _limit_headers(limits), standings)
-        if out[0]:
+        if out.allowed:
             return Check(True, None, None, _headers(limits, out), standings)
         return Check(
             False,
-            _deciding(limits, out[1])[1],
-            max(1, math.ceil(out[2] / 1000)),
+            _deciding(limits, out)[1],
+            max(1, math.ceil(out.retry_after_ms / 1000)),
             _headers(limits, out),
             standings,
         )
 
-    def _standings(self, limits: Limits, out: list[int] | None) -> dict[str, Standing]:
+    def _standings(self, limits: Limits, out: Decision | None) -> dict[LimitName, Standing]:
         """Each limit's tightest scope, from the script's per-scope reply (admit.lua)."""
         offset, offset_end = self.day_zone.offsets_ms()
         now_ms = int(time.time() * 1000)
         day = (now_ms + offset) // 86_400_000
         to_midnight = (day + 1) * 86_400_000 - offset_end - now_ms
-        found: dict[str, Standing] = {}
+        found: dict[LimitName, Standing] = {}
         for k, name in enumerate(LIMIT_NAMES):
             best: Standing | None = None
             for i, scope in enumerate(limits.scopes):
@@ -273,12 +278,12 @@ class Throttle:
                 remaining: int | None = None
                 reset: int | None = None
                 if out is not None:
-                    base = 4 + 6 * i
+                    got = out.scopes[i]
                     remaining, reset = (
-                        (out[base], out[base + 1]),
-                        (out[base + 2], out[base + 3]),
-                        (out[base + 4], None),
-                        (out[base + 5], to_midnight),
+                        (got.requests_remaining, got.requests_reset_ms),
+                        (got.tokens_remaining, got.tokens_reset_ms),
+                        (got.parallel_remaining, None),
+                        (got.messages_remaining, to_midnight),
                     )[k]
                 elif k == 3:
                     reset = to_midnight
@@ -327,7 +332,7 @@ class Throttle:
     def _call(
         self,
         limits: Limits,
-        mode: str,
+        mode: Mode,
         requests: int,
         tokens: int,
         lease: str,
@@ -335,41 +340,39 @@ class Throttle:
     ) -> _ScriptCall:
         """The script's keys and arguments (see admit.lua)."""
         offset, offset_end = self.day_zone.offsets_ms()
-        head: list[str | int] = [
-            mode,
-            offset,
-            offset_end,
-            self.lease_ttl_ms,
-            requests,
-            tokens,
-            lease,
-            messages,
-        ]
+        head = Head(mode, offset, offset_end, self.lease_ttl_ms, requests, tokens, lease, messages)
         return _ScriptCall(limits, head)
 
-    async def _decide(self, call: _ScriptCall) -> tuple[list[int] | None, str]:
+    async def _decide(self, call: _ScriptCall) -> tuple[Decision | None, Store]:
+        """The decision of an admit or query call, and where it was made (None: "open")."""
+        # Only admit ("a") and query ("q") calls come here: both reply a Decision.
         if self._healthy:
-            out = await self._call_redis(call)
-            if out is not None:
-                return out, "redis"
+            raw = await self._call_redis(call)
+            if raw is not None:
+                return decode("a", raw), "redis"
         if self._policy == "local":
-            return self._local.run(call.keys, call.args), "local"
+            return decode("a", self._local.run(call.keys, call.args)), "local"
         if self._policy == "open":
             return None, "open"
         THROTTLE_DECISIONS.labels("redis_unavailable", "refused").inc()
         raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.")
 
     async def _call_redis(self, call: _ScriptCall) -> list[int] | None:
-        """admit.lua's reply within the time budget, or None (and maybe degraded)."""
+        """admit.lua's raw reply within the time budget, or None (and maybe degraded).
+
+        Raw, because the transport does not care about the mode: callers read
+        it through ``script.decode``.
+        """
         limits = call.limits
-        count = 3 + len(limits.keys) + len(call.head) + len(limits.scope_args)
+        head = call.head.args()
+        count = 3 + len(limits.keys) + len(head) + len(limits.scope_args)
         # Everything but the per-request values was encoded once.
         encoded = b"".join(
             (
                 _ADMIT.evalsha,
                 limits.keys_resp,
-                self._head_prefix(call.head[:4]),
-                encode_args(call.head[4:]),
+                self._head_prefix(head[:HEAD_PREFIX]),
+                encode_args(head[HEAD_PREFIX:]),
                 limits.scope_args_resp,
             )
         )
@@ -388,10 +391,10 @@ class Throttle:
                 reply = self._redis.request(count, encoded)
                 out = await _within(reply, deadline)
         except TimeoutError as exc:
-            if call.head[0] == "a":
+            if call.head.mode == "a":
                 # It may still be admitted in Redis after this request moved on:
                 # given back if its reply comes, cancelled once Redis answers if not.
-                self._orphan(limits, str(call.head[6]))
+                self._orphan(limits, call.head.lease)
                 if reply is not None:
                     reply.add_done_callback(lambda done: self._undo_late(call, done))
             self._timeouts += 1
@@ -399,8 +402,8 @@ class Throttle:
                 self._degrade(exc)
             return None
         except (RedisDown, RedisReplyError) as exc:
-            if call.head[0] == "a" and reply is not None:
-                self._orphan(limits, str(call.head[6]))  # it may have been written
+            if call.head.mode == "a" and reply is not None:
+                self._orphan(limits, call.head.lease)  # it may have been written
             self._degrade(exc)
             return None
         self._timeouts = 0
@@ -420,12 +423,11 @@ class Throttle:
         """Give back an admission Redis made after its caller stopped waiting."""
         if reply.cancelled() or reply.exception() is not None:
             return  # unknown: the orphan's cancel stays due
-        lease, day = call.head[6], reply.result()[3]
-        if not reply.result()[0]:
-            self._orphans.pop(str(lease), None)  # refused: no lease was taken
+        late = decode("a", reply.result())
+        if not late.allowed:
+            self._orphans.pop(call.head.lease, None)  # refused: no lease was taken
             return
-        tokens = int(call.head[5])
-        undo = self._call(call.limits, "r", 0, -tokens, str(lease), day)
+        undo = self._call(call.limits, "r", 0, -call.head.tokens, call.head.lease, late.day)
         task = asyncio.ensure_future(self._call_redis(undo))
         self._undoing.add(task)
         task.add_done_callback(self._undoing.discard)
@@ -577,14 +579,14 @@ async def _within(reply: asyncio.Future[Any], deadline: float) -> Any:
     return reply.result()
 
 
-def _deciding(limits: Limits, index: int) -> tuple[str, str, int]:
-    """(scope, limit name, its value) of the script's deciding limit index."""
-    scope = limits.scopes[(index - 1) // 4]
-    k = (index - 1) % 4
-    return scope.name, LIMIT_NAMES[k], scope.values[k]
+def _deciding(limits: Limits, out: Decision) -> tuple[ScopeName, LimitName, int]:
+    """(scope, limit name, its value) of a refusal's deciding limit."""
+    assert out.deciding is not None  # a refusal names its limit
+    scope = limits.scopes[out.deciding.scope]
+    return scope.name, out.deciding.limit, scope.values[LIMIT_NAMES.index(out.deciding.limit)]
 
 
-def _refusal_message(scope: str, name: str, value: int, retry_after: int) -> str:
+def _refusal_message(scope: ScopeName, name: LimitName, value: int, retry_after: int) -> str:
     whose = "this API key's" if scope == "key" else "your"
     if name == "max_parallel":
         return (
@@ -601,14 +603,19 @@ def _limit_headers(limits: Limits) -> dict[str, str]:
     }
 
 
-def _headers(limits: Limits, out: list[int]) -> dict[str, str]:
+def _headers(limits: Limits, out: Decision) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers, from the scope with the least remaining of each."""
     headers: dict[str, str] = {}
     for k, suffix in ((0, "requests"), (1, "tokens")):
         best: tuple[int, int, int] | None = None
         for i, scope in enumerate(limits.scopes):
             limit = scope.values[k]
-            remaining, reset = out[4 + 6 * i + 2 * k], out[5 + 6 * i + 2 * k]
+            got = out.scopes[i]
+            remaining, reset = (
+                (got.requests_remaining, got.requests_reset_ms)
+                if k == 0
+                else (got.tokens_remaining, got.tokens_reset_ms)
+            )
             if limit > 0 and (best is None or remaining < best[1]):
                 best = (limit, remaining, reset)
         assert best is not None  # the account scope limits both

@@ -10,13 +10,16 @@ requests always also count against the account.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from creditgate.config import LIMIT_NAMES as LIMIT_NAMES  # re-exported: the throttle's names
 from creditgate.config import MAX_PER_MINUTE, Tier
+from creditgate.config import LimitName as LimitName
 from creditgate.throttle.resp import encode_args
 
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day")
+# Whose limits a scope holds: the account's, or a key's stricter ones.
+ScopeName = Literal["account", "key"]
 # The same names in the camelCase of creditgate's JSON routes.
 JSON_NAMES = dict(
     zip(
@@ -25,7 +28,7 @@ JSON_NAMES = dict(
         strict=True,
     )
 )
-MAX_VALUE = {
+MAX_VALUE: dict[LimitName, int] = {
     "requests_per_minute": MAX_PER_MINUTE,
     "tokens_per_minute": MAX_PER_MINUTE,
     "max_parallel": 1_000_000,
@@ -42,12 +45,12 @@ class Overrides:
     max_parallel: int | None = None
     messages_per_day: int | None = None
 
-    def get(self, name: str) -> int | None:
+    def get(self, name: LimitName) -> int | None:
         value: int | None = getattr(self, name)
         return value
 
     def as_json(self) -> dict[str, int | None]:
-        return {JSON_NAMES[f.name]: getattr(self, f.name) for f in fields(self)}
+        return {JSON_NAMES[n]: self.get(n) for n in LIMIT_NAMES}
 
     @classmethod
     def from_row(cls, row: Any, prefix: str = "") -> Overrides:
@@ -62,7 +65,7 @@ NO_OVERRIDES = Overrides()
 class Scope:
     """Whose limits: the account's, or a key's stricter ones; and their Redis keys."""
 
-    name: str  # "account" | "key"
+    name: ScopeName
     hash_key: str  # buckets and the day's count (see admit.lua)
     lease_key: str  # parallel leases
     values: tuple[int, int, int, int]  # in LIMIT_NAMES order; 0 = not limited here
@@ -84,7 +87,7 @@ class Limits:
     keys_resp: bytes = field(default=b"", compare=False)  # numkeys, then the keys
     scope_args_resp: bytes = field(default=b"", compare=False)
 
-    def value(self, name: str) -> int:
+    def value(self, name: LimitName) -> int:
         """The effective value of limit ``name``: the stricter of key and account."""
         key_value = self.key.get(name)
         account_value: int = getattr(self.account, name)
@@ -135,6 +138,6 @@ def resolve(
     )
 
 
-def _values(by_name: dict[str, int]) -> tuple[int, int, int, int]:
+def _values(by_name: dict[LimitName, int]) -> tuple[int, int, int, int]:
     a, b, c, d = (by_name.get(n, 0) for n in LIMIT_NAMES)
     return (a, b, c, d)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from creditgate.throttle.script import Head, scope_limits
+
 _PERIOD = 60_000
 _DAY_MS = 86_400_000
 _SWEEP_EVERY = 1024  # decisions between sweeps of idle state
@@ -60,22 +62,19 @@ class LocalStore:
         self._ops += 1
         if self._ops % _SWEEP_EVERY == 0:
             self._sweep(now)
-        mode = str(args[0])
-        offset, offset_end, lease_ttl = int(args[1]), int(args[2]), int(args[3])
-        day = (wall + offset) // _DAY_MS
-        day_end_in = (day + 1) * _DAY_MS - offset_end - wall
-        lease = str(args[6])
-        limits = [
-            tuple(int(v) for v in args[8 + 4 * i : 12 + 4 * i]) for i in range(len(keys) // 2)
-        ]
+        head = Head.from_args(args)
+        mode, lease, lease_ttl = head.mode, head.lease, head.lease_ttl_ms
+        day = (wall + head.offset_ms) // _DAY_MS
+        day_end_in = (day + 1) * _DAY_MS - head.offset_end_ms - wall
+        limits = scope_limits(args)
         scopes = [self._scopes.get(keys[2 * i]) or _Scope() for i in range(len(limits))]
         leases = [self._leases.get(keys[2 * i + 1]) or _Leases() for i in range(len(limits))]
         for ls in leases:
             ls.expiry = {k: exp for k, exp in ls.expiry.items() if exp > now}
 
         if mode == "r":
-            correction = int(args[5])
-            give_back = str(args[7]) != "" and int(args[7]) == day
+            correction = head.tokens
+            give_back = head.messages != "" and int(head.messages) == day
             for i, (rpm, tpm, par, per_day) in enumerate(limits):
                 st = scopes[i]
                 if tpm > 0 and correction != 0:
@@ -88,8 +87,8 @@ class LocalStore:
                     leases[i].expiry.pop(lease, None)
             return [1, 0, 0, day]
 
-        need_req, need_tok = int(args[4]) * _PERIOD, int(args[5]) * _PERIOD
-        need_msg = int(args[7])
+        need_req, need_tok = head.requests * _PERIOD, head.tokens * _PERIOD
+        need_msg = int(head.messages)
         allowed, deciding, retry = 1, 0, 0
 
         def refuse(index: int, wait: int) -> None:

@@ -9,15 +9,16 @@ account, and the late creation does not reopen it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
 from creditgate import ledger
 from creditgate.http.textguard import has_control
+from creditgate.ledger.kinds import AccountKind
 
 # Clerk event type → (account kind, what to do).
-CLERK_EVENTS: dict[str, tuple[str, str]] = {
+CLERK_EVENTS: dict[str, tuple[AccountKind, Literal["create", "close"]]] = {
     "user.created": ("user", "create"),
     "user.deleted": ("user", "close"),
     "organization.created": ("org", "create"),

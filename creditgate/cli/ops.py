@@ -1,0 +1,46 @@
+"""``doctor`` and ``reconcile``: checks that report a table and exit 1 when something is off."""
+
+from __future__ import annotations
+
+import argparse
+
+from creditgate.cli.db import connected, settings
+from creditgate.cli.output import CliError, Outcome
+
+
+async def cmd_reconcile(args: argparse.Namespace) -> Outcome:
+    """``reconcile``: Polar's usage meter against the ledger; exit 1 on drift beyond tolerance."""
+    from polar import PolarError  # imported here: polar-sdk adds ~0.4 s to every command
+
+    from creditgate.billing.client import make_polar
+    from creditgate.billing.reconcile import ReconcileUnavailable, reconcile
+
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        raise CliError("VALIDATION_ERROR", "--until must be later than --since")
+    config = settings()
+    polar = make_polar(config)
+    if polar is None:
+        raise CliError("CONFIG_ERROR", "POLAR_ACCESS_TOKEN is not set")
+    try:
+        async with connected(config.database_url) as conn:
+            found = await reconcile(
+                conn, polar, config.config.polar, since=args.since, until=args.until
+            )
+    except ReconcileUnavailable as e:
+        raise CliError("CONFIG_ERROR", str(e)) from None
+    except PolarError as e:
+        raise CliError("POLAR_ERROR", f"Polar did not answer as expected: {e}") from None
+    finally:
+        await polar.__aexit__(None, None, None)
+    # Without --json the table alone; with it, the report (and exit 1 on drift).
+    return Outcome(found.as_json(), found.as_table(), 0 if found.ok else 1)
+
+
+async def cmd_doctor(args: argparse.Namespace) -> Outcome:
+    """``doctor``: one line per check; exit 1 if any check fails."""
+    from creditgate.doctor import run_checks
+
+    checks = await run_checks()
+    ok = all(c.status != "fail" for c in checks)
+    result = {"ok": ok, "checks": [c.as_json() for c in checks]}
+    return Outcome(result, "\n".join(c.line() for c in checks), 0 if ok else 1)
