@@ -92,7 +92,7 @@ fits AS (
     FROM req r JOIN bal b USING (account_id)
 ),
 taken AS (
-    -- The CHECK's columns from the locked rows, never from the snapshot (holds._SETTLE).
+    -- The CHECK's columns from the locked rows, never from the snapshot (ledger/posting.py).
     UPDATE account_balances a
     SET reserved = b.reserved + s.total, balance = b.balance,
         overdraft_limit = b.overdraft_limit, updated_at = now()
