@@ -14,6 +14,7 @@ from creditgate.ledger.db import Db
 from creditgate.ledger.kinds import ENTRY_KINDS as ENTRY_KINDS  # re-exported
 from creditgate.ledger.kinds import EntryKind, PostedKind
 from creditgate.ledger.money import micros_to_credits
+from creditgate.ledger.posting import Entries, posting_statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,30 +48,27 @@ def iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-# The balance row is locked (b) before the entry is inserted from it, so every
-# entry of an account gets its seq and balance_after under that account's lock:
-# per account, seq order is commit order and balance_after chains exactly. The
-# UPDATE sets the CHECK's columns from b (see holds._SETTLE for why).
-_POST = """
-WITH b AS (
-    SELECT account_id, balance, reserved, overdraft_limit FROM account_balances
-    WHERE account_id = $2 FOR UPDATE
-),
-e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, reason, expires_at,
-         balance_after)
-    SELECT $1, b.account_id, $3, $4, $5, $6, $7, $8, b.balance + $4 FROM b
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING account_id, amount, created_at
+# The posting rule (ledger/posting.py): the balance row locked, the entry
+# inserted from it (a repeated key inserts nothing, so changes nothing), the
+# balance from the entry.
+_POST = posting_statement(
+    lock_where="account_id = $2",
+    entries=Entries(
+        values={
+            "id": "$1",
+            "kind": "$3",
+            "amount": "$4::bigint",
+            "idempotency_key": "$5",
+            "fingerprint": "$6",
+            "reason": "$7",
+            "expires_at": "$8",
+        },
+        on_conflict_do_nothing=True,
+        returning=["created_at"],
+    ),
+    result="SELECT balanced.balance, posted.created_at"
+    " FROM posted JOIN balanced USING (account_id)",
 )
-UPDATE account_balances a
-SET balance = b.balance + e.amount, reserved = b.reserved,
-    overdraft_limit = b.overdraft_limit, updated_at = now()
-FROM e, b
-WHERE a.account_id = e.account_id
-RETURNING a.balance, e.created_at
-"""
 
 
 def _fingerprint(

@@ -19,22 +19,27 @@ import hashlib
 import uuid
 
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.posting import Entries, posting_statement
 
-_WRITE_OFF = """
-WITH e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, lot_id, reason,
-         balance_after)
-    VALUES ($1, $2, 'expiry', -$3::bigint, $4, $5, $6, 'granted credits expired', $7 - $3)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING account_id, amount
+# The posting rule (ledger/posting.py); the row is already locked by
+# expire_lot's transaction, the statement takes the lock again (a no-op) so
+# the amount and balance_after come from the row it locked, like every entry.
+_WRITE_OFF = posting_statement(
+    lock_where="account_id = $2",
+    entries=Entries(
+        values={
+            "id": "$1",
+            "kind": "'expiry'",
+            "amount": "-$3::bigint",
+            "idempotency_key": "$4",
+            "fingerprint": "$5",
+            "lot_id": "$6",
+            "reason": "'granted credits expired'",
+        },
+        on_conflict_do_nothing=True,
+    ),
+    result="SELECT -posted.amount FROM posted JOIN balanced USING (account_id)",
 )
-UPDATE account_balances a
-SET balance = $7 - $3, updated_at = now()
-FROM e
-WHERE a.account_id = e.account_id
-RETURNING -e.amount
-"""
 
 
 async def expire_lot(db: Db, lot_id: uuid.UUID) -> int:
@@ -69,7 +74,6 @@ async def expire_lot(db: Db, lot_id: uuid.UUID) -> int:
             key,
             hashlib.sha256(key.encode()).digest(),
             lot_id,
-            bal["balance"],
         )
         return int(written or 0)
 

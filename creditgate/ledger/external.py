@@ -28,6 +28,7 @@ from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
 from creditgate.ledger.entries import iso
 from creditgate.ledger.money import micros_to_credits
+from creditgate.ledger.posting import Entries, posting_statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,51 +109,60 @@ def fingerprint(record: UsageRecord) -> bytes:
     return hashlib.sha256(b"usage|" + text).digest()
 
 
-# One statement: the balance row locked (b) and the cost tested against it
-# (ok; without allow_overdraft the available balance must cover it, with it
-# the overdraft limit too — the row's CHECK stays the last word); a hold
-# inserted already settled (h); its debit (e), with balance_after from the
-# locked row; the usage record (u); the balance (the CHECK's columns set from
-# b, as in holds._SETTLE). A repeated key fails the entry's unique index and
-# rolls the whole statement back, hold included.
-_RECORD = """
-WITH b AS (
-    SELECT account_id, balance, reserved, overdraft_limit FROM account_balances
-    WHERE account_id = $2 FOR UPDATE
-),
-ok AS (
-    SELECT * FROM b
-    WHERE b.balance - b.reserved - $3 >= CASE WHEN $4 THEN -b.overdraft_limit ELSE 0 END
-),
-h AS (
+# One statement, by the posting rule (ledger/posting.py): the balance row
+# locked and the cost tested against it (ok; without allow_overdraft the
+# available balance must cover it, with it the overdraft limit too — the
+# row's CHECK stays the last word); a hold inserted already settled (h); its
+# debit from the locked row; the usage record (u); the balance. A repeated
+# key fails the entry's unique index and rolls the whole statement back, hold
+# included.
+_RECORD = posting_statement(
+    lock_where="account_id = $2",
+    before_entries=[
+        """ok AS (
+    SELECT * FROM locked
+    WHERE locked.balance - locked.reserved - $3
+          >= CASE WHEN $4 THEN -locked.overdraft_limit ELSE 0 END
+)""",
+        """h AS (
     INSERT INTO holds (id, account_id, amount, request_id, model, expires_at, outcome, ended_at)
     SELECT $5, ok.account_id, $3, $6, $7, now(), 'settled', now() FROM ok
-    RETURNING id, account_id
-),
-e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
-         input_tokens, output_tokens, estimated, uncollected, reason, balance_after)
-    SELECT $1, ok.account_id, 'debit', -$3::bigint, $8, $9, h.id, $6, $7, $10, $11, false, 0,
-           'recorded usage', ok.balance - $3
-    FROM ok JOIN h USING (account_id)
-    RETURNING id, account_id, created_at
-),
-u AS (
+    RETURNING id AS hold_id, account_id
+)""",
+    ],
+    entries=Entries(
+        source="h",
+        values={
+            "id": "$1",
+            "kind": "'debit'",
+            "amount": "-$3::bigint",
+            "idempotency_key": "$8",
+            "fingerprint": "$9",
+            "hold_id": "h.hold_id",
+            "request_id": "$6",
+            "model": "$7",
+            "input_tokens": "$10",
+            "output_tokens": "$11",
+            "estimated": "false",
+            "uncollected": "0",
+            "reason": "'recorded usage'",
+        },
+        returning=["id", "created_at"],
+    ),
+    after_entries=[
+        """u AS (
     INSERT INTO usage_records
         (entry_id, account_id, client_key, occurred_at, metadata, cost_source, allow_overdraft,
          recorded_by)
-    SELECT e.id, e.account_id, $12, COALESCE($13, e.created_at), $14::jsonb, $15, $4, $16
-    FROM e
+    SELECT posted.id, posted.account_id, $12, COALESCE($13, posted.created_at), $14::jsonb,
+           $15, $4, $16
+    FROM posted
     RETURNING occurred_at
+)"""
+    ],
+    result="SELECT balanced.balance, posted.created_at, u.occurred_at"
+    " FROM posted JOIN balanced USING (account_id), u",
 )
-UPDATE account_balances a
-SET balance = ok.balance - $3, reserved = ok.reserved, overdraft_limit = ok.overdraft_limit,
-    updated_at = now()
-FROM e, ok, u
-WHERE a.account_id = e.account_id
-RETURNING a.balance, e.created_at, u.occurred_at
-"""
 
 _FIND = """
 SELECT e.id, e.hold_id, e.account_id, e.fingerprint, -e.amount AS cost, e.balance_after,

@@ -58,6 +58,7 @@ from creditgate.ledger.holds import (
     settle_fingerprint,
     settle_hold,
 )
+from creditgate.ledger.posting import Entries, posting_statement
 from creditgate.logs import log
 
 
@@ -91,7 +92,7 @@ fits AS (
     FROM req r JOIN bal b USING (account_id)
 ),
 taken AS (
-    -- The CHECK's columns from the locked rows, never from the snapshot (holds._SETTLE).
+    -- The CHECK's columns from the locked rows, never from the snapshot (ledger/posting.py).
     UPDATE account_balances a
     SET reserved = b.reserved + s.total, balance = b.balance,
         overdraft_limit = b.overdraft_limit, updated_at = now()
@@ -105,69 +106,73 @@ FROM fits WHERE ok
 RETURNING id
 """
 
-_SETTLE_BATCH = """
-WITH req AS (
+# The batch settle is the posting rule's statement (ledger/posting.py) with
+# several entries per account: their balance_after runs in arrival order.
+_SETTLE_BATCH = posting_statement(
+    before_lock=[
+        """req AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::bytea[], $5::integer[],
                          $6::integer[], $7::boolean[])
         WITH ORDINALITY AS r(hold_id, cost, entry_id, fingerprint, input_tokens,
                              output_tokens, estimated, ord)
-),
-live AS (
+)""",
+        """live AS (
     SELECT r.*, h.account_id, h.amount AS held, h.request_id, h.model
     FROM req r JOIN holds h ON h.id = r.hold_id
     WHERE h.ended_at IS NULL
     ORDER BY h.id
     FOR UPDATE OF h
-),
-bal AS (
-    -- The array is an InitPlan: every hold of the batch is locked before the
-    -- first balance row is (the single statements' order: hold, then balance).
-    SELECT account_id, balance, reserved, overdraft_limit,
-           balance - reserved + overdraft_limit AS room
-    FROM account_balances
-    WHERE account_id = ANY(ARRAY(SELECT account_id FROM live))
-    ORDER BY account_id
-    FOR UPDATE
-),
-plan AS (
-    SELECT l.*, b.balance, b.room,
+)""",
+    ],
+    # The array is an InitPlan: every hold of the batch is locked before the
+    # first balance row is (the single statements' order: hold, then balance).
+    lock_where="account_id = ANY(ARRAY(SELECT account_id FROM live))",
+    before_entries=[
+        """plan AS (
+    SELECT l.*, locked.balance - locked.reserved + locked.overdraft_limit AS room,
            SUM(l.cost) OVER w AS run_cost,
            SUM(l.held) OVER w AS run_held
-    FROM live l JOIN bal b USING (account_id)
+    FROM live l JOIN locked USING (account_id)
     WINDOW w AS (PARTITION BY l.account_id ORDER BY l.ord)
-),
-go AS (
+)""",
+        """go AS (
     SELECT * FROM plan
     WHERE account_id IN (
         SELECT account_id FROM plan GROUP BY account_id
         HAVING bool_and(run_cost <= room + run_held)
     )
-),
-ended AS (
-    -- Locked by live, so every hold of go is ended here.
+)""",
+        # Locked by live, so every hold of go is ended here.
+        """ended AS (
     UPDATE holds SET outcome = 'settled', ended_at = now()
     FROM go
     WHERE holds.id = go.hold_id
-),
-debits AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id,
-         model, input_tokens, output_tokens, estimated, uncollected, balance_after)
-    SELECT entry_id, account_id, 'debit', -cost, 'hold:' || hold_id::text, fingerprint,
-           hold_id, request_id, model, input_tokens, output_tokens, estimated, 0,
-           balance - run_cost
-    FROM go
-    ORDER BY account_id, ord
-    RETURNING hold_id
+)""",
+    ],
+    entries=Entries(
+        source="go",
+        values={
+            "id": "go.entry_id",
+            "kind": "'debit'",
+            "amount": "-go.cost",
+            "idempotency_key": "'hold:' || go.hold_id::text",
+            "fingerprint": "go.fingerprint",
+            "hold_id": "go.hold_id",
+            "request_id": "go.request_id",
+            "model": "go.model",
+            "input_tokens": "go.input_tokens",
+            "output_tokens": "go.output_tokens",
+            "estimated": "go.estimated",
+            "uncollected": "0",
+        },
+        running_order="go.ord",
+        returning=["hold_id"],
+    ),
+    reserved=" - s.held",
+    balance_join="JOIN (SELECT account_id, SUM(held) AS held FROM go GROUP BY account_id) s"
+    " USING (account_id)",
+    result="SELECT (SELECT array_agg(hold_id) FROM posted) AS settled",
 )
-UPDATE account_balances a
-SET balance = b.balance - s.cost, reserved = b.reserved - s.held,
-    overdraft_limit = b.overdraft_limit, updated_at = now()
-FROM (SELECT account_id, SUM(cost) AS cost, SUM(held) AS held FROM go GROUP BY account_id) s
-JOIN bal b USING (account_id)
-WHERE a.account_id = s.account_id
-RETURNING (SELECT array_agg(hold_id) FROM debits) AS settled
-"""
 
 
 @dataclass(frozen=True, slots=True)

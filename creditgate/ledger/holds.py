@@ -23,6 +23,7 @@ from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
 from creditgate.ledger.kinds import HoldOutcome
 from creditgate.ledger.money import micros_to_credits
+from creditgate.ledger.posting import Entries, posting_statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,72 +120,85 @@ def settle_fingerprint(usage: Usage) -> bytes:
 
 
 # End the hold, debit the actual cost (capped so available stays within the
-# overdraft limit), release the rest of the reservation — in one statement.
-# The FOR UPDATE read of the balance row (b) returns its latest version, and
-# the UPDATE sets every column of the CHECK from b, never from its own `a`:
-# under READ COMMITTED, PostgreSQL checks constraints on the row computed from
-# the statement's *snapshot* version before it notices a concurrent update and
-# recomputes — so `balance = a.balance - debit` (snapshot balance, fresh debit)
-# can fail the CHECK although the final row would pass (found by
-# tests/test_group_commit.py, a settle over its hold on a busy account).
-_SETTLE = """
-WITH h AS (
+# overdraft limit), release the rest of the reservation — in one statement,
+# built by the posting rule (ledger/posting.py: the hold row is ended, so
+# locked, before the balance row; the debit is computed from the locked row).
+_SETTLE = posting_statement(
+    before_lock=[
+        """h AS (
     UPDATE holds SET outcome = 'settled', ended_at = now()
     WHERE id = $1 AND ended_at IS NULL
     RETURNING account_id, amount, request_id, model
-),
-b AS (
-    SELECT a.account_id, a.balance, a.reserved, a.overdraft_limit, h.amount AS held,
-           LEAST($2::bigint, a.balance - a.reserved + h.amount + a.overdraft_limit) AS debit
-    FROM account_balances a JOIN h ON a.account_id = h.account_id
-    FOR UPDATE OF a
-),
-e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
-         input_tokens, output_tokens, estimated, uncollected, balance_after)
-    SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
-           h.model, $5, $6, $7, $2 - b.debit, b.balance - b.debit
-    FROM b, h
-    RETURNING account_id, amount
+)"""
+    ],
+    lock_where="account_id = (SELECT account_id FROM h)",
+    before_entries=[
+        """d AS (
+    SELECT h.account_id, h.amount AS held, h.request_id, h.model,
+           LEAST($2::bigint, locked.balance - locked.reserved + h.amount + locked.overdraft_limit)
+               AS debit
+    FROM h JOIN locked USING (account_id)
+)"""
+    ],
+    entries=Entries(
+        source="d",
+        values={
+            "id": "$3",
+            "kind": "'debit'",
+            "amount": "-d.debit",
+            "idempotency_key": "'hold:' || $1::text",
+            "fingerprint": "$4",
+            "hold_id": "$1",
+            "request_id": "d.request_id",
+            "model": "d.model",
+            "input_tokens": "$5",
+            "output_tokens": "$6",
+            "estimated": "$7",
+            "uncollected": "$2 - d.debit",
+        },
+    ),
+    reserved=" - d.held",
+    balance_join="JOIN d USING (account_id)",
+    result="SELECT d.debit AS debited FROM d JOIN balanced USING (account_id)",
 )
-UPDATE account_balances a
-SET balance = b.balance - b.debit, reserved = b.reserved - b.held,
-    overdraft_limit = b.overdraft_limit, updated_at = now()
-FROM e, b
-WHERE a.account_id = e.account_id
-RETURNING b.debit AS debited
-"""
 
 # A hold the sweeper expired while its call was still running: the call's
-# usage is real, so it is debited anyway (nothing is reserved any more). The
-# UPDATE sets the CHECK's columns from b, as _SETTLE does.
-_LATE_DEBIT = """
-WITH h AS (
+# usage is real, so it is debited anyway (nothing is reserved any more).
+_LATE_DEBIT = posting_statement(
+    before_lock=[
+        """h AS (
     SELECT account_id, request_id, model FROM holds WHERE id = $1 AND outcome = 'expired'
-),
-b AS (
-    SELECT a.account_id, a.balance, a.reserved, a.overdraft_limit,
-           GREATEST(0, LEAST($2::bigint, a.balance - a.reserved + a.overdraft_limit)) AS debit
-    FROM account_balances a JOIN h ON a.account_id = h.account_id
-    FOR UPDATE OF a
-),
-e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, hold_id, request_id, model,
-         input_tokens, output_tokens, estimated, uncollected, reason, balance_after)
-    SELECT $3, b.account_id, 'debit', -b.debit, 'hold:' || $1::text, $4, $1, h.request_id,
-           h.model, $5, $6, $7, $2 - b.debit, 'settled after hold expiry', b.balance - b.debit
-    FROM b, h
-    RETURNING account_id, amount
+)"""
+    ],
+    lock_where="account_id = (SELECT account_id FROM h)",
+    before_entries=[
+        """d AS (
+    SELECT h.account_id, h.request_id, h.model,
+           GREATEST(0, LEAST($2::bigint,
+                             locked.balance - locked.reserved + locked.overdraft_limit)) AS debit
+    FROM h JOIN locked USING (account_id)
+)"""
+    ],
+    entries=Entries(
+        source="d",
+        values={
+            "id": "$3",
+            "kind": "'debit'",
+            "amount": "-d.debit",
+            "idempotency_key": "'hold:' || $1::text",
+            "fingerprint": "$4",
+            "hold_id": "$1",
+            "request_id": "d.request_id",
+            "model": "d.model",
+            "input_tokens": "$5",
+            "output_tokens": "$6",
+            "estimated": "$7",
+            "uncollected": "$2 - d.debit",
+            "reason": "'settled after hold expiry'",
+        },
+    ),
+    result="SELECT d.debit AS debited FROM d JOIN balanced USING (account_id)",
 )
-UPDATE account_balances a
-SET balance = b.balance - b.debit, reserved = b.reserved,
-    overdraft_limit = b.overdraft_limit, updated_at = now()
-FROM e, b
-WHERE a.account_id = e.account_id
-RETURNING b.debit AS debited
-"""
 
 
 async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:

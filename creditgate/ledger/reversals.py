@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from creditgate.errors import Conflict, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.posting import Entries, posting_statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,23 +46,24 @@ class Reversal:
 # Lock the balance row, take what is available (at most), claim what live
 # holds reserve of the balance (pending), record the request (the idempotency
 # gate: a repeat inserts nothing and so writes nothing), then the entry and
-# the balance — one statement, one commit. Of the reserved credits, those
-# backed by the balance after this reversal are LEAST(reserved, balance −
-# covered); refund_pending of them are already claimed by earlier refunds.
-_REVERSE = """
-WITH b AS (
-    SELECT account_id, balance, reserved, overdraft_limit, refund_pending, covered,
+# the balance — one statement, one commit, by the posting rule
+# (ledger/posting.py). Of the reserved credits, those backed by the balance
+# after this reversal are LEAST(reserved, balance − covered); refund_pending
+# of them are already claimed by earlier refunds.
+_REVERSE = posting_statement(
+    lock_where="account_id = $2",
+    before_entries=[
+        """b AS (
+    SELECT account_id, covered,
            LEAST($3::bigint - covered,
                  GREATEST(0, LEAST(reserved, balance - covered) - refund_pending)) AS pending
     FROM (
-        SELECT account_id, balance, reserved, overdraft_limit, refund_pending,
+        SELECT account_id, balance, reserved, refund_pending,
                LEAST($3::bigint, GREATEST(0, balance - reserved)) AS covered
-        FROM account_balances
-        WHERE account_id = $2
-        FOR UPDATE
-    ) locked
-),
-r AS (
+        FROM locked
+    ) c
+)""",
+        """r AS (
     INSERT INTO ledger_reversals
         (idempotency_key, account_id, reverses, requested, reversed, pending, entry_id, reason)
     SELECT $4, b.account_id, $5, $3, b.covered, b.pending,
@@ -69,30 +71,24 @@ r AS (
     FROM b
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING account_id, reversed, pending, entry_id
-),
-e AS (
-    INSERT INTO ledger_entries
-        (id, account_id, kind, amount, idempotency_key, fingerprint, reason, balance_after)
-    SELECT r.entry_id, r.account_id, 'reversal', -r.reversed, 'reversal:' || $4, $7, $6,
-           b.balance - r.reversed
-    FROM r, b
-    WHERE r.entry_id IS NOT NULL
-    RETURNING account_id, amount
-),
-u AS (
-    -- The CHECK's columns from the locked row, never from the snapshot (see
-    -- holds._SETTLE: PostgreSQL checks the snapshot version's row first).
-    -- Joined to e so the entry is inserted before the row changes.
-    UPDATE account_balances a
-    SET balance = b.balance - r.reversed, reserved = b.reserved,
-        overdraft_limit = b.overdraft_limit, refund_pending = b.refund_pending + r.pending,
-        updated_at = now()
-    FROM b JOIN r USING (account_id) LEFT JOIN e USING (account_id)
-    WHERE a.account_id = r.account_id AND (r.reversed > 0 OR r.pending > 0)
-    RETURNING a.account_id
+)""",
+    ],
+    entries=Entries(
+        source="(SELECT * FROM r WHERE r.entry_id IS NOT NULL) taken",
+        values={
+            "id": "taken.entry_id",
+            "kind": "'reversal'",
+            "amount": "-taken.reversed",
+            "idempotency_key": "'reversal:' || $4",
+            "fingerprint": "$7",
+            "reason": "$6",
+        },
+    ),
+    also_set=["refund_pending = locked.refund_pending + r.pending"],
+    balance_join="JOIN r USING (account_id)",
+    balance_where="r.reversed > 0 OR r.pending > 0",
+    result="SELECT r.reversed, r.pending, r.entry_id FROM r",
 )
-SELECT r.reversed, r.pending, r.entry_id FROM r
-"""
 
 
 async def reverse_up_to(
