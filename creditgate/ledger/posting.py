@@ -40,6 +40,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from creditgate.ledger.kinds import ENTRY_KINDS
+
 # Columns a caller sets; the template owns account_id and balance_after, and
 # the database seq, tx_id and created_at.
 ENTRY_COLUMNS = frozenset(
@@ -62,7 +64,6 @@ ENTRY_COLUMNS = frozenset(
     }
 )
 REQUIRED_COLUMNS = frozenset({"id", "kind", "amount", "idempotency_key", "fingerprint"})
-ENTRY_KINDS = ("grant", "debit", "adjustment", "reversal", "expiry")
 
 _LITERAL = re.compile(r"^'([a-z]+)'$")
 
