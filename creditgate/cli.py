@@ -27,7 +27,9 @@ import asyncpg
 from creditgate import ledger, migrations
 from creditgate.auth.api_keys import SCOPES
 from creditgate.config import ConfigError, Settings, load_settings
+from creditgate.domain_errors import DomainError
 from creditgate.errors import ApiError
+from creditgate.http.domain_errors import api_error
 from creditgate.logs import log, setup_logging
 
 Command = Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]
@@ -42,7 +44,7 @@ class CliError(Exception):
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
     """Print ``result``: one JSON object with ``--json``, else ``text`` or a readable form."""
-    from creditgate.http.envelope import dumps
+    from creditgate.webkit.envelope import dumps
 
     out = dumps(result).decode() if args.json else (text if text is not None else _human(result))
     sys.stdout.write(out + "\n")
@@ -65,7 +67,7 @@ def _fail(args: argparse.Namespace, code: str, message: str) -> int:
 
 def _human(value: Any, indent: str = "") -> str:
     """A result as aligned ``name  value`` lines; lists of objects as indented blocks."""
-    from creditgate.http.envelope import dumps
+    from creditgate.webkit.envelope import dumps
 
     if not isinstance(value, dict):
         return indent + (value if isinstance(value, str) else dumps(value).decode())
@@ -467,7 +469,7 @@ def _timestamp(text: str) -> datetime:
 def cmd_serve(args: argparse.Namespace) -> int:
     from creditgate.http import serving
     from creditgate.http.app import create_app
-    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
+    from creditgate.webkit.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
 
     settings = _settings()
     setup_logging(settings.log_level)
@@ -1073,5 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(args.run(args))
     except (CliError, ApiError) as e:
         return _fail(args, e.code, e.message)
+    except DomainError as e:  # the ledger's refusals: the same codes the API answers
+        return _fail(args, api_error(e).code, e.message)
     _emit(args, result)
     return 0

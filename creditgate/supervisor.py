@@ -23,8 +23,8 @@ import tempfile
 import time
 from types import FrameType
 
-from creditgate.http.drain import SHUTDOWN_MARGIN_SECONDS
 from creditgate.logs import log
+from creditgate.webkit.drain import SHUTDOWN_MARGIN_SECONDS
 
 POLL_INTERVAL = 0.1  # seconds between looks at the workers
 # A worker that dies after running a while is replaced at once; one that dies

@@ -26,7 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from creditgate import ledger
-from creditgate.errors import Conflict, InsufficientCredits
+from creditgate.ledger.errors import (
+    CreditsExhausted,
+    HoldEnded,
+    IdempotencyConflict,
+    OverdraftInUse,
+)
 from creditgate.ledger.group_commit import GroupCommit
 from tests.conftest import Services
 
@@ -172,7 +177,7 @@ class Run:
                 idempotency_key=key,
                 reason="property adjustment",
             )
-        except InsufficientCredits:
+        except CreditsExhausted:
             assert not fits
             return
         assert fits
@@ -209,7 +214,7 @@ class Run:
                 self.conn, hold_id=hold_id, account_id=a.id, amount=amount, ttl_seconds=ttl
             )
             done = True
-        except InsufficientCredits:
+        except CreditsExhausted:
             done = False
         assert done == self._model_reserve(ix, hold_id, amount, ttl)
 
@@ -226,7 +231,7 @@ class Run:
         )
         for i, a, g in zip(ids, amounts, got, strict=True):
             assert (not isinstance(g, BaseException)) == self._model_reserve(ix, i, a, 3600), g
-            assert not isinstance(g, BaseException) or isinstance(g, InsufficientCredits), g
+            assert not isinstance(g, BaseException) or isinstance(g, CreditsExhausted), g
 
     async def reserve_again(self, i: int) -> None:
         if not self.holds:
@@ -245,7 +250,7 @@ class Run:
         """(debited, uncollected) of settling ``h`` now, or the error it raises."""
         a = self.accounts[h.account]
         if h.state == "released":
-            return Conflict
+            return HoldEnded
         if h.result is not None:  # a repeat: the first result, nothing written
             return h.result[1], h.result[2]
         if h.state == "live":
@@ -261,8 +266,8 @@ class Run:
         return debit, cost - debit
 
     def _check_settlement(self, h: MHold, fresh: bool, got: Any, want: Any) -> None:
-        if want is Conflict:
-            assert isinstance(got, Conflict), got
+        if want is HoldEnded:
+            assert isinstance(got, HoldEnded), got
             return
         assert not isinstance(got, BaseException), got
         assert (got.debited, got.uncollected, got.replayed) == (*want, not fresh)
@@ -280,7 +285,7 @@ class Run:
         want = self._model_settle(h, cost)
         try:
             got: Any = await ledger.settle_hold(self.conn, h.id, ledger.Usage(1, 1, cost))
-        except Conflict as e:
+        except HoldEnded as e:
             got = e
         self._check_settlement(h, fresh, got, want)
 
@@ -389,7 +394,7 @@ class Run:
             "expires_at": p.expires_at,
         }
         if not same:
-            with pytest.raises(Conflict):
+            with pytest.raises(IdempotencyConflict):
                 await ledger.post_entry(self.conn, **kwargs)
             return
         again = await ledger.post_entry(self.conn, **kwargs)
@@ -400,7 +405,7 @@ class Run:
         fits = a.available >= -limit
         try:
             await ledger.set_overdraft_limit(self.conn, a.id, limit)
-        except Conflict:
+        except OverdraftInUse:
             assert not fits
             return
         assert fits

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from creditgate import ledger
-from creditgate.http.textguard import has_control
+from creditgate.webkit.textguard import has_control
 
 # Clerk event type → (account kind, what to do).
 CLERK_EVENTS: dict[str, tuple[str, str]] = {
