@@ -24,6 +24,8 @@ ANSWERS: dict[type[DomainError], type[errors.ApiError]] = {
     ledger.InvalidArgument: errors.ValidationError,
     throttle.Throttled: errors.RateLimited,
     throttle.ThrottleUnavailable: errors.ServiceUnavailable,
+    throttle.UnknownTarget: errors.NotFound,
+    throttle.InvalidLimits: errors.ValidationError,
 }
 
 

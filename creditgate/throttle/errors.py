@@ -1,7 +1,7 @@
 """What the throttle refuses, in its own terms (no HTTP status here).
 
-``http.domain_errors`` maps ``Throttled`` to 429 and ``ThrottleUnavailable``
-to 503.
+``http.domain_errors`` maps ``Throttled`` to 429, ``ThrottleUnavailable`` to
+503, ``UnknownTarget`` to 404 and ``InvalidLimits`` to 400.
 """
 
 from __future__ import annotations
@@ -27,3 +27,11 @@ class Throttled(ThrottleError):
 
 class ThrottleUnavailable(ThrottleError):
     """Redis is away and the policy is ``closed``: nothing can be admitted."""
+
+
+class UnknownTarget(ThrottleError):
+    """No account (or API key) of that id to hold to limits or to override."""
+
+
+class InvalidLimits(ThrottleError):
+    """An operator's limit overrides that cannot be applied; ``details`` lists each problem."""
