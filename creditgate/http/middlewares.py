@@ -21,9 +21,9 @@ from creditgate.errors import (
     ValidationError,
 )
 from creditgate.http.domain_errors import api_error
-from creditgate.http.labelled import cached_labels
 from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from creditgate.logs import log
+from creditgate.metrics import cached_labels
 from creditgate.webkit.envelope import error_response
 from creditgate.webkit.ids import (
     ACCOUNT_ID,

@@ -257,7 +257,7 @@ async def _stream(
     except asyncio.CancelledError:
         upstream.close()
         if shutdown_cut(request):
-            # The drain's cut (http.drain): ended like any stream cut short.
+            # The drain's cut (webkit.drain): ended like any stream cut short.
             uncancel_cut()
             _stream_ends(model.name, SHUTDOWN_END).inc()
             return await _finish_stream(call, relay, SHUTDOWN_END, request.transport)

@@ -3,7 +3,7 @@
 PostgreSQL refuses NUL in ``text`` and ``jsonb`` (a 500 if it gets there),
 orjson's serializer fails past 255 levels of nesting, and control characters
 make no sense in an id, a URL or a name. These checks run where input enters:
-``http.envelope.read_json`` (every JSON body), the envelope middleware (path
+``webkit.envelope.read_json`` (every JSON body), the envelope middleware (path
 and query parameters), and the parsers of ids that arrive elsewhere (session
 tokens, webhooks).
 """
