@@ -1,6 +1,7 @@
 """The errors creditgate answers with (DESIGN.md §2).
 
-Every layer raises these; ``http.envelope`` renders them as
+Route modules raise these (the domain raises its own, ``domain_errors``, mapped
+to these by ``http.domain_errors``); ``webkit.envelope`` renders them as
 ``{"error": {code, message, type, details?}, "correlationId"}``. ``type`` keeps
 OpenAI clients' error handling working.
 """

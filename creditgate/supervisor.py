@@ -6,7 +6,7 @@ only supervises: it restarts a worker that dies, forwards SIGTERM/SIGINT for
 a graceful stop, and gives every worker one Prometheus multiprocess directory
 so a scrape of any worker reports the sum over all of them.
 
-On a stop it waits for every worker's drain (``http.drain``: the cut at
+On a stop it waits for every worker's drain (``webkit.drain``: the cut at
 ``shutdown_timeout_seconds``, then at most ``SHUTDOWN_MARGIN_SECONDS`` to settle
 and exit) before it kills anything; a kill is the last resort, and the exit
 code is 0 only when every worker drained and exited 0.
@@ -23,8 +23,8 @@ import tempfile
 import time
 from types import FrameType
 
-from creditgate.http.drain import SHUTDOWN_MARGIN_SECONDS
 from creditgate.logs import log
+from creditgate.webkit.drain import SHUTDOWN_MARGIN_SECONDS
 
 POLL_INTERVAL = 0.1  # seconds between looks at the workers
 # A worker that dies after running a while is replaced at once; one that dies

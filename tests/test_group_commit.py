@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from creditgate import ledger
-from creditgate.errors import Conflict, InsufficientCredits
+from creditgate.ledger.errors import CreditsExhausted, HoldEnded
 from creditgate.ledger.group_commit import GroupCommit
 
 
@@ -42,7 +42,7 @@ async def balance(db: asyncpg.Pool, acct: uuid.UUID) -> tuple[int, int]:
 async def outcome(coro: object) -> object:
     try:
         return await coro  # type: ignore[misc]
-    except (InsufficientCredits, Conflict) as e:
+    except (CreditsExhausted, HoldEnded) as e:
         return type(e)
 
 
@@ -60,9 +60,9 @@ async def test_batched_reserves_grant_what_fits_in_arrival_order(db: asyncpg.Poo
     assert [r if isinstance(r, type) else r.amount for r in results] == [  # type: ignore[union-attr]
         600,
         300,
-        InsufficientCredits,
+        CreditsExhausted,
         100,
-        InsufficientCredits,
+        CreditsExhausted,
     ]
     assert gc.batched_calls == 1  # the 300 that fit the batch's prefix; the rest retried alone
     assert await balance(db, acct) == (1000, 1000)
@@ -148,7 +148,7 @@ async def test_a_batch_answers_replays_conflicts_and_new_settles_alike(db: async
     )
     replay, conflict = results[1], results[2]
     assert replay.entry_id == before.entry_id and replay.replayed  # type: ignore[union-attr]
-    assert conflict is Conflict
+    assert conflict is HoldEnded
     assert [r.debited for r in results[3:]] == [70, 30]  # type: ignore[union-attr]
     assert gc.batched_calls == 2
     assert await balance(db, acct) == (10_000 - 40 - 1 - 70 - 30, 0)
@@ -207,7 +207,7 @@ async def test_many_concurrent_calls_on_tight_accounts_never_overspend(
             hold = await gc.reserve(
                 hold_id=uuid.uuid4(), account_id=acct, amount=1000, ttl_seconds=60
             )
-        except InsufficientCredits:
+        except CreditsExhausted:
             return
         await asyncio.sleep(random.random() / 100)
         # Some calls cost more than they held (the upstream ignored max_tokens).

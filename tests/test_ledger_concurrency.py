@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 
 from creditgate import ledger
-from creditgate.errors import InsufficientCredits
+from creditgate.ledger.errors import CreditsExhausted
 
 
 async def test_concurrent_settles_over_their_holds_never_fail_on_a_busy_account(
@@ -35,7 +35,7 @@ async def test_concurrent_settles_over_their_holds_never_fail_on_a_busy_account(
                 hold = await ledger.reserve_hold(
                     db, hold_id=uuid.uuid4(), account_id=acct.id, amount=1000, ttl_seconds=60
                 )
-            except InsufficientCredits:
+            except CreditsExhausted:
                 return
             await asyncio.sleep(random.random() / 100)
             cost = random.choice([0, 400, 1000, 1500])  # 1500: more than was held

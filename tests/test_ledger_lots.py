@@ -141,14 +141,14 @@ async def test_a_refund_entry_also_uses_soonest_expiring_credits(db: asyncpg.Poo
 async def test_overdraft_limit_is_settable_and_never_below_what_is_used(db: asyncpg.Pool) -> None:
     acct = await new_account(db)
     await grant(db, acct, 1)
-    with pytest.raises(ledger_errors().InsufficientCredits):
+    with pytest.raises(ledger_errors().CreditsExhausted):
         await spend(db, acct, 2 * C)
     assert await ledger.set_overdraft_limit(db, acct, 2 * C) == 2 * C
     await spend(db, acct, 2 * C)  # available -1 now
-    with pytest.raises(ledger_errors().Conflict):
+    with pytest.raises(ledger_errors().OverdraftInUse):
         await ledger.set_overdraft_limit(db, acct, C // 2)
     assert await ledger.set_overdraft_limit(db, acct, C) == C
-    with pytest.raises(ledger_errors().NotFound):
+    with pytest.raises(ledger_errors().AccountNotFound):
         await ledger.set_overdraft_limit(db, uuid.uuid4(), 0)
 
 
@@ -210,6 +210,6 @@ async def test_database_refuses_entries_that_break_the_rules(db: asyncpg.Pool) -
 
 
 def ledger_errors():  # type: ignore[no-untyped-def]
-    from creditgate import errors
+    from creditgate.ledger import errors
 
     return errors

@@ -30,8 +30,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from creditgate import ledger, migrations
-from creditgate.errors import Conflict, InsufficientCredits
 from creditgate.ledger import roles
+from creditgate.ledger.errors import (
+    CreditsExhausted,
+    HoldEnded,
+    IdempotencyConflict,
+    OverdraftInUse,
+)
 from creditgate.ledger.external import UsageRecord
 from creditgate.ledger.group_commit import GroupCommit
 from tests.conftest import Services, _admin_url
@@ -195,7 +200,7 @@ class Run:
                 idempotency_key=key,
                 reason="property adjustment",
             )
-        except InsufficientCredits:
+        except CreditsExhausted:
             assert not fits
             return
         assert fits
@@ -234,7 +239,7 @@ class Run:
                 self.conn, hold_id=hold_id, account_id=a.id, amount=amount, ttl_seconds=ttl
             )
             done = True
-        except InsufficientCredits:
+        except CreditsExhausted:
             done = False
         assert done == self._model_reserve(ix, hold_id, amount, ttl)
 
@@ -251,7 +256,7 @@ class Run:
         )
         for i, a, g in zip(ids, amounts, got, strict=True):
             assert (not isinstance(g, BaseException)) == self._model_reserve(ix, i, a, 3600), g
-            assert not isinstance(g, BaseException) or isinstance(g, InsufficientCredits), g
+            assert not isinstance(g, BaseException) or isinstance(g, CreditsExhausted), g
 
     async def reserve_again(self, i: int) -> None:
         if not self.holds:
@@ -272,7 +277,7 @@ class Run:
         """(debited, uncollected) of settling ``h`` now, or the error it raises."""
         a = self.accounts[h.account]
         if h.state == "released":
-            return Conflict
+            return HoldEnded
         if h.result is not None:  # a repeat: the first result, nothing written
             return h.result[1], h.result[2]
         if h.state == "live":
@@ -290,8 +295,8 @@ class Run:
         return debit, cost - debit
 
     def _check_settlement(self, h: MHold, fresh: bool, got: Any, want: Any) -> None:
-        if want is Conflict:
-            assert isinstance(got, Conflict), got
+        if want is HoldEnded:
+            assert isinstance(got, HoldEnded), got
             return
         assert not isinstance(got, BaseException), got
         assert (got.debited, got.uncollected, got.replayed) == (*want, not fresh)
@@ -309,7 +314,7 @@ class Run:
         want = self._model_settle(h, cost)
         try:
             got: Any = await ledger.settle_hold(self.conn, h.id, ledger.Usage(1, 1, cost))
-        except Conflict as e:
+        except HoldEnded as e:
             got = e
         self._check_settlement(h, fresh, got, want)
 
@@ -427,7 +432,7 @@ class Run:
             "expires_at": p.expires_at,
         }
         if not same:
-            with pytest.raises(Conflict):
+            with pytest.raises(IdempotencyConflict):
                 await ledger.post_entry(self.conn, **kwargs)
             return
         again = await ledger.post_entry(self.conn, **kwargs)
@@ -438,7 +443,7 @@ class Run:
         fits = a.available >= -limit
         try:
             await ledger.set_overdraft_limit(self.conn, a.id, limit)
-        except Conflict:
+        except OverdraftInUse:
             assert not fits
             return
         assert fits
@@ -465,7 +470,7 @@ class Run:
                     recorded_by="property",
                 ),
             )
-        except InsufficientCredits:
+        except CreditsExhausted:
             assert not fits
             return
         assert fits

@@ -81,7 +81,7 @@ async def test_reserve_settle_release_basics(db: asyncpg.Pool, customer_factory)
         db, hold_id=h.id, account_id=c.account.id, amount=800, ttl_seconds=60
     )
     assert again == h
-    with pytest.raises(ledger_errors().InsufficientCredits):
+    with pytest.raises(ledger_errors().CreditsExhausted):
         await ledger.reserve_hold(
             db, hold_id=uuid.uuid4(), account_id=c.account.id, amount=201, ttl_seconds=60
         )
@@ -94,6 +94,6 @@ async def test_reserve_settle_release_basics(db: asyncpg.Pool, customer_factory)
 
 
 def ledger_errors():
-    from creditgate import errors
+    from creditgate.ledger import errors
 
     return errors

@@ -17,9 +17,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from creditgate.config import Tier
-from creditgate.errors import RateLimited, ServiceUnavailable
 from creditgate.throttle import Throttle, resolve
 from creditgate.throttle.cluster import ClusterPipe, _routing_key, make_pipe, parse_cluster_url
+from creditgate.throttle.errors import Throttled, ThrottleUnavailable
 from creditgate.throttle.limits import Limits
 from creditgate.throttle.resp import encode_args
 from tests.cluster_support import RedisClusterNodes, cluster_tools, redis_cluster
@@ -59,7 +59,7 @@ async def burst(throttle: Throttle, limits: Limits, n: int) -> Counter[str]:
     async def one() -> str:
         try:
             await throttle.admit(limits, 1)
-        except RateLimited:
+        except Throttled:
             return "refused"
         return "admitted"
 
@@ -285,7 +285,7 @@ async def test_a_killed_master_fails_over_and_the_throttle_recovers(
                 try:
                     await throttle.finish(await throttle.admit(limits, 1), 1)
                     outcomes.append("ok")
-                except ServiceUnavailable:
+                except ThrottleUnavailable:
                     outcomes.append("closed")  # the Redis-down policy, applied
                 await asyncio.sleep(0.005)
 
@@ -342,7 +342,7 @@ async def test_a_cluster_that_refuses_keyed_calls_keeps_the_throttle_degraded(
         assert await burst(throttle, limits, 1) == {"admitted": 1}
         owned = next(s for s, p in cluster.slot_owners().items() if p == master)
         cluster.client(master).execute_command("CLUSTER", "DELSLOTS", owned)
-        with pytest.raises(ServiceUnavailable):
+        with pytest.raises(ThrottleUnavailable):
             await throttle.admit(limits, 1)
         states = []
         for _ in range(10):  # the probe runs every 50 ms meanwhile

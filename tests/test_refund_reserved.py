@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate import ledger
-from creditgate.errors import InsufficientCredits
+from creditgate.ledger.errors import CreditsExhausted
 from tests.billing_support import PACK, applied, billing_settings, deliver, shared_fake_polar
 from tests.conftest import Customer, Services, running
 from tests.polar_fake import order_payload
@@ -64,7 +64,7 @@ async def test_a_refund_of_reserved_credits_is_taken_when_the_hold_is_released(
 
     assert await ledger.release_hold(db, hold)  # the call failed: nothing charged
     assert await _money(db, c.account.id) == (0, 0, 0)
-    with pytest.raises(InsufficientCredits):
+    with pytest.raises(CreditsExhausted):
         await _hold(db, c.account.id, 1)
     assert await ledger.account_debt(db, c.account.id) == 0
     entries = await db.fetch(

@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from creditgate.config import Tier
-from creditgate.errors import RateLimited
 from creditgate.throttle import DayZone, Overrides, Throttle, resolve
+from creditgate.throttle.errors import Throttled
 from creditgate.throttle.local import LocalStore
 from creditgate.throttle.resp import RedisPipe
 from tests.conftest import Services
@@ -73,7 +73,7 @@ async def test_all_or_nothing_and_the_longest_wait_decides(
         await throttle.finish(a, 0)
     day_before = (await redis.hgetall(f"cg:{{{acct}}}"))[b"n"]
 
-    with pytest.raises(RateLimited) as refused:
+    with pytest.raises(Throttled) as refused:
         await throttle.admit(limits, 150)
     # requests/min would be ready in ~1 s, tokens/min (150 at 100/s) in ~1.5 s: the
     # longer one decides, so a retry after Retry-After finds both ready.
@@ -131,7 +131,7 @@ async def test_idle_buckets_expire_once_full(throttle: Throttle, redis: aioredis
 
 async def test_too_large_prompt_is_refused_without_a_wait(throttle: Throttle) -> None:
     limits = resolve(uuid.uuid4(), None, tier(tpm=100))
-    with pytest.raises(RateLimited) as refused:
+    with pytest.raises(Throttled) as refused:
         await throttle.admit(limits, 400, required_tokens=300)
     assert refused.value.details == {"limit": "tokens_per_minute", "retryAfter": None}
     assert "Retry-After" not in refused.value.headers

@@ -321,8 +321,8 @@ async def test_leases_whose_replies_a_redis_stall_lost_free_within_two_seconds(
     import uuid
 
     from creditgate.config import Tier
-    from creditgate.errors import RateLimited
     from creditgate.throttle import Throttle, resolve
+    from creditgate.throttle.errors import Throttled
     from creditgate.throttle.resp import RedisPipe
 
     pipe = RedisPipe(redis_server.url)
@@ -360,7 +360,7 @@ async def test_leases_whose_replies_a_redis_stall_lost_free_within_two_seconds(
         # The account's eight slots are all free again, shared through Redis.
         fresh = [await throttle.admit(limits, 10) for _ in range(8)]
         assert {a.store for a in fresh} == {"redis"}
-        with pytest.raises(RateLimited) as refused:
+        with pytest.raises(Throttled) as refused:
             await throttle.admit(limits, 10)
         assert refused.value.details["limit"] == "max_parallel"
         for a in (*late, *fresh):

@@ -19,8 +19,8 @@ from creditgate.auth.principal import Principal
 from creditgate.auth.session_accounts import SessionAccounts
 from creditgate.config import Settings
 from creditgate.errors import Forbidden, Unauthorized
-from creditgate.http.ids import ACCOUNT_ID
 from creditgate.ledger.db import Db
+from creditgate.webkit.ids import ACCOUNT_ID
 
 SESSION_COOKIE = "__session"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -31,7 +31,7 @@ from jwt.exceptions import (
 
 from creditgate.auth.jwks import JwksKeys
 from creditgate.errors import Unauthorized
-from creditgate.http.textguard import has_control
+from creditgate.webkit.textguard import has_control
 
 LEEWAY_SECONDS = 5
 # A verified token is remembered (by its exact text) this long at most, and

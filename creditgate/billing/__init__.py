@@ -18,15 +18,15 @@ from creditgate.billing.checkout import POLAR
 from creditgate.billing.client import make_polar
 from creditgate.billing.export import UsageExporter
 from creditgate.billing.reconcile import run_periodically
-from creditgate.http.state import STATE
 from creditgate.logs import log
+from creditgate.resources import RESOURCES
 
 ENDPOINTS = (*CHECKOUT_ENDPOINTS, *subscription.ENDPOINTS)
 
 
 def setup_billing(app: web.Application) -> None:
     """When Polar is configured: its client and background tasks (routes: ``ENDPOINTS``)."""
-    polar = make_polar(app[STATE].settings)
+    polar = make_polar(app[RESOURCES].settings)
     if polar is not None:
         app[POLAR] = polar
     app.cleanup_ctx.append(_polar_tasks)
@@ -34,7 +34,7 @@ def setup_billing(app: web.Application) -> None:
 
 async def _polar_tasks(app: web.Application) -> AsyncIterator[None]:
     """The Polar client, the usage exporter and the periodic reconciliation."""
-    settings = app[STATE].settings
+    settings = app[RESOURCES].settings
     polar = app.get(POLAR)
     if polar is None:
         # `creditgate dev` runs without Polar on purpose: no warning there.

@@ -24,10 +24,10 @@ from creditgate.auth import Principal, require_session
 from creditgate.billing.client import call_with_retries
 from creditgate.config import PolarConfig
 from creditgate.errors import NotFound, ServiceUnavailable, UpstreamError, ValidationError
-from creditgate.http.envelope import data_response, read_json_object
-from creditgate.http.openapi import BOOL, STR, Endpoint, obj
-from creditgate.http.state import STATE
 from creditgate.logs import log
+from creditgate.resources import RESOURCES
+from creditgate.webkit.envelope import data_response, read_json_object
+from creditgate.webkit.openapi import BOOL, STR, Endpoint, obj
 
 POLAR = web.AppKey("creditgate.polar", PolarAsync)
 # An open checkout this close to its expiry is not handed out again.
@@ -61,7 +61,7 @@ def polar_failed(e: PolarError) -> UpstreamError:
 
 async def create_checkout(request: web.Request) -> web.Response:
     """``{product}`` → ``{url, checkoutId, reused}``: a Polar checkout for the caller."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     principal = await _caller(request)
     polar = _polar(request)
     body = await read_json_object(request)
@@ -173,7 +173,7 @@ async def _open_checkout(
 
 async def billing_portal(request: web.Request) -> web.Response:
     """``{url}``: a Polar customer-portal session for the caller's account."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     principal = await _caller(request)
     polar = _polar(request)
     cfg = st.settings.config.polar

@@ -1,6 +1,6 @@
 """Prometheus metrics of the Polar adapter and the webhook receivers.
 
-Same conventions as ``creditgate.http.metrics``: ``creditgate_`` prefix,
+Same conventions as ``creditgate.metrics``: ``creditgate_`` prefix,
 bounded labels only (sources, outcomes, reasons — never an account or event
 id). The gauges are set by the one process holding the export (or
 reconciliation) lock; ``livemax`` makes a multi-process scrape report that

@@ -38,8 +38,12 @@ from creditgate.billing.polar_events import (
     facts_of,
 )
 from creditgate.errors import Conflict, NotFound, ServiceUnavailable
-from creditgate.http.envelope import data_response
-from creditgate.http.openapi import (
+from creditgate.ledger.balances import LIVE_PLAN_STATUSES
+from creditgate.ledger.entries import iso
+from creditgate.logs import log
+from creditgate.resources import RESOURCES, Resources
+from creditgate.webkit.envelope import data_response
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     MICROS,
@@ -50,10 +54,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.state import STATE, State
-from creditgate.ledger.balances import LIVE_PLAN_STATUSES
-from creditgate.ledger.entries import iso
-from creditgate.logs import log
 
 # The caller's subscription: a live one first (as the balance's plan), else
 # the most recent. Credits granted: as the balance's creditLimit, since the
@@ -102,7 +102,7 @@ def _view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def _current(db: Any, st: State, account_id: uuid.UUID) -> asyncpg.Record | None:
+async def _current(db: Any, st: Resources, account_id: uuid.UUID) -> asyncpg.Record | None:
     max_age = st.settings.config.polar.subscription_max_age_seconds
     row: asyncpg.Record | None = await db.fetchrow(
         _CURRENT, account_id, list(LIVE_PLAN_STATUSES), max_age
@@ -110,7 +110,7 @@ async def _current(db: Any, st: State, account_id: uuid.UUID) -> asyncpg.Record 
     return row
 
 
-async def refresh_from_polar(st: State, polar: PolarAsync, subscription_id: str) -> bool:
+async def refresh_from_polar(st: Resources, polar: PolarAsync, subscription_id: str) -> bool:
     """Apply Polar's current state of the subscription as its webhook would; False on failure."""
     cfg = st.settings.config.polar
     ids = {"subscription_id": subscription_id}
@@ -148,7 +148,7 @@ async def refresh_from_polar(st: State, polar: PolarAsync, subscription_id: str)
 
 async def get_subscription(request: web.Request) -> web.Response:
     """The caller's subscription as Polar's webhooks (or a refresh) last described it."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     principal = await authenticate(request)
     row = await _current(st.db, st, principal.account_id)
     if row is None:
@@ -172,7 +172,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
     already set to cancel; 404 without a live subscription. Session-only: a
     person's act, like checkout.
     """
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     principal = await require_session(request)
     polar = request.app.get(POLAR)
     if polar is None:

@@ -20,7 +20,9 @@ import os
 
 from creditgate.cli.output import CliError, fail, report
 from creditgate.cli.parser import parser
+from creditgate.domain_errors import DomainError
 from creditgate.errors import ApiError
+from creditgate.http.domain_errors import api_error
 from creditgate.logs import setup_logging
 
 # The parser under its former name (tests and tools build it to read the help).
@@ -43,4 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         outcome = asyncio.run(args.run(args))
     except (CliError, ApiError) as e:
         return fail(args, e.code, e.message)
+    except DomainError as e:  # the ledger's refusals: the same codes the API answers
+        return fail(args, api_error(e).code, e.message)
     return report(args, outcome)

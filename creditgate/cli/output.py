@@ -31,7 +31,7 @@ class Outcome:
 
 def emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
     """Print ``result``: one JSON object with ``--json``, else ``text`` or a readable form."""
-    from creditgate.http.envelope import dumps
+    from creditgate.webkit.envelope import dumps
 
     out = dumps(result).decode() if args.json else (text if text is not None else human(result))
     sys.stdout.write(out + "\n")
@@ -62,7 +62,7 @@ def report(args: argparse.Namespace, outcome: Outcome) -> int:
 
 def human(value: Any, indent: str = "") -> str:
     """A result as aligned ``name  value`` lines; lists of objects as indented blocks."""
-    from creditgate.http.envelope import dumps
+    from creditgate.webkit.envelope import dumps
 
     if not isinstance(value, dict):
         return indent + (value if isinstance(value, str) else dumps(value).decode())

@@ -21,7 +21,7 @@ from creditgate.logs import log, setup_logging
 def cmd_serve(args: argparse.Namespace) -> int:
     from creditgate.http import serving
     from creditgate.http.app import create_app
-    from creditgate.http.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
+    from creditgate.webkit.drain import AIOHTTP_SHUTDOWN_TIMEOUT, ignore_repeated_signals
 
     settings = load_cli_settings()
     setup_logging(settings.log_level)
@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_uvloop()
     log.info("serving", extra={"host": host, "port": port, "pid": os.getpid()})
     # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to
-    # `grace` seconds, then cut them (http.drain: a cut stream is still billed).
+    # `grace` seconds, then cut them (webkit.drain: a cut stream is still billed).
     app = create_app(settings)
     ignore_repeated_signals(app)
     _freeze_heap()

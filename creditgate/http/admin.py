@@ -10,8 +10,11 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.errors import ValidationError
-from creditgate.http.envelope import read_json_object, written_response
-from creditgate.http.openapi import (
+from creditgate.http.params import Problems, parse_text, parse_time
+from creditgate.http.state import STATE
+from creditgate.logs import log
+from creditgate.webkit.envelope import read_json_object, written_response
+from creditgate.webkit.openapi import (
     CREDITS,
     MICROS,
     NUM,
@@ -23,9 +26,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_text, parse_time
-from creditgate.http.state import STATE
-from creditgate.logs import log
 
 _FIELDS = {"account", "amount", "reason", "idempotencyKey", "expiresAt"}
 MAX_REASON = 500

@@ -14,11 +14,11 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import AUTH, list_api_keys, require_admin, revoke_key_by_id
 from creditgate.errors import NotFound
-from creditgate.http.envelope import data_response
 from creditgate.http.keys import KEY_INFO
-from creditgate.http.openapi import UUID, Endpoint, arr, obj
 from creditgate.http.state import STATE
 from creditgate.logs import log
+from creditgate.webkit.envelope import data_response
+from creditgate.webkit.openapi import UUID, Endpoint, arr, obj
 
 
 async def account_keys(request: web.Request) -> web.Response:

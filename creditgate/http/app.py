@@ -26,10 +26,8 @@ from creditgate.http import (
     usage_record,
     user,
 )
-from creditgate.http.drain import drain_middleware, install_drain
 from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
-from creditgate.http.openapi import add_endpoints
 from creditgate.http.state import STATE, State
 from creditgate.invalidation import CacheInvalidation
 from creditgate.ledger.group_commit import GroupCommit
@@ -38,11 +36,16 @@ from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
 from creditgate.proxy import routes as proxy
+from creditgate.proxy.ports import CHAT
 from creditgate.proxy.upstream import UpstreamClient
+from creditgate.resources import RESOURCES
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
 from creditgate.throttle.cluster import make_client, make_pipe
 from creditgate.webhooks import setup_webhooks
+from creditgate.webkit.drain import drain_middleware, install_drain
+from creditgate.webkit.envelope import BODY_TIMEOUT
+from creditgate.webkit.openapi import add_endpoints
 
 # Every route, from the tables beside their handlers (they also make /openapi.json).
 ENDPOINTS = (
@@ -71,6 +74,10 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[envelope_middleware, drain_middleware],
     )
     app[STATE] = State(settings)
+    # The narrow views the route modules below http/ use (the same object).
+    app[RESOURCES] = app[STATE]
+    app[CHAT] = app[STATE]
+    app[BODY_TIMEOUT] = settings.config.http_limits.body_timeout_seconds
     install_drain(app, settings.config.shutdown_timeout_seconds)
     app[AUTH] = Authenticator(settings)
     app.on_response_prepare.append(add_id_headers)

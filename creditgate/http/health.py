@@ -7,9 +7,9 @@ import asyncio
 from aiohttp import web
 
 from creditgate import migrations
-from creditgate.http.envelope import json_response
-from creditgate.http.openapi import Endpoint, obj
 from creditgate.http.state import STATE
+from creditgate.webkit.envelope import json_response
+from creditgate.webkit.openapi import Endpoint, obj
 
 
 async def health(request: web.Request) -> web.Response:

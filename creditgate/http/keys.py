@@ -23,10 +23,10 @@ from creditgate.auth import (
     revoke_api_key,
 )
 from creditgate.errors import Forbidden, NotFound, ValidationError
-from creditgate.http.envelope import data_response, read_json_object
-from creditgate.http.openapi import STR, TIME, UUID, Endpoint, Schema, arr, nullable, obj
 from creditgate.http.state import STATE
-from creditgate.http.textguard import has_control
+from creditgate.webkit.envelope import data_response, read_json_object
+from creditgate.webkit.openapi import STR, TIME, UUID, Endpoint, Schema, arr, nullable, obj
+from creditgate.webkit.textguard import has_control
 
 MAX_NAME_LEN = 100
 _FIELDS = {"name", "expiresAt", "scope"}

@@ -1,7 +1,7 @@
-"""Prometheus metrics: the catalogue, and the ``/metrics`` route.
+"""The ``/metrics`` route (Prometheus exposition).
 
-Names are prefixed ``creditgate_``; labels are bounded (route templates,
-models from config, outcomes) — never a user, key or account id.
+The catalogue itself is ``creditgate.metrics`` (below every layer that
+records it); its names are re-exported here for existing imports.
 """
 
 from __future__ import annotations
@@ -10,121 +10,58 @@ import hmac
 import os
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from creditgate.errors import Unauthorized
-from creditgate.http.openapi import Endpoint
-
-_LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
+from creditgate.metrics import (
+    CONNECTIONS_REFUSED as CONNECTIONS_REFUSED,
 )
-
-HTTP_REQUESTS = Counter(
-    "creditgate_http_requests_total",
-    "HTTP requests answered, by route template, method and status.",
-    ["route", "method", "status"],
+from creditgate.metrics import (
+    CREDITS_CHARGED as CREDITS_CHARGED,
 )
-CONNECTIONS_REFUSED = Counter(
-    "creditgate_http_connections_refused_total",
-    "Connections answered 503 and closed at once: the process had [http] max_connections open.",
+from creditgate.metrics import (
+    CREDITS_EXPIRED as CREDITS_EXPIRED,
 )
-HTTP_LATENCY = Histogram(
-    "creditgate_http_request_duration_seconds",
-    "Time from request to the last byte of the response.",
-    ["route", "method"],
-    buckets=_LATENCY_BUCKETS,
+from creditgate.metrics import (
+    HOLDS_ACTIVE as HOLDS_ACTIVE,
 )
-UPSTREAM_REQUESTS = Counter(
-    "creditgate_upstream_requests_total",
-    "Upstream calls by model, deployment and outcome.",
-    ["model", "deployment", "outcome"],
+from creditgate.metrics import (
+    HOLDS_EXPIRED as HOLDS_EXPIRED,
 )
-UPSTREAM_FIRST_BYTE = Histogram(
-    "creditgate_upstream_first_byte_seconds",
-    "Time to the upstream's response headers (time to first token for streams).",
-    ["model"],
-    buckets=_LATENCY_BUCKETS,
+from creditgate.metrics import (
+    HTTP_LATENCY as HTTP_LATENCY,
 )
-UPSTREAM_DURATION = Histogram(
-    "creditgate_upstream_duration_seconds",
-    "Time a completion spent waiting on the upstream (streams: until its last event).",
-    ["model"],
-    buckets=_LATENCY_BUCKETS,
+from creditgate.metrics import (
+    HTTP_REQUESTS as HTTP_REQUESTS,
 )
-PROXY_OVERHEAD = Histogram(
-    "creditgate_proxy_overhead_seconds",
-    "Time creditgate added to a completion: its whole duration minus the upstream wait.",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+from creditgate.metrics import (
+    LEDGER_LATENCY as LEDGER_LATENCY,
 )
-HOLDS_ACTIVE = Gauge(
-    "creditgate_holds_active",
-    "Holds not yet ended (calls in flight, or left by a dead process until they expire).",
-    multiprocess_mode="livemax",
+from creditgate.metrics import (
+    PROXY_OVERHEAD as PROXY_OVERHEAD,
 )
-STREAM_ENDS = Counter(
-    "creditgate_stream_ends_total",
-    "Streamed completions by model and how they ended: done, client_gone,"
-    " idle_timeout, total_timeout, read_error, eof, malformed, error_event.",
-    ["model", "end"],
+from creditgate.metrics import (
+    REDIS_DEGRADED as REDIS_DEGRADED,
 )
-TOKENS = Counter(
-    "creditgate_tokens_total",
-    "Tokens charged, by model and direction (input/output).",
-    ["model", "direction"],
+from creditgate.metrics import (
+    STREAM_ENDS as STREAM_ENDS,
 )
-CREDITS_CHARGED = Counter(
-    "creditgate_credits_charged_micros_total",
-    "Micro-credits debited for completions, by model.",
-    ["model"],
+from creditgate.metrics import (
+    THROTTLE_DECISIONS as THROTTLE_DECISIONS,
 )
-THROTTLE_DECISIONS = Counter(
-    "creditgate_throttle_decisions_total",
-    "Throttle decisions by the limit that decided and the result.",
-    ["limit", "result"],
+from creditgate.metrics import (
+    TOKENS as TOKENS,
 )
-HOLDS_EXPIRED = Counter(
-    "creditgate_holds_expired_total",
-    "Holds released by the sweeper after their expiry (a process died mid-call).",
+from creditgate.metrics import (
+    UPSTREAM_DURATION as UPSTREAM_DURATION,
 )
-CREDITS_EXPIRED = Counter(
-    "creditgate_credits_expired_micros_total",
-    "Micro-credits of granted lots written off at their expiry.",
+from creditgate.metrics import (
+    UPSTREAM_FIRST_BYTE as UPSTREAM_FIRST_BYTE,
 )
-LEDGER_LATENCY = Histogram(
-    "creditgate_ledger_operation_seconds",
-    "Ledger statement latency by operation.",
-    ["operation"],
-    buckets=_LATENCY_BUCKETS,
+from creditgate.metrics import (
+    UPSTREAM_REQUESTS as UPSTREAM_REQUESTS,
 )
-REDIS_DEGRADED = Gauge(
-    "creditgate_throttle_degraded",
-    "1 while Redis is unreachable and the throttle runs on its fallback policy.",
-    multiprocess_mode="max",
-)
+from creditgate.webkit.openapi import Endpoint
 
 
 async def metrics_route(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
+from creditgate.domain_errors import DomainError
 from creditgate.errors import (
     ApiError,
     ClientDisconnected,
@@ -19,8 +20,12 @@ from creditgate.errors import (
     ServiceUnavailable,
     ValidationError,
 )
-from creditgate.http.envelope import error_response
-from creditgate.http.ids import (
+from creditgate.http.domain_errors import api_error
+from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from creditgate.logs import log
+from creditgate.metrics import cached_labels
+from creditgate.webkit.envelope import error_response
+from creditgate.webkit.ids import (
     ACCOUNT_ID,
     CORRELATION_ID,
     REQUEST_ID,
@@ -28,10 +33,7 @@ from creditgate.http.ids import (
     STARTED,
     pick_id,
 )
-from creditgate.http.labelled import cached_labels
-from creditgate.http.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from creditgate.http.textguard import control_problem
-from creditgate.logs import log
+from creditgate.webkit.textguard import control_problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _requests = cached_labels(HTTP_REQUESTS)
@@ -63,6 +65,8 @@ def _client_gone(request: web.Request) -> bool:
 def _as_api_error(request: web.Request, exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, DomainError):
+        return api_error(exc)  # the ledger's and the throttle's refusals
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         from creditgate.http.state import STATE
 
@@ -118,7 +122,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise  # redirects and the like are not errors
         err = _as_api_error(request, exc)
-        if err.status >= 500 and not isinstance(exc, ApiError):
+        if err.status >= 500 and not isinstance(exc, (ApiError, DomainError)):
             log.error(
                 "unhandled error" if isinstance(err, InternalError) else "backing service error",
                 exc_info=exc,

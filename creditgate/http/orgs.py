@@ -8,8 +8,8 @@ from aiohttp import web
 
 from creditgate.auth import require_session
 from creditgate.errors import Forbidden, ValidationError
-from creditgate.http.envelope import data_response
-from creditgate.http.openapi import STR, UUID, Endpoint, obj
+from creditgate.webkit.envelope import data_response
+from creditgate.webkit.openapi import STR, UUID, Endpoint, obj
 
 ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
 

@@ -24,8 +24,12 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import authenticate
 from creditgate.errors import ValidationError
-from creditgate.http.envelope import data_response, read_json_object
-from creditgate.http.openapi import (
+from creditgate.http.params import Problems
+from creditgate.http.state import STATE
+from creditgate.logs import log
+from creditgate.preferences import UNSET, Changes, get_preferences, update_preferences
+from creditgate.webkit.envelope import data_response, read_json_object
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     CREDITS_TEXT,
@@ -38,11 +42,7 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems
-from creditgate.http.state import STATE
-from creditgate.http.textguard import has_control
-from creditgate.logs import log
-from creditgate.preferences import UNSET, Changes, get_preferences, update_preferences
+from creditgate.webkit.textguard import has_control
 
 MAX_URL = 2048
 _FIELDS = ("lowBalanceThreshold", "notificationUrl", "defaultModel", "rotateSigningSecret")

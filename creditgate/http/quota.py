@@ -19,8 +19,12 @@ from creditgate import ledger
 from creditgate.auth import Principal, authenticate
 from creditgate.config import Model
 from creditgate.errors import ModelNotFound, ValidationError
-from creditgate.http.envelope import data_response
-from creditgate.http.openapi import (
+from creditgate.http.params import Problems, parse_int
+from creditgate.http.state import STATE, State
+from creditgate.proxy.pricing import cost_micros
+from creditgate.throttle import LIMIT_NAMES, Standing, format_duration
+from creditgate.webkit.envelope import data_response
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     INT,
@@ -33,10 +37,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_int
-from creditgate.http.state import STATE, State
-from creditgate.proxy.pricing import cost_micros
-from creditgate.throttle import LIMIT_NAMES, Standing, format_duration
 
 MAX_PROMPT_TOKENS = 10**9
 # The limits' names in the answer, in LIMIT_NAMES order.

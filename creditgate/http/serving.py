@@ -11,7 +11,7 @@ bound on a client that never finishes its headers. This module runs the app as
 * a cap on open connections per process: one past it is answered 503 at once
   and closed, before any byte of it is parsed.
 
-Bodies are bounded where they are read (``http.envelope.read_body``).
+Bodies are bounded where they are read (``webkit.envelope.read_body``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""What a running app holds: settings and the shared clients, made at start."""
+"""What a running app holds: settings and the shared clients, made at start.
+
+The outermost layer: it may import every package. Nothing below ``http/``
+imports it; they read the narrow views it satisfies as it is —
+``resources.Resources`` and ``proxy.ports.ChatDeps`` — stored by
+``http.app`` under their own app keys (ARCHITECTURE.md, "Layers").
+"""
 
 from __future__ import annotations
 

@@ -25,9 +25,14 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import AdminCaller, Principal, require_usage_writer
 from creditgate.errors import Forbidden, ModelNotFound, ValidationError
-from creditgate.http.envelope import read_json_object, written_response
-from creditgate.http.ids import REQUEST_ID
-from creditgate.http.openapi import (
+from creditgate.http.params import Problems, parse_text, parse_time
+from creditgate.http.state import STATE
+from creditgate.logs import log
+from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.validation import is_int
+from creditgate.webkit.envelope import read_json_object, written_response
+from creditgate.webkit.ids import REQUEST_ID
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     CREDITS_TEXT,
@@ -41,11 +46,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_text, parse_time
-from creditgate.http.state import STATE
-from creditgate.logs import log
-from creditgate.proxy.pricing import cost_micros
-from creditgate.proxy.validation import is_int
 
 _FIELDS = {
     "account",

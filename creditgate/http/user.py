@@ -7,8 +7,12 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import authenticate
 from creditgate.errors import ValidationError
-from creditgate.http.envelope import data_response
-from creditgate.http.openapi import (
+from creditgate.http.params import Problems, parse_int, parse_kinds, parse_time
+from creditgate.http.state import STATE
+from creditgate.ledger.errors import InvalidArgument
+from creditgate.ledger.history import MAX_PAGE, decode_cursor
+from creditgate.webkit.envelope import data_response
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     INT,
@@ -23,9 +27,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.params import Problems, parse_int, parse_kinds, parse_time
-from creditgate.http.state import STATE
-from creditgate.ledger.history import MAX_PAGE, decode_cursor
 
 _USAGE_PARAMS = ("limit", "cursor", "kind", "since", "until")
 
@@ -60,7 +61,7 @@ async def usage(request: web.Request) -> web.Response:
     if cursor is not None:
         try:
             decode_cursor(cursor)
-        except ValidationError as e:
+        except InvalidArgument as e:
             problems.extend(e.details)
     kinds = parse_kinds(q.getall("kind", []), ledger.ENTRY_KINDS, problems)
     since = parse_time(q["since"], "since", problems) if "since" in q else None

@@ -24,6 +24,16 @@ from creditgate.ledger.alerts import (
 )
 from creditgate.ledger.balances import Balance, get_balance
 from creditgate.ledger.entries import ENTRY_KINDS, Posted, post_entry
+from creditgate.ledger.errors import (
+    AccountNotFound,
+    CreditsExhausted,
+    HoldEnded,
+    HoldNotFound,
+    IdempotencyConflict,
+    InvalidArgument,
+    LedgerError,
+    OverdraftInUse,
+)
 from creditgate.ledger.expiry import expire_lot, sweep_expired_lots
 from creditgate.ledger.external import Recorded, UsageRecord, record_usage
 from creditgate.ledger.history import EntryView, Page, list_entries
@@ -50,10 +60,18 @@ from creditgate.ledger.verify import Report, verify_ledger
 __all__ = [
     "ENTRY_KINDS",
     "Account",
+    "AccountNotFound",
     "AccountRow",
     "Balance",
+    "CreditsExhausted",
     "EntryView",
     "Hold",
+    "HoldEnded",
+    "HoldNotFound",
+    "IdempotencyConflict",
+    "InvalidArgument",
+    "LedgerError",
+    "OverdraftInUse",
     "Page",
     "Posted",
     "Recorded",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from creditgate.errors import Conflict, NotFound, ValidationError
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.errors import AccountNotFound, InvalidArgument, OverdraftInUse
 from creditgate.ledger.kinds import AccountKind
 from creditgate.ledger.money import micros_to_credits
 
@@ -72,7 +72,7 @@ async def get_account(db: Db, account_id: uuid.UUID) -> Account | None:
 
 
 async def resolve_account(db: Db, ref: str) -> Account:
-    """The account named by its id or by its Clerk user/org id; NotFound otherwise."""
+    """The account named by its id or by its Clerk user/org id; AccountNotFound otherwise."""
     try:
         account_id = uuid.UUID(ref)
     except ValueError:
@@ -80,7 +80,7 @@ async def resolve_account(db: Db, ref: str) -> Account:
             "SELECT id, kind, external_id, tier, status FROM accounts WHERE external_id = $1", ref
         )
         if len(rows) > 1:
-            raise ValidationError(
+            raise InvalidArgument(
                 f"{ref!r} names both a user and an org account; use the account id"
             ) from None
         if rows:
@@ -89,7 +89,7 @@ async def resolve_account(db: Db, ref: str) -> Account:
         account = await get_account(db, account_id)
         if account is not None:
             return account
-    raise NotFound(f"no account {ref!r}")
+    raise AccountNotFound(f"no account {ref!r}")
 
 
 async def close_account(db: Db, kind: AccountKind, external_id: str) -> Account:
@@ -129,7 +129,7 @@ async def set_overdraft_limit(db: Db, account_id: uuid.UUID, limit: int) -> int:
 
     Setting the same value again changes nothing (idempotent by nature). A
     limit below what the account already uses of its overdraft is refused
-    (Conflict): the CHECK on the balance row would not hold.
+    (OverdraftInUse): the CHECK on the balance row would not hold.
     """
     assert limit >= 0, limit
     try:
@@ -151,13 +151,13 @@ async def set_overdraft_limit(db: Db, account_id: uuid.UUID, limit: int) -> int:
         available = await db.fetchval(
             "SELECT balance - reserved FROM account_balances WHERE account_id = $1", account_id
         )
-        raise Conflict(
+        raise OverdraftInUse(
             f"The account already has {micros_to_credits(available)} credits available;"
             " its overdraft limit cannot be set below what it uses now.",
             details={"availableMicros": available, "overdraftLimitMicros": limit},
         ) from None
     if row is None:
-        raise NotFound(f"no account {account_id}")
+        raise AccountNotFound(f"no account {account_id}")
     return int(row["overdraft_limit"])
 
 

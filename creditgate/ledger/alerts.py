@@ -14,8 +14,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from creditgate.errors import NotFound
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.errors import AccountNotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ async def set_low_balance_threshold(
             threshold,
         )
     if row is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     return Threshold(row["low_balance_threshold"], row["low_balance_below"])
 
 
@@ -66,5 +66,5 @@ async def get_low_balance_threshold(db: Db, account_id: uuid.UUID) -> Threshold:
         account_id,
     )
     if row is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     return Threshold(row["low_balance_threshold"], row["low_balance_below"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from creditgate.errors import NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.errors import AccountNotFound
 from creditgate.ledger.money import micros_to_credits
 
 
@@ -48,7 +48,7 @@ LIVE_PLAN_STATUSES = ("active", "trialing", "past_due")
 
 
 async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
-    """The account's balance row, plan and credits granted; NotFound if no account."""
+    """The account's balance row, plan and credits granted; AccountNotFound if no account."""
     row = await db.fetchrow(
         """
         SELECT b.balance, b.reserved, b.overdraft_limit, a.tier,
@@ -72,7 +72,7 @@ async def get_balance(db: Db, account_id: uuid.UUID) -> Balance:
         list(LIVE_PLAN_STATUSES),
     )
     if row is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     return Balance(
         account_id,
         row["balance"],

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.errors import AccountNotFound, CreditsExhausted, IdempotencyConflict
 from creditgate.ledger.kinds import ENTRY_KINDS as ENTRY_KINDS  # re-exported
 from creditgate.ledger.kinds import EntryKind, PostedKind
 from creditgate.ledger.money import micros_to_credits
@@ -95,9 +95,9 @@ async def post_entry(
     A grant with ``expires_at`` makes a lot of credits that expire then
     (migration 0002 allocates debits to it). The same key with the same request
     returns the first result — the same entry and balance — and writes nothing;
-    with a different request it raises Conflict (409). A negative amount the
-    account cannot cover within its overdraft limit raises InsufficientCredits
-    (402); an unknown account NotFound.
+    with a different request it raises IdempotencyConflict. A negative amount the
+    account cannot cover within its overdraft limit raises CreditsExhausted;
+    an unknown account AccountNotFound.
     """
     assert kind in ("grant", "adjustment", "reversal"), kind
     assert amount != 0 and (kind != "grant" or amount > 0), (kind, amount)
@@ -119,7 +119,7 @@ async def post_entry(
     except asyncpg.CheckViolationError as e:
         if e.constraint_name != "available_within_overdraft":
             raise
-        raise InsufficientCredits(
+        raise CreditsExhausted(
             f"An adjustment of {micros_to_credits(amount)} credits would take the account"
             " below its overdraft limit.",
             details={"amountMicros": amount},
@@ -151,9 +151,9 @@ async def _replay(
         idempotency_key,
     )
     if row is None:
-        raise NotFound(f"no account {account_id}")
+        raise AccountNotFound(f"no account {account_id}")
     if row["fingerprint"] != fingerprint:
-        raise Conflict("This idempotency key was already used with a different request.")
+        raise IdempotencyConflict("This idempotency key was already used with a different request.")
     return Posted(
         row["id"],
         row["account_id"],

@@ -10,7 +10,7 @@ hold, ``balance_after``), and the usage exporter sends it to Polar the same
 way, once.
 
 Idempotency is the entry's unique key: a repeat with the same request returns
-the first result and writes nothing; with another request it is a Conflict.
+the first result and writes nothing; with another request it is an IdempotencyConflict.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
 from creditgate.ledger.entries import iso
+from creditgate.ledger.errors import AccountNotFound, CreditsExhausted, IdempotencyConflict
 from creditgate.ledger.money import micros_to_credits
 from creditgate.ledger.posting import Entries, posting_statement
 
@@ -175,9 +175,9 @@ WHERE e.idempotency_key = $1
 async def record_usage(db: Db, record: UsageRecord) -> Recorded:
     """Debit ``record.cost`` for usage that did not go through the proxy; once per key.
 
-    Raises InsufficientCredits (402) when the cost does not fit the available
+    Raises CreditsExhausted when the cost does not fit the available
     balance (or, with ``allow_overdraft``, the overdraft limit either);
-    Conflict (409) when the key was used with another request; NotFound for
+    IdempotencyConflict when the key was used with another request; AccountNotFound for
     an unknown account.
     """
     assert record.cost >= 0, record.cost
@@ -237,14 +237,14 @@ async def record_usage(db: Db, record: UsageRecord) -> Recorded:
         record.account_id,
     )
     if bal is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     room = bal["available"] + (bal["overdraft_limit"] if record.allow_overdraft else 0)
     hint = (
         ""
         if record.allow_overdraft or bal["overdraft_limit"] == 0
         else " Send allowOverdraft: true to let it use the account's overdraft limit."
     )
-    raise InsufficientCredits(
+    raise CreditsExhausted(
         f"Insufficient credits: this usage costs {micros_to_credits(record.cost)} credits,"
         f" {micros_to_credits(max(room, 0))} can be charged.{hint}",
         details={
@@ -261,7 +261,7 @@ async def _replay(db: Db, key: str, print_: bytes) -> Recorded | None:
     if row is None:
         return None
     if row["fingerprint"] != print_:
-        raise Conflict("This idempotency key was already used with a different request.")
+        raise IdempotencyConflict("This idempotency key was already used with a different request.")
     return Recorded(
         row["id"],
         row["hold_id"],

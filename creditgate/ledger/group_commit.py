@@ -47,7 +47,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from creditgate.errors import ApiError
+from creditgate.domain_errors import DomainError
 from creditgate.ledger.db import Db
 from creditgate.ledger.holds import (
     Hold,
@@ -59,6 +59,7 @@ from creditgate.ledger.holds import (
     settle_hold,
 )
 from creditgate.ledger.posting import Entries, posting_statement
+from creditgate.ledger.progress import record_progress
 from creditgate.logs import log
 
 
@@ -254,7 +255,7 @@ async def _answer(future: asyncio.Future[R], call: Callable[[], Awaitable[R]]) -
 def _reply_lost(future: asyncio.Future[Any]) -> bool:
     """A reserve that failed otherwise than by a refusal (402, 409, 404): its
     statement may have committed with only its reply lost."""
-    return future.exception() is not None and not isinstance(future.exception(), ApiError)
+    return future.exception() is not None and not isinstance(future.exception(), DomainError)
 
 
 class GroupCommit:
@@ -322,6 +323,14 @@ class GroupCommit:
         if holding.cancel() or holding.cancelled() or holding.exception() is not None:
             return
         await release_hold(self._pool, holding.result().id)
+
+    async def release(self, hold_id: uuid.UUID) -> bool:
+        """As ``release_hold``, alone on the pool (a release waits for nobody)."""
+        return await release_hold(self._pool, hold_id)
+
+    async def record_progress(self, hold_id: uuid.UUID, usage: Usage) -> None:
+        """As ``progress.record_progress``, alone on the pool."""
+        await record_progress(self._pool, hold_id, usage)
 
     async def settle(self, hold_id: uuid.UUID, usage: Usage) -> Settlement:
         """As ``settle_hold`` (exactly once; a repeat returns the first settlement)."""

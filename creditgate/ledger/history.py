@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from creditgate.errors import ValidationError
 from creditgate.ledger.db import Db
 from creditgate.ledger.entries import ENTRY_KINDS, iso
+from creditgate.ledger.errors import InvalidArgument
 from creditgate.ledger.money import micros_to_credits
 
 MAX_PAGE = 200
@@ -123,14 +123,14 @@ def encode_cursor(seq: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    """The seq a cursor of ``encode_cursor`` stands for; ValidationError otherwise."""
+    """The seq a cursor of ``encode_cursor`` stands for; InvalidArgument otherwise."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
     m = _CURSOR.match(raw)
     if m is None:
-        raise ValidationError(
+        raise InvalidArgument(
             "The cursor is not one this API gave out; pass nextCursor unchanged.",
             details=[{"path": "cursor", "message": "invalid cursor"}],
         )

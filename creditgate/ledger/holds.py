@@ -19,8 +19,14 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from creditgate.errors import Conflict, InsufficientCredits, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.errors import (
+    AccountNotFound,
+    CreditsExhausted,
+    HoldEnded,
+    HoldNotFound,
+    IdempotencyConflict,
+)
 from creditgate.ledger.kinds import HoldOutcome
 from creditgate.ledger.money import micros_to_credits
 from creditgate.ledger.posting import Entries, posting_statement
@@ -77,7 +83,7 @@ async def reserve_hold(
 ) -> Hold:
     """Reserve ``amount`` µc of the account's available credits.
 
-    Raises InsufficientCredits (402) when ``amount`` does not fit the available
+    Raises CreditsExhausted when ``amount`` does not fit the available
     balance plus the overdraft limit. ``hold_id`` is the idempotency key: a
     repeat returns the existing hold and reserves nothing more.
     """
@@ -93,7 +99,7 @@ async def reserve_hold(
     row = await db.fetchrow("SELECT account_id, amount FROM holds WHERE id = $1", hold_id)
     if row is not None:
         if (row["account_id"], row["amount"]) != (account_id, amount):
-            raise Conflict("hold id reused with a different reservation")
+            raise IdempotencyConflict("hold id reused with a different reservation")
         return Hold(hold_id, account_id, amount)
     bal = await db.fetchrow(
         "SELECT balance - reserved AS available, overdraft_limit FROM account_balances"
@@ -101,8 +107,8 @@ async def reserve_hold(
         account_id,
     )
     if bal is None:
-        raise NotFound("no such account")
-    raise InsufficientCredits(
+        raise AccountNotFound("no such account")
+    raise CreditsExhausted(
         "Insufficient credits: this request may cost up to "
         f"{micros_to_credits(amount)} credits, {micros_to_credits(bal['available'])} available.",
         details={
@@ -205,7 +211,7 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
     """Debit the actual cost of a held call and release the rest of its hold.
 
     Exactly once: a repeat returns the first settlement and writes nothing.
-    Settling a released hold raises Conflict. A cost above the hold is still
+    Settling a released hold raises HoldEnded. A cost above the hold is still
     debited, as far as the overdraft limit allows; the rest is recorded as
     ``uncollected`` on the entry.
     """
@@ -235,11 +241,11 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
             hold_id,
         )
         if row is None:
-            raise NotFound("no such hold")
+            raise HoldNotFound("no such hold")
         if row["id"] is not None:  # already debited: the first result
             return Settlement(row["id"], -row["amount"], row["uncollected"], replayed=True)
         if row["outcome"] != "expired":
-            raise Conflict(f"hold already ended ({row['outcome']}); it cannot be settled")
+            raise HoldEnded(f"hold already ended ({row['outcome']}); it cannot be settled")
         try:
             debited = await db.fetchval(_LATE_DEBIT, *args)
         except asyncpg.UniqueViolationError:
@@ -295,7 +301,7 @@ async def sweep_expired_holds(db: Db, limit: int = 500) -> int:
         usage = Usage(r["input_tokens"], r["output_tokens"], r["cost"], estimated=True)
         try:
             settlement = await settle_hold(db, r["id"], usage)
-        except Conflict:
+        except HoldEnded:
             continue  # ended meanwhile (released by its own process): nothing owed here
         ended += not settlement.replayed
     # Progress of ended holds is of no more use (the charge is on the entry).

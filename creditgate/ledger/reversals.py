@@ -23,8 +23,8 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from creditgate.errors import Conflict, NotFound
 from creditgate.ledger.db import Db
+from creditgate.ledger.errors import AccountNotFound, IdempotencyConflict
 from creditgate.ledger.posting import Entries, posting_statement
 
 
@@ -107,7 +107,7 @@ async def reverse_up_to(
     ``reverses`` names what is being reversed (e.g. the grant's idempotency
     key) so the reversals of one grant can be summed. Once per
     ``idempotency_key``: a repeat returns the first result and writes nothing;
-    the same key with a different request raises Conflict.
+    the same key with a different request raises IdempotencyConflict.
     """
     assert amount > 0, amount
     fingerprint = hashlib.sha256(f"{account_id}|reversal|{amount}|{reason}".encode()).digest()
@@ -125,14 +125,14 @@ async def reverse_up_to(
         idempotency_key,
     )
     if first is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     if (first["account_id"], first["reverses"], first["requested"], first["reason"]) != (
         account_id,
         reverses,
         amount,
         reason,
     ):
-        raise Conflict("idempotency key already used with a different reversal")
+        raise IdempotencyConflict("idempotency key already used with a different reversal")
     return Reversal(
         account_id, first["entry_id"], amount, first["reversed"], first["pending"], replayed=True
     )
@@ -171,5 +171,5 @@ async def refund_pending(db: Db, account_id: uuid.UUID) -> int:
         "SELECT refund_pending FROM account_balances WHERE account_id = $1", account_id
     )
     if total is None:
-        raise NotFound("no such account")
+        raise AccountNotFound("no such account")
     return int(total)

@@ -25,11 +25,11 @@ from tenacity import (
 )
 
 from creditgate.config import NotificationsConfig
-from creditgate.http.envelope import dumps
 from creditgate.ledger.entries import iso
 from creditgate.ledger.money import micros_to_credits
 from creditgate.logs import log
 from creditgate.notify.outbox import Alert
+from creditgate.webkit.envelope import dumps
 
 EVENT_TYPE = "balance.low"
 

@@ -25,12 +25,12 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from creditgate.config import NotificationsConfig
-from creditgate.http.state import STATE
 from creditgate.ledger.db import Db
 from creditgate.logs import log
 from creditgate.notify.outbox import Alert, claim_alerts, finish_alert
 from creditgate.notify.sender import deliver, max_delivery_seconds
 from creditgate.preferences import delivery_target
+from creditgate.resources import RESOURCES
 
 CHANNEL = "creditgate_low_balance"
 MAX_IN_FLIGHT = 64
@@ -152,13 +152,13 @@ NOTIFIER = web.AppKey("creditgate.notify.worker", AlertWorker)
 
 def setup_notifications(app: web.Application) -> None:
     """Add the alert worker to ``app`` (it starts after the database pool)."""
-    app[NOTIFIER] = AlertWorker(app[STATE].settings.config.notifications)
+    app[NOTIFIER] = AlertWorker(app[RESOURCES].settings.config.notifications)
     app.cleanup_ctx.append(_notification_worker)
 
 
 async def _notification_worker(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the alert worker for the app's lifetime."""
-    st = app[STATE]
+    st = app[RESOURCES]
     assert st.settings.database_url is not None
     session = aiohttp.ClientSession(skip_auto_headers=("User-Agent",))
     worker = app[NOTIFIER]

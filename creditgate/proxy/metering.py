@@ -22,14 +22,15 @@ from tenacity import (
 )
 
 from creditgate import ledger
-from creditgate.errors import ApiError, NotFound, ServiceUnavailable
-from creditgate.http.labelled import cached_labels
-from creditgate.http.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS
+from creditgate.domain_errors import DomainError
+from creditgate.errors import ServiceUnavailable
+from creditgate.ledger.errors import HoldNotFound
 from creditgate.logs import log
+from creditgate.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS, cached_labels
 from creditgate.proxy.pricing import cost_micros, estimate_text_tokens
 
 if TYPE_CHECKING:
-    from creditgate.http.state import State
+    from creditgate.proxy.ports import Admissions, HoldBook, MeteringSettings
     from creditgate.proxy.request import ChatRequest
     from creditgate.throttle import Admission
 
@@ -39,14 +40,6 @@ PROGRESS_INTERVAL = 1.0  # seconds between two progress records of one stream
 # settlement retries may use: the rest is slack before the sweeper's turn.
 SETTLE_RETRY_SHARE = 0.8
 
-_PROGRESS = """
-INSERT INTO hold_progress (hold_id, input_tokens, output_tokens, cost)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (hold_id) DO UPDATE
-SET input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
-    cost = EXCLUDED.cost, updated_at = now()
-WHERE hold_progress.cost <= EXCLUDED.cost
-"""
 _tokens = cached_labels(TOKENS)
 _credits_charged = cached_labels(CREDITS_CHARGED)
 
@@ -62,7 +55,12 @@ def _count(value: Any) -> bool:
 
 
 class MeteredCall:
-    """The hold and the throttle admission of one call in flight."""
+    """The hold and the throttle admission of one call in flight.
+
+    It takes the narrow interfaces it uses (``proxy.ports``): the holds, the
+    throttle and two settings — not the app's state — so its exits can be
+    driven with in-process fakes (tests/test_metered_call.py).
+    """
 
     __slots__ = (
         "_ended",
@@ -72,21 +70,27 @@ class MeteredCall:
         "chat",
         "deadline",
         "hold",
+        "holds",
         "request_id",
-        "st",
+        "settings",
+        "throttle",
         "upstream_seconds",
     )
 
     def __init__(
         self,
-        st: State,
+        holds: HoldBook,
+        throttle: Admissions,
+        settings: MeteringSettings,
         chat: ChatRequest,
         hold: ledger.Hold,
         admission: Admission,
         request_id: str,
         deadline: float,
     ) -> None:
-        self.st = st
+        self.holds = holds
+        self.throttle = throttle
+        self.settings = settings
         self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
         self._progress_at = 0.0  # loop time of the first text, then of the last record
         self._progress_task: asyncio.Task[None] | None = None
@@ -113,7 +117,7 @@ class MeteredCall:
             # Never more than the call could generate: max_tokens bounds the
             # upstream, so it bounds an estimate too.
             out_tok = min(
-                estimate_text_tokens(text_bytes, self.st.settings.config.estimate_bytes_per_token),
+                estimate_text_tokens(text_bytes, self.settings.estimate_bytes_per_token),
                 chat.worst_case_output_tokens,
             )
         cost = cost_micros(chat.model, in_tok, out_tok)
@@ -135,13 +139,13 @@ class MeteredCall:
         # concurrent settles), so the statement is on its way while the
         # throttle's correction makes its Redis round trip in this task; the
         # settlement runs to the end even if this task is cancelled meanwhile.
-        settling = self.st.holds.settle_soon(self.hold.id, measured)
+        settling = self.holds.settle_soon(self.hold.id, measured)
         try:
             try:
-                await self.st.throttle.finish(self.admission, tokens)
+                await self.throttle.finish(self.admission, tokens)
             finally:
                 settlement = await asyncio.shield(self._settled(settling, measured))
-        except NotFound:
+        except HoldNotFound:
             # No such hold: reserves are durable, so only a database restored
             # from an older backup gets here; nothing is charged.
             log.warning("hold lost before its settlement", extra=self.log_ids())
@@ -186,27 +190,27 @@ class MeteredCall:
         connection) until it commits or the hold is about to expire.
 
         Safe to repeat: a settlement is idempotent by hold id (a repeat
-        returns the first). A refusal (ApiError: no such hold, already
-        ended) is final. The hold expires ``settle_margin_seconds`` after the
+        returns the first). A refusal (a ledger error: no such hold,
+        already ended) is final. The hold expires ``settle_margin_seconds`` after the
         call's deadline; retries stop before that.
         """
         try:
             return await settling
-        except ApiError:
+        except DomainError:
             raise
         except Exception:
             log.warning("settlement failed; retrying", exc_info=True, extra=self.log_ids())
         loop = asyncio.get_running_loop()
-        margin = self.st.settings.config.settle_margin_seconds
+        margin = self.settings.settle_margin_seconds
         budget = max(0.0, self.deadline + margin * SETTLE_RETRY_SHARE - loop.time())
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(budget),
             wait=wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1),
-            retry=retry_if_not_exception_type(ApiError),
+            retry=retry_if_not_exception_type(DomainError),
             reraise=True,
         ):
             with attempt:
-                return await self.st.holds.settle(self.hold.id, usage)
+                return await self.holds.settle(self.hold.id, usage)
         raise AssertionError("unreachable: tenacity returns or raises")
 
     def progress(self, text_bytes: int) -> None:
@@ -230,9 +234,7 @@ class MeteredCall:
 
     async def _record(self, usage: ledger.Usage) -> None:
         try:
-            await self.st.db.execute(
-                _PROGRESS, self.hold.id, usage.input_tokens, usage.output_tokens, usage.cost
-            )
+            await self.holds.record_progress(self.hold.id, usage)
         except Exception:
             # Progress is a crash's fallback, not the charge: the call goes on.
             log.warning("progress record failed", exc_info=True, extra=self.log_ids())
@@ -247,9 +249,9 @@ class MeteredCall:
             return
         self._ended = True
         # Never served: the throttle gives back its tokens and its daily message.
-        finishing = asyncio.ensure_future(self.st.throttle.finish(self.admission, None))
+        finishing = asyncio.ensure_future(self.throttle.finish(self.admission, None))
         try:
-            await asyncio.shield(ledger.release_hold(self.st.db, self.hold.id))
+            await asyncio.shield(self.holds.release(self.hold.id))
         finally:
             await finishing
 

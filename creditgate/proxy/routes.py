@@ -33,16 +33,31 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from creditgate import ledger
 from creditgate.auth import authenticate
 from creditgate.config import Config, Model
-from creditgate.errors import ApiError, ModelNotFound
-from creditgate.http.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
-from creditgate.http.envelope import json_response, read_json_object
-from creditgate.http.ids import REQUEST_ID, STARTED
-from creditgate.http.labelled import cached_labels
-from creditgate.http.metrics import LEDGER_LATENCY, PROXY_OVERHEAD, STREAM_ENDS, UPSTREAM_DURATION
-from creditgate.http.openapi import (
+from creditgate.domain_errors import DomainError
+from creditgate.errors import ModelNotFound
+from creditgate.logs import log
+from creditgate.metrics import (
+    LEDGER_LATENCY,
+    PROXY_OVERHEAD,
+    STREAM_ENDS,
+    UPSTREAM_DURATION,
+    cached_labels,
+)
+from creditgate.proxy import relay as ends
+from creditgate.proxy.disconnect import ClientWatch
+from creditgate.proxy.metering import Charge, MeteredCall
+from creditgate.proxy.ports import CHAT, ChatDeps
+from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.relay import Relay, StreamEnd
+from creditgate.proxy.request import parse_chat_request
+from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
+from creditgate.proxy.upstream import Answer, Stream
+from creditgate.webkit.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
+from creditgate.webkit.envelope import json_response, read_json_object
+from creditgate.webkit.ids import REQUEST_ID, STARTED
+from creditgate.webkit.openapi import (
     BOOL,
     CREDITS,
     INT,
@@ -55,16 +70,6 @@ from creditgate.http.openapi import (
     nullable,
     obj,
 )
-from creditgate.http.state import STATE, State
-from creditgate.logs import log
-from creditgate.proxy import relay as ends
-from creditgate.proxy.disconnect import ClientWatch
-from creditgate.proxy.metering import Charge, MeteredCall
-from creditgate.proxy.pricing import cost_micros
-from creditgate.proxy.relay import Relay, StreamEnd
-from creditgate.proxy.request import parse_chat_request
-from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
-from creditgate.proxy.upstream import Answer, Stream
 
 _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
 _stream_ends = cached_labels(STREAM_ENDS)
@@ -84,7 +89,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     → upstream → settle → answer. Nothing reaches the upstream or the client
     before the call's hold is committed and flushed.
     """
-    st = request.app[STATE]
+    st = request.app[CHAT]
     principal = await authenticate(request)
     account_id = principal.account_id
     request_id = request[REQUEST_ID]
@@ -124,7 +129,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         finally:
             await st.throttle.finish(admission, None)  # never served: all given back
         raise
-    call = MeteredCall(st, chat, hold, admission, request_id, deadline)
+    call = MeteredCall(st.holds, st.throttle, config, chat, hold, admission, request_id, deadline)
     try:
         if chat.stream:
             return await _stream(request, call, admission.headers)
@@ -142,17 +147,17 @@ def hold_ttl_seconds(config: Config, model: Model) -> float:
 
 
 async def _give_back(
-    st: State, holding: asyncio.Future[Any], hold_id: uuid.UUID, error: BaseException
+    st: ChatDeps, holding: asyncio.Future[Any], hold_id: uuid.UUID, error: BaseException
 ) -> None:
     """End a reservation whose caller will not use it, however far it got."""
-    if isinstance(error, ApiError):
-        return  # refused (402, 404): nothing was reserved
+    if isinstance(error, DomainError):
+        return  # refused (no credits, no account): nothing was reserved
     await st.holds.give_back(holding)
     if not isinstance(error, asyncio.CancelledError):
         # A reply that failed (a broken connection) may hide a committed
         # hold: releasing an unknown or ended hold is a no-op, so try.
         with contextlib.suppress(Exception):
-            await ledger.release_hold(st.db, hold_id)
+            await st.holds.release(hold_id)
 
 
 @contextlib.contextmanager
@@ -177,7 +182,7 @@ async def _client_left(
 async def _complete(
     request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
-    st = request.app[STATE]
+    st = request.app[CHAT]
     answer: Answer | None = None  # stays None if the client left while we waited
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
@@ -214,7 +219,7 @@ async def _complete(
 async def _stream(
     request: web.Request, call: MeteredCall, headers: dict[str, str]
 ) -> web.StreamResponse:
-    st = request.app[STATE]
+    st = request.app[CHAT]
     model = call.chat.model
     upstream: Stream | None = None
     try:
@@ -251,7 +256,7 @@ async def _stream(
     except asyncio.CancelledError:
         upstream.close()
         if shutdown_cut(request):
-            # The drain's cut (http.drain): ended like any stream cut short.
+            # The drain's cut (webkit.drain): ended like any stream cut short.
             uncancel_cut()
             _stream_ends(model.name, SHUTDOWN_END).inc()
             return await _finish_stream(call, relay, SHUTDOWN_END, request.transport)
@@ -385,7 +390,7 @@ def _model_json(m: Any) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the public models this deployment serves, with their prices."""
-    st = request.app[STATE]
+    st = request.app[CHAT]
     await authenticate(request)
     data = [_model_json(m) for m in st.settings.config.models.values() if m.public]
     return json_response({"object": "list", "data": data})
@@ -393,7 +398,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}``: one model (unlisted ones too, by exact name)."""
-    st = request.app[STATE]
+    st = request.app[CHAT]
     await authenticate(request)
     name = request.match_info["model"]
     model = st.settings.config.models.get(name)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from creditgate.http.envelope import dumps
+from creditgate.webkit.envelope import dumps
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\n|\r")

@@ -47,8 +47,7 @@ from tenacity import (
 
 from creditgate.config import Deployment, Model
 from creditgate.errors import ApiError, UpstreamBadRequest, UpstreamError, UpstreamTimeout
-from creditgate.http.labelled import cached_labels
-from creditgate.http.metrics import UPSTREAM_FIRST_BYTE, UPSTREAM_REQUESTS
+from creditgate.metrics import UPSTREAM_FIRST_BYTE, UPSTREAM_REQUESTS, cached_labels
 from creditgate.proxy.routing import attempt_order
 from creditgate.proxy.sse import EventSplitter, event_data, inspect_chunk
 

@@ -21,6 +21,7 @@ from creditgate.throttle.core import (
     format_duration,
 )
 from creditgate.throttle.day import DayZone
+from creditgate.throttle.errors import Throttled, ThrottleError, ThrottleUnavailable
 from creditgate.throttle.limits import LIMIT_NAMES, Limits, Overrides, resolve
 from creditgate.throttle.overrides import LimitsCache
 
@@ -35,6 +36,9 @@ __all__ = [
     "Overrides",
     "Standing",
     "Throttle",
+    "ThrottleError",
+    "ThrottleUnavailable",
+    "Throttled",
     "format_duration",
     "resolve",
 ]

@@ -17,16 +17,16 @@ from aiohttp import web
 from creditgate import ledger
 from creditgate.auth import require_admin
 from creditgate.errors import NotFound
-from creditgate.http.envelope import data_response, read_json
-from creditgate.http.openapi import STR, UUID, Endpoint, Schema, nullable, obj
-from creditgate.http.state import STATE
+from creditgate.resources import RESOURCES
 from creditgate.throttle.limits import JSON_NAMES, LIMIT_NAMES, MAX_VALUE
 from creditgate.throttle.overrides import describe, key_account, parse_changes, set_overrides
+from creditgate.webkit.envelope import data_response, read_json
+from creditgate.webkit.openapi import STR, UUID, Endpoint, Schema, nullable, obj
 
 
 async def account_limits(request: web.Request) -> web.Response:
     """The tier, overrides and effective limits of an account; PATCH changes its overrides."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     await require_admin(request)
     account = await ledger.resolve_account(st.db, request.match_info["account"])
     if request.method == "PATCH":
@@ -37,7 +37,7 @@ async def account_limits(request: web.Request) -> web.Response:
 
 async def key_limits(request: web.Request) -> web.Response:
     """The same for one API key: its overrides tighten its account's limits."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     await require_admin(request)
     try:
         key_id = uuid.UUID(request.match_info["key_id"])

@@ -10,7 +10,7 @@ background probe finds Redis again:
 
 * ``local``  per-process buckets at the same rates (``local.LocalStore``)
 * ``open``   admit everything (no limits, no headers but the limits)
-* ``closed`` refuse with 503
+* ``closed`` refuse (ThrottleUnavailable: 503)
 
 While degraded no request waits on Redis: only the probe talks to it.
 
@@ -35,11 +35,11 @@ from importlib import resources
 from typing import Any, Literal
 
 from creditgate.config import THROTTLE_POLICIES, ThrottlePolicy
-from creditgate.errors import RateLimited, ServiceUnavailable
-from creditgate.http.metrics import REDIS_DEGRADED, THROTTLE_DECISIONS
 from creditgate.logs import log
+from creditgate.metrics import REDIS_DEGRADED, THROTTLE_DECISIONS
 from creditgate.throttle.cluster import ClusterPipe
 from creditgate.throttle.day import DayZone
+from creditgate.throttle.errors import Throttled, ThrottleUnavailable
 from creditgate.throttle.limits import LIMIT_NAMES, LimitName, Limits, ScopeName
 from creditgate.throttle.local import LocalStore
 from creditgate.throttle.resp import RedisDown, RedisPipe, RedisReplyError, encode_args
@@ -203,18 +203,18 @@ class Throttle:
     # ------------------------------------------------------------ decisions
 
     async def admit(self, limits: Limits, tokens: int, *, required_tokens: int = 0) -> Admission:
-        """Take a request, its tokens, a parallel lease and a daily message, or raise 429.
+        """Take a request, its tokens, a parallel lease and a daily message, or raise Throttled.
 
         ``tokens`` is the worst case (prompt estimate + output cap); a request
         larger than a whole minute's tokens takes the whole bucket (it waits
         for a full one) and is corrected by its actual usage in ``finish``.
         ``required_tokens`` (the prompt estimate) larger than a minute's
-        tokens can never be served: 429 without Retry-After.
+        tokens can never be served: Throttled without Retry-After.
         """
         tpm = limits.value("tokens_per_minute")
         if required_tokens > tpm:
             THROTTLE_DECISIONS.labels("tokens_per_minute", "refused").inc()
-            raise RateLimited(
+            raise Throttled(
                 f"Request too large for tokens per minute: limit {tpm}, this prompt alone is "
                 f"about {required_tokens}. Shorten the prompt; waiting will not help.",
                 details={"limit": "tokens_per_minute", "retryAfter": None},
@@ -237,7 +237,7 @@ class Throttle:
         THROTTLE_DECISIONS.labels(name, "refused").inc()
         retry_after = max(1, math.ceil(out.retry_after_ms / 1000))
         headers["Retry-After"] = str(retry_after)
-        raise RateLimited(
+        raise Throttled(
             _refusal_message(scope, name, value, retry_after),
             details={"limit": name, "retryAfter": retry_after},
             headers=headers,
@@ -355,7 +355,7 @@ class Throttle:
         if self._policy == "open":
             return None, "open"
         THROTTLE_DECISIONS.labels("redis_unavailable", "refused").inc()
-        raise ServiceUnavailable("The rate limiter is unavailable; retry shortly.")
+        raise ThrottleUnavailable("The rate limiter is unavailable; retry shortly.")
 
     async def _call_redis(self, call: _ScriptCall) -> list[int] | None:
         """admit.lua's raw reply within the time budget, or None (and maybe degraded).

@@ -16,8 +16,8 @@ import uuid
 from typing import Any
 
 from creditgate.config import Config
-from creditgate.errors import NotFound, ValidationError
 from creditgate.ledger.db import Db
+from creditgate.throttle.errors import InvalidLimits, UnknownTarget
 from creditgate.throttle.limits import (
     JSON_NAMES,
     LIMIT_NAMES,
@@ -58,7 +58,7 @@ async def load_limits(
 async def _fetch(db: Db, account_id: uuid.UUID, key_id: uuid.UUID | None) -> Any:
     row = await db.fetchrow(_SELECT, account_id, key_id)
     if row is None:
-        raise NotFound(f"no account {account_id}")
+        raise UnknownTarget(f"no account {account_id}")
     return row
 
 
@@ -137,9 +137,9 @@ class LimitsCache:
 
 
 def parse_changes(body: Any) -> dict[str, int | None]:
-    """``{requestsPerMinute: 10, maxParallel: null, …}`` → column changes; 400 on a bad field."""
+    """``{requestsPerMinute: 10, maxParallel: null, …}`` → column changes, or InvalidLimits."""
     if not isinstance(body, dict):
-        raise ValidationError(
+        raise InvalidLimits(
             "Send a JSON object of limits.",
             details=[{"path": "", "message": "expected an object"}],
         )
@@ -161,9 +161,9 @@ def parse_changes(body: Any) -> dict[str, int | None]:
         else:
             changes[name] = value
     if problems:
-        raise ValidationError("Invalid limits.", details=problems)
+        raise InvalidLimits("Invalid limits.", details=problems)
     if not changes:
-        raise ValidationError(
+        raise InvalidLimits(
             "No limits to change.",
             details=[{"path": "", "message": f"name at least one of {sorted(by_json)}"}],
         )
@@ -185,17 +185,17 @@ async def set_overrides(
         *(changes[n] for n in names),
     )
     if row is None:
-        raise NotFound(f"no {'account' if table == 'accounts' else 'API key'} {row_id}")
+        raise UnknownTarget(f"no {'account' if table == 'accounts' else 'API key'} {row_id}")
     return Overrides.from_row(row)
 
 
 async def key_account(db: Db, key_id: uuid.UUID) -> uuid.UUID:
-    """The account an API key belongs to; NotFound for an unknown key."""
+    """The account an API key belongs to; UnknownTarget for an unknown key."""
     account_id: uuid.UUID | None = await db.fetchval(
         "SELECT account_id FROM api_keys WHERE id = $1", key_id
     )
     if account_id is None:
-        raise NotFound(f"no API key {key_id}")
+        raise UnknownTarget(f"no API key {key_id}")
     return account_id
 
 
@@ -205,7 +205,7 @@ async def describe(
     """What an operator sees: tier, overrides and the effective limits of an account or key."""
     row = await _fetch(db, account_id, key_id)
     if key_id is not None and row["key_id"] is None:
-        raise NotFound(f"no API key {key_id} on account {account_id}")
+        raise UnknownTarget(f"no API key {key_id} on account {account_id}")
     limits = _resolve_row(row, config)
     tier = config.tiers.get(limits.tier) or config.tiers["free"]
     out: dict[str, Any] = {

@@ -11,10 +11,10 @@ import asyncio
 
 from aiohttp import web
 
-from creditgate.http.openapi import BOOL, Endpoint, obj
 from creditgate.webhooks.clerk import clerk_webhook
 from creditgate.webhooks.polar import polar_webhook
 from creditgate.webhooks.worker import WAKE, webhook_worker
+from creditgate.webkit.openapi import BOOL, Endpoint, obj
 
 
 def setup_webhooks(app: web.Application) -> None:

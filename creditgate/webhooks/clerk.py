@@ -19,13 +19,13 @@ from svix.webhooks import Webhook, WebhookVerificationError
 
 from creditgate.billing.metrics import WEBHOOKS
 from creditgate.errors import ServiceUnavailable, Unauthorized, ValidationError
-from creditgate.http.envelope import data_response, read_body
-from creditgate.http.state import STATE
 from creditgate.logs import log
+from creditgate.resources import RESOURCES
 from creditgate.webhooks.clerk_events import CLERK_EVENTS, clerk_facts
 from creditgate.webhooks.polar import required_headers
 from creditgate.webhooks.store import record_event
 from creditgate.webhooks.worker import wake_worker
+from creditgate.webkit.envelope import data_response, read_body
 
 SIGNATURE_HEADERS = ("svix-id", "svix-timestamp", "svix-signature")
 
@@ -44,7 +44,7 @@ def clerk_verifier(secret: str | None) -> Webhook | None:
 
 async def clerk_webhook(request: web.Request) -> web.Response:
     """Verify, store once, answer; the worker applies the event afterwards."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     verifier = clerk_verifier(st.settings.clerk_webhook_secret)
     if verifier is None:
         WEBHOOKS.labels("clerk", "refused").inc()

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import asyncpg
 
 from creditgate import ledger
-from creditgate.http.textguard import has_control
 from creditgate.ledger.kinds import AccountKind
+from creditgate.webkit.textguard import has_control
 
 # Clerk event type → (account kind, what to do).
 CLERK_EVENTS: dict[str, tuple[AccountKind, Literal["create", "close"]]] = {

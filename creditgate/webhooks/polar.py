@@ -34,12 +34,12 @@ from polar.webhooks import (
 from creditgate.billing.metrics import WEBHOOKS
 from creditgate.billing.polar_events import HANDLED, facts_of
 from creditgate.errors import ServiceUnavailable, Unauthorized, ValidationError
-from creditgate.http.envelope import data_response, read_body
-from creditgate.http.state import STATE
-from creditgate.http.textguard import strings_problem
 from creditgate.logs import log
+from creditgate.resources import RESOURCES
 from creditgate.webhooks.store import record_event
 from creditgate.webhooks.worker import wake_worker
+from creditgate.webkit.envelope import data_response, read_body
+from creditgate.webkit.textguard import strings_problem
 
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
@@ -74,7 +74,7 @@ def verified_event(body: bytes, headers: dict[str, str], secret: str) -> dict[st
 
 async def polar_webhook(request: web.Request) -> web.Response:
     """Verify, store once, answer; the worker applies the event afterwards."""
-    st = request.app[STATE]
+    st = request.app[RESOURCES]
     secret = st.settings.polar_webhook_secret
     if secret is None:
         WEBHOOKS.labels("polar", "refused").inc()

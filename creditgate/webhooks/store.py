@@ -18,6 +18,7 @@ import orjson
 
 from creditgate.billing.metrics import WEBHOOKS
 from creditgate.billing.polar_events import RetryLater, Unprocessable
+from creditgate.domain_errors import DomainError
 from creditgate.errors import ApiError
 from creditgate.ledger.db import Db
 from creditgate.logs import log
@@ -90,7 +91,7 @@ async def process_pending(
                         outcome = await appliers[row["source"]](
                             conn, row["event_type"], orjson.loads(row["facts"])
                         )
-                except (Unprocessable, ApiError) as e:
+                except (Unprocessable, ApiError, DomainError) as e:
                     await _mark_failed(conn, key, str(e))
                     WEBHOOKS.labels(key[0], "failed").inc()
                     log.error("webhook event cannot be applied", extra=ids | {"error": str(e)})

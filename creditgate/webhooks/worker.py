@@ -17,8 +17,8 @@ from aiohttp import web
 
 from creditgate.billing.polar_events import apply_polar_event
 from creditgate.config import Config
-from creditgate.http.state import STATE
 from creditgate.logs import log
+from creditgate.resources import RESOURCES
 from creditgate.webhooks.clerk_events import apply_clerk_event
 from creditgate.webhooks.store import Applier, Processed, process_pending
 
@@ -49,7 +49,7 @@ def wake_worker(app: web.Application) -> None:
 
 async def webhook_worker(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: run the worker for the app's lifetime."""
-    st = app[STATE]
+    st = app[RESOURCES]
     wake = app[WAKE]
     handlers = appliers(st.settings.config)
 

@@ -34,7 +34,8 @@ async def test_a_settlement_whose_hold_was_lost_is_503_and_charges_nothing(
     # The reservation this call was made on is not in the database: as after a crash.
     lost = ledger.Hold(uuid.uuid4(), c.account.id, 5_000)
     deadline = asyncio.get_running_loop().time() + chat.model.timeouts.total
-    call = MeteredCall(st, chat, lost, admission, "req-lost", deadline)
+    config = st.settings.config
+    call = MeteredCall(st.holds, st.throttle, config, chat, lost, admission, "req-lost", deadline)
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     with pytest.raises(ServiceUnavailable) as raised:
         await call.settle(usage, 20)
