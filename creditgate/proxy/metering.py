@@ -205,7 +205,7 @@ class MeteredCall:
         budget = max(0.0, self.deadline + margin * SETTLE_RETRY_SHARE - loop.time())
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(budget),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
             retry=retry_if_not_exception_type(DomainError),
             reraise=True,
         ):
