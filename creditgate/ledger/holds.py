@@ -125,6 +125,23 @@ def settle_fingerprint(usage: Usage) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+# The debit of a hold's call ($1 hold id, $2 cost, $3 entry id, $4 fingerprint,
+# $5/$6 tokens, $7 estimated), from the CTE "d" of each statement below.
+_DEBIT_OF_HOLD = {
+    "id": "$3",
+    "kind": "'debit'",
+    "amount": "-d.debit",
+    "idempotency_key": "'hold:' || $1::text",
+    "fingerprint": "$4",
+    "hold_id": "$1",
+    "request_id": "d.request_id",
+    "model": "d.model",
+    "input_tokens": "$5",
+    "output_tokens": "$6",
+    "estimated": "$7",
+    "uncollected": "$2 - d.debit",
+}
+
 # End the hold, debit the actual cost (capped so available stays within the
 # overdraft limit), release the rest of the reservation — in one statement,
 # built by the posting rule (ledger/posting.py: the hold row is ended, so
@@ -148,20 +165,7 @@ _SETTLE = posting_statement(
     ],
     entries=Entries(
         source="d",
-        values={
-            "id": "$3",
-            "kind": "'debit'",
-            "amount": "-d.debit",
-            "idempotency_key": "'hold:' || $1::text",
-            "fingerprint": "$4",
-            "hold_id": "$1",
-            "request_id": "d.request_id",
-            "model": "d.model",
-            "input_tokens": "$5",
-            "output_tokens": "$6",
-            "estimated": "$7",
-            "uncollected": "$2 - d.debit",
-        },
+        values=_DEBIT_OF_HOLD,
     ),
     reserved=" - d.held",
     balance_join="JOIN d USING (account_id)",
@@ -187,21 +191,7 @@ _LATE_DEBIT = posting_statement(
     ],
     entries=Entries(
         source="d",
-        values={
-            "id": "$3",
-            "kind": "'debit'",
-            "amount": "-d.debit",
-            "idempotency_key": "'hold:' || $1::text",
-            "fingerprint": "$4",
-            "hold_id": "$1",
-            "request_id": "d.request_id",
-            "model": "d.model",
-            "input_tokens": "$5",
-            "output_tokens": "$6",
-            "estimated": "$7",
-            "uncollected": "$2 - d.debit",
-            "reason": "'settled after hold expiry'",
-        },
+        values={**_DEBIT_OF_HOLD, "reason": "'settled after hold expiry'"},
     ),
     result="SELECT d.debit AS debited FROM d JOIN balanced USING (account_id)",
 )
