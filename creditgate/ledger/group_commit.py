@@ -76,7 +76,7 @@ def _batch_failed(kind: str, batch: list[Any], error: Exception) -> None:
 _RESERVE_BATCH = """
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
-                         $6::float8[])
+                         $6::integer[])
         WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, ord)
 ),
 bal AS (
@@ -181,7 +181,7 @@ class _Reserve:
     hold_id: uuid.UUID
     account_id: uuid.UUID
     amount: int
-    ttl_seconds: float
+    ttl_seconds: int  # whole seconds: a duration, rounded up by the caller
     request_id: str | None
     model: str | None
 
@@ -282,7 +282,7 @@ class GroupCommit:
         hold_id: uuid.UUID,
         account_id: uuid.UUID,
         amount: int,
-        ttl_seconds: float,
+        ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
     ) -> Hold:
@@ -302,7 +302,7 @@ class GroupCommit:
         hold_id: uuid.UUID,
         account_id: uuid.UUID,
         amount: int,
-        ttl_seconds: float,
+        ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
     ) -> asyncio.Future[Hold]:
@@ -314,7 +314,7 @@ class GroupCommit:
         """
         assert amount >= 0, amount
         return self._reserves.enqueue(
-            _Reserve(hold_id, account_id, amount, float(ttl_seconds), request_id, model)
+            _Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model)
         )
 
     async def give_back(self, holding: asyncio.Future[Hold]) -> None:

@@ -65,7 +65,7 @@ WITH b AS (
     RETURNING account_id
 )
 INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
-SELECT $1, b.account_id, $3, $4, $5, now() + $6::float8 * interval '1 second'
+SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second'
 FROM b
 RETURNING id
 """
@@ -77,7 +77,7 @@ async def reserve_hold(
     hold_id: uuid.UUID,
     account_id: uuid.UUID,
     amount: int,
-    ttl_seconds: float,
+    ttl_seconds: int,
     request_id: str | None = None,
     model: str | None = None,
 ) -> Hold:
@@ -90,7 +90,7 @@ async def reserve_hold(
     assert amount >= 0, amount
     try:
         got = await db.fetchval(
-            _RESERVE, hold_id, account_id, amount, request_id, model, float(ttl_seconds)
+            _RESERVE, hold_id, account_id, amount, request_id, model, ttl_seconds
         )
     except asyncpg.UniqueViolationError:
         got = None  # a repeat of this hold id: fall through to the lookup

@@ -32,7 +32,7 @@ class HoldBook(Protocol):
         hold_id: uuid.UUID,
         account_id: uuid.UUID,
         amount: int,
-        ttl_seconds: float,
+        ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
     ) -> asyncio.Future[Hold]:

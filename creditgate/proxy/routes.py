@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -140,10 +141,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
 
 
-def hold_ttl_seconds(config: Config, model: Model) -> float:
+def hold_ttl_seconds(config: Config, model: Model) -> int:
     """A call's hold lives its model's total timeout (the call's deadline) plus
-    the settle margin (its settlement, retries included)."""
-    return model.timeouts.total + config.settle_margin_seconds
+    the settle margin (its settlement, retries included), rounded up to whole
+    seconds (rounding up keeps the hold outliving the call)."""
+    return math.ceil(model.timeouts.total + config.settle_margin_seconds)
 
 
 async def _give_back(
