@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Services
 from tests.logcapture import log_file
@@ -58,6 +59,28 @@ async def _completions(url: str, key: str, n: int) -> None:
             assert r.status_code == 200, r.text
 
 
+async def _counted(url: str, n: int) -> None:
+    """Wait until the workers' own exposition counts ``n`` answered completions."""
+    deadline = time.monotonic() + 10
+    total = 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=5) as c:
+        while time.monotonic() < deadline:
+            text = (await c.get("/metrics")).text
+            total = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "creditgate_http_requests"
+                for sample in family.samples
+                if sample.name == "creditgate_http_requests_total"
+                and sample.labels.get("route") == "/v1/chat/completions"
+                and sample.labels.get("status") == "200"
+            )
+            if total >= n:
+                return
+            await asyncio.sleep(0.1)
+    pytest.fail(f"the workers counted {total} of {n} completions")
+
+
 @needs_prometheus
 @pytest.mark.slow
 async def test_prometheus_sees_the_sum_over_workers(
@@ -80,6 +103,9 @@ async def test_prometheus_sees_the_sum_over_workers(
         c = await customer_factory(10)
         url = f"http://127.0.0.1:{port}"
         await _completions(url, c.key, 20)
+        # A worker counts a request after its last byte went out (the count
+        # never delays the client), so the kill waits until all 20 are counted.
+        await _counted(url, 20)
 
         # A worker that dies is replaced, and what it counted is not lost.
         victim = workers[0]
