@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args
 
 # Prices are kept as integers of 10⁻⁹ µc per token so cost arithmetic is exact.
 PRICE_SCALE = 10**9
+# The optional per-kind prices of a model (absent: the plain price of its side).
+KIND_PRICES = ("cached_input_price", "cache_write_price", "audio_input_price", "audio_output_price")
 DEFAULT_TIER = "free"
 # Largest requests/tokens per minute the throttle counts exactly (see above).
 MAX_PER_MINUTE = 2**53 // 60_000 // 4
@@ -89,6 +91,12 @@ class Model:
     # Prompt tokens one image part may cost at most on this model: what a hold
     # reserves per image (proxy.pricing), so it must be the model's true maximum.
     max_image_tokens: int = 1_500
+    # Prices per kind of token (10⁻⁹ µc per token); None: the plain price of
+    # its side (input_price or output_price) applies. proxy.pricing reads them.
+    cached_input_price: int | None = None  # prompt tokens read from a cache
+    cache_write_price: int | None = None  # prompt tokens written to a cache
+    audio_input_price: int | None = None
+    audio_output_price: int | None = None
 
 
 # A tier's four throttle limits, in the order the throttle script takes them.
@@ -286,6 +294,10 @@ def _price(value: Any, where: str) -> int:
     return int(scaled)
 
 
+def _kind_price(m: dict[str, Any], key: str, where: str) -> int | None:
+    return _price(m[key], f"{where}.{key}") if key in m else None
+
+
 def _int(value: Any, where: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -445,6 +457,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 "public",
                 "max_tokens_field",
                 "max_image_tokens",
+                *KIND_PRICES,
             },
             where,
         )
@@ -475,6 +488,10 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             max_image_tokens=_int(
                 m.get("max_image_tokens", 1_500), f"{where}.max_image_tokens", minimum=1
             ),
+            cached_input_price=_kind_price(m, "cached_input_price", where),
+            cache_write_price=_kind_price(m, "cache_write_price", where),
+            audio_input_price=_kind_price(m, "audio_input_price", where),
+            audio_output_price=_kind_price(m, "audio_output_price", where),
         )
     if not models:
         raise ConfigError("models: at least one model is required")

@@ -21,7 +21,7 @@ from creditgate.config import Model
 from creditgate.errors import ModelNotFound, ValidationError
 from creditgate.http.params import Problems, parse_int
 from creditgate.http.state import STATE, State
-from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.pricing import worst_case_micros
 from creditgate.throttle import LIMIT_NAMES, Standing, format_duration
 from creditgate.webkit.envelope import data_response
 from creditgate.webkit.openapi import (
@@ -104,7 +104,7 @@ async def quota_check(request: web.Request) -> web.Response:
                 }
             ],
         )
-    worst = cost_micros(model, prompt, cap)
+    worst = worst_case_micros(model, prompt, cap)
     limits = await st.limits.get(principal.account_id, principal.key_id)
     check = await st.throttle.check(limits, prompt + cap, required_tokens=prompt)
     bal = await ledger.get_balance(st.db, principal.account_id)

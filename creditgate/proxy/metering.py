@@ -27,7 +27,12 @@ from creditgate.errors import ServiceUnavailable
 from creditgate.ledger.errors import HoldNotFound
 from creditgate.logs import log
 from creditgate.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS, cached_labels
-from creditgate.proxy.pricing import cost_micros, estimate_text_tokens
+from creditgate.proxy.pricing import (
+    TokenCounts,
+    cost_of,
+    counts_from_chat_usage,
+    estimate_text_tokens,
+)
 
 if TYPE_CHECKING:
     from creditgate.proxy.ports import Admissions, HoldBook, MeteringSettings
@@ -48,10 +53,6 @@ _credits_charged = cached_labels(CREDITS_CHARGED)
 class Charge:
     settlement: ledger.Settlement
     usage: dict[str, Any]  # the usage object the client sees, with the cost in it
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class MeteredCall:
@@ -106,22 +107,18 @@ class MeteredCall:
     def measure(self, usage: dict[str, Any] | None, text_bytes: int) -> tuple[ledger.Usage, bool]:
         """The usage to charge, and whether it is the upstream's own count."""
         chat = self.chat
-        in_tok = usage.get("prompt_tokens") if usage else None
-        out_tok = usage.get("completion_tokens") if usage else None
-        if _count(in_tok) and _count(out_tok):
-            assert isinstance(in_tok, int) and isinstance(out_tok, int)
-            exact = True
-        else:
-            exact = False
-            in_tok = chat.prompt_tokens_estimate
+        counts = counts_from_chat_usage(usage)
+        exact = counts is not None
+        if counts is None:
             # Never more than the call could generate: max_tokens bounds the
             # upstream, so it bounds an estimate too.
             out_tok = min(
                 estimate_text_tokens(text_bytes, self.settings.estimate_bytes_per_token),
                 chat.worst_case_output_tokens,
             )
-        cost = cost_micros(chat.model, in_tok, out_tok)
-        return ledger.Usage(in_tok, out_tok, cost, estimated=not exact), exact
+            counts = TokenCounts(chat.prompt_tokens_estimate, out_tok)
+        cost = cost_of(chat.model, counts)
+        return ledger.Usage(counts.input, counts.output, cost, estimated=not exact), exact
 
     async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> Charge:
         """Charge the call: the upstream's usage when valid, else an estimate (marked).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,11 +20,120 @@ IMAGE_TOKENS = 1_500  # the default of a model's max_image_tokens
 _PROMPT_FIELDS = ("tools", "functions", "response_format")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """The tokens of one call by kind, whatever API reported them.
+
+    ``input`` and ``output`` are totals, as OpenAI counts them: the kinds
+    below are parts of them, never added on top (``cached_input``,
+    ``cache_write`` and ``audio_input`` of ``input``; ``audio_output`` and
+    ``reasoning`` of ``output``). Reasoning (and prediction) tokens are billed
+    at the output price, as OpenAI bills them; they are kept for the record.
+    """
+
+    input: int
+    output: int
+    cached_input: int = 0
+    cache_write: int = 0
+    audio_input: int = 0
+    audio_output: int = 0
+    reasoning: int = 0
+
+    def __post_init__(self) -> None:
+        assert min(self.input, self.output, self.cached_input, self.cache_write) >= 0
+        assert min(self.audio_input, self.audio_output, self.reasoning) >= 0
+        assert self.cached_input + self.cache_write + self.audio_input <= self.input
+        assert self.audio_output + self.reasoning <= self.output
+
+    def breakdown(self) -> dict[str, int]:
+        """The non-zero kinds (for the ledger and the usage API); totals always."""
+        out = {"input": self.input, "output": self.output}
+        for kind in ("cached_input", "cache_write", "audio_input", "audio_output", "reasoning"):
+            n = getattr(self, kind)
+            if n:
+                out[kind] = n
+        return out
+
+
+def cost_scaled(model: Model, counts: TokenCounts) -> int:
+    """The call's cost in 10⁻⁹ µc: each kind at its price (absent: its side's)."""
+    plain_in = counts.input - counts.cached_input - counts.cache_write - counts.audio_input
+    plain_out = counts.output - counts.audio_output
+    return (
+        plain_in * model.input_price
+        + counts.cached_input * _or(model.cached_input_price, model.input_price)
+        + counts.cache_write * _or(model.cache_write_price, model.input_price)
+        + counts.audio_input * _or(model.audio_input_price, model.input_price)
+        + plain_out * model.output_price
+        + counts.audio_output * _or(model.audio_output_price, model.output_price)
+    )
+
+
+def cost_of(model: Model, counts: TokenCounts) -> int:
+    """The call's cost in µc: the exact ceiling of ``cost_scaled``."""
+    return -(-cost_scaled(model, counts) // PRICE_SCALE)
+
+
 def cost_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
     """``ceil(in·in_price + out·out_price)`` µc, exactly (prices are scaled integers)."""
+    return cost_of(model, TokenCounts(input_tokens, output_tokens))
+
+
+def highest_input_price(model: Model) -> int:
+    """The most one prompt token can cost on ``model`` (a hold's bound)."""
+    kinds = (model.cache_write_price, model.audio_input_price, model.cached_input_price)
+    return max([model.input_price, *(p for p in kinds if p is not None)])
+
+
+def highest_output_price(model: Model) -> int:
+    """The most one generated token can cost on ``model`` (a hold's bound)."""
+    return max(model.output_price, model.audio_output_price or 0)
+
+
+def worst_case_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
+    """What a hold reserves: every token at the highest price of its side, so
+    no mix of kinds the upstream may report can cost more."""
     assert input_tokens >= 0 and output_tokens >= 0
-    scaled = input_tokens * model.input_price + output_tokens * model.output_price
+    scaled = input_tokens * highest_input_price(model) + output_tokens * highest_output_price(model)
     return -(-scaled // PRICE_SCALE)
+
+
+def _or(price: int | None, default: int) -> int:
+    return default if price is None else price
+
+
+def _count(value: Any) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else None
+
+
+def _part(details: Any, key: str) -> int:
+    n = _count(details.get(key)) if isinstance(details, dict) else None
+    return n or 0
+
+
+def counts_from_chat_usage(usage: dict[str, Any] | None) -> TokenCounts | None:
+    """The counts in an OpenAI chat ``usage`` object; None if its totals are
+    missing or invalid (the caller then estimates).
+
+    Reads ``prompt_tokens_details`` (``cached_tokens``, ``audio_tokens``,
+    and ``cache_write_tokens`` where a compatible upstream reports it) and
+    ``completion_tokens_details`` (``audio_tokens``, ``reasoning_tokens``).
+    A detail that does not fit inside its total is clamped into it: the
+    totals are what the provider bills, the details only how.
+    """
+    if not usage:
+        return None
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    pd, cd = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    cached = min(_part(pd, "cached_tokens"), prompt)
+    write = min(_part(pd, "cache_write_tokens"), prompt - cached)
+    audio_in = min(_part(pd, "audio_tokens"), prompt - cached - write)
+    audio_out = min(_part(cd, "audio_tokens"), completion)
+    reasoning = min(_part(cd, "reasoning_tokens"), completion - audio_out)
+    return TokenCounts(prompt, completion, cached, write, audio_in, audio_out, reasoning)
 
 
 def _content_size(content: Any) -> tuple[int, int]:

@@ -50,7 +50,7 @@ from creditgate.proxy import relay as ends
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.ports import CHAT, ChatDeps
-from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.pricing import worst_case_micros
 from creditgate.proxy.relay import Relay, StreamEnd
 from creditgate.proxy.request import parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
@@ -114,7 +114,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     holding = st.holds.reserve_soon(
         hold_id=hold_id,
         account_id=account_id,
-        amount=cost_micros(chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens),
+        amount=worst_case_micros(
+            chat.model, chat.prompt_tokens_estimate, chat.worst_case_output_tokens
+        ),
         ttl_seconds=hold_ttl_seconds(config, chat.model),
         request_id=request_id,
         model=chat.model.name,
