@@ -285,6 +285,9 @@ class FakePolar:
         self.subscriptions: dict[str, dict[str, Any]] = {}  # id → Subscription body
         self.subscription_requests: Counter[tuple[str, str]] = Counter()  # (method, id) → n
         self.hanging = threading.Event()  # set while a request hangs after storing
+        # Set: checkout creations wait at Polar until it is cleared.
+        self.hold_checkouts = threading.Event()
+        self.checkouts_waiting = 0
         self.release = threading.Event()
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -607,6 +610,13 @@ class FakePolar:
 
     async def create_checkout(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.hold_checkouts.is_set():
+            with self.lock:
+                self.checkouts_waiting += 1
+            while self.hold_checkouts.is_set():
+                await asyncio.sleep(0.02)
+            with self.lock:
+                self.checkouts_waiting -= 1
         products = body.get("products")
         if not isinstance(products, list) or not products:
             return self._invalid(["body", "products"], "at least one product")

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from creditgate.billing.client import POLAR_CALLS_HOLDING_A_CONNECTION
 from creditgate.config import Settings
 from creditgate.http.app import create_app
 from tests.billing_support import PACK, PRO, billing_settings
@@ -86,6 +87,38 @@ async def test_concurrent_checkouts_for_one_product_make_one(
     assert len(ids) == 1
     mine = [k for k, v in fake.checkouts.items() if v["external_customer_id"] == account_id]
     assert len(mine) == 1
+
+
+async def test_a_slow_polar_holds_few_database_connections(
+    services: Services, upstream: TestServer, db: asyncpg.Pool, fake: FakePolar, clerk: FakeClerk
+) -> None:
+    # A checkout holds a connection (its advisory lock) while it calls Polar;
+    # with Polar stuck, only a few may, so the proxy's pool is never starved.
+    settings = billing_settings(services, str(upstream.make_url("/v1")), fake.url)
+    config = settings.config
+    patient = dataclasses.replace(config.polar, request_timeout_seconds=30.0)
+    settings = dataclasses.replace(settings, config=dataclasses.replace(config, polar=patient))
+    async with running(with_clerk(settings, clerk)) as app:
+        sessions = [(await signed_in(app, clerk))[0] for _ in range(10)]
+        fake.hold_checkouts.set()
+        try:
+            calls = [
+                asyncio.create_task(app.post("/api/checkout", json={"product": PACK}, headers=s))
+                for s in sessions
+            ]
+            for _ in range(500):
+                if fake.checkouts_waiting >= POLAR_CALLS_HOLDING_A_CONNECTION:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # time for more to arrive, were they let through
+            assert fake.checkouts_waiting == POLAR_CALLS_HOLDING_A_CONNECTION
+            # Meanwhile every other route still gets its connection.
+            resp = await app.get("/api/user/balance", headers=sessions[0])
+            assert resp.status == 200
+        finally:
+            fake.hold_checkouts.clear()
+        statuses = [(await c).status for c in calls]
+        assert statuses == [201] * 10
 
 
 @pytest.mark.parametrize(

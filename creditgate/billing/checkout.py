@@ -21,7 +21,7 @@ from polar.v2026_10 import PolarAsync
 from polar.v2026_10.outputs import Checkout
 
 from creditgate.auth import Principal, require_session
-from creditgate.billing.client import call_with_retries
+from creditgate.billing.client import call_with_retries, polar_slot
 from creditgate.config import PolarConfig
 from creditgate.errors import NotFound, ServiceUnavailable, UpstreamError, ValidationError
 from creditgate.logs import log
@@ -81,7 +81,7 @@ async def create_checkout(request: web.Request) -> web.Response:
             details=[{"path": k, "message": "unknown field"} for k in unknown],
         )
     cfg = st.settings.config.polar
-    async with st.db.acquire() as conn, conn.transaction():
+    async with polar_slot(), st.db.acquire() as conn, conn.transaction():
         # One checkout creation per account and product at a time: the
         # second request waits and then finds the first one's checkout.
         await conn.execute(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from polar import PolarError, PolarNetworkError, PolarServerError
@@ -25,6 +28,28 @@ T = TypeVar("T")
 # httpx's timeouts surface as PolarNetworkError) or asking us to slow down.
 # Any other 4xx is a request Polar will refuse again.
 TRANSIENT = (PolarServerError, PolarNetworkError, PolarRateLimitError)
+
+
+# Requests that call Polar while holding a database connection (a checkout's
+# or a cancellation's advisory lock) take a slot first, so a slow Polar can
+# hold at most this many of a process's pool connections, never the pool the
+# proxy needs. Waiting for a slot holds no connection.
+POLAR_CALLS_HOLDING_A_CONNECTION = 4
+# One set of slots per event loop (a semaphore belongs to the loop it waits on).
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@asynccontextmanager
+async def polar_slot() -> AsyncIterator[None]:
+    """One of the ``POLAR_CALLS_HOLDING_A_CONNECTION`` slots of this process."""
+    loop = asyncio.get_running_loop()
+    slots = _slots.get(loop)
+    if slots is None:
+        slots = _slots[loop] = asyncio.Semaphore(POLAR_CALLS_HOLDING_A_CONNECTION)
+    async with slots:
+        yield
 
 
 class PolarUnreadable(PolarError):

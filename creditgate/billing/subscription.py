@@ -30,7 +30,7 @@ from polar.v2026_10.outputs import AlreadyCanceledSubscription
 from creditgate import ledger
 from creditgate.auth import authenticate, require_session
 from creditgate.billing.checkout import POLAR, polar_failed
-from creditgate.billing.client import call_with_retries
+from creditgate.billing.client import call_with_retries, polar_slot
 from creditgate.billing.polar_events import (
     RetryLater,
     Unprocessable,
@@ -178,7 +178,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
     if polar is None:
         raise ServiceUnavailable("Billing is not configured: POLAR_ACCESS_TOKEN is not set.")
     cfg = st.settings.config.polar
-    async with st.db.acquire() as conn, conn.transaction():
+    async with polar_slot(), st.db.acquire() as conn, conn.transaction():
         row = await _current(conn, st, principal.account_id)
         if row is None or row["status"] not in LIVE_PLAN_STATUSES:
             raise NotFound("This account has no active subscription to cancel.")
