@@ -32,6 +32,8 @@ from creditgate.proxy.pricing import (
     cost_of,
     counts_from_chat_usage,
     estimate_text_tokens,
+    recorded_breakdown,
+    token_series,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ SETTLE_RETRY_SHARE = 0.8
 
 _tokens = cached_labels(TOKENS)
 _credits_charged = cached_labels(CREDITS_CHARGED)
+# What an upstream's usage says in its own currency: not shown to the client,
+# whose usage.cost is the credits charged (a reseller's margin stays its own).
+UPSTREAM_COST_FIELDS = ("cost_details", "is_byok")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,12 @@ class MeteredCall:
 
     def measure(self, usage: dict[str, Any] | None, text_bytes: int) -> tuple[ledger.Usage, bool]:
         """The usage to charge, and whether it is the upstream's own count."""
+        measured, _, exact = self._measure(usage, text_bytes)
+        return measured, exact
+
+    def _measure(
+        self, usage: dict[str, Any] | None, text_bytes: int
+    ) -> tuple[ledger.Usage, TokenCounts, bool]:
         chat = self.chat
         counts = counts_from_chat_usage(usage)
         exact = counts is not None
@@ -118,7 +129,14 @@ class MeteredCall:
             )
             counts = TokenCounts(chat.prompt_tokens_estimate, out_tok)
         cost = cost_of(chat.model, counts)
-        return ledger.Usage(counts.input, counts.output, cost, estimated=not exact), exact
+        measured = ledger.Usage(
+            counts.input,
+            counts.output,
+            cost,
+            estimated=not exact,
+            breakdown=tuple(recorded_breakdown(chat.model, counts).items()),
+        )
+        return measured, counts, exact
 
     async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> Charge:
         """Charge the call: the upstream's usage when valid, else an estimate (marked).
@@ -129,7 +147,7 @@ class MeteredCall:
         """
         assert not self._ended, "a call is settled or released once"
         self._ended = True
-        measured, exact = self.measure(usage, text_bytes)
+        measured, counts, exact = self._measure(usage, text_bytes)
         tokens = measured.input_tokens + measured.output_tokens
         started = time.perf_counter()
         # Queued first (group commit, ledger.group_commit: batched with
@@ -152,9 +170,22 @@ class MeteredCall:
             ) from None
         _SETTLE_LATENCY.observe(time.perf_counter() - started)
         model = self.chat.model.name
-        _tokens(model, "input").inc(measured.input_tokens)
-        _tokens(model, "output").inc(measured.output_tokens)
+        for direction, kind, n in token_series(counts):
+            _tokens(model, direction, kind).inc(n)
         _credits_charged(model).inc(settlement.debited)
+        if measured.cost > self.hold.amount:
+            # Only a reported cost above the price table's worst case (or an
+            # upstream ignoring max_tokens) gets here: charged as far as the
+            # account covers it, the rest recorded as uncollected.
+            log.warning(
+                "cost above the hold",
+                extra={
+                    **self.log_ids(),
+                    "model": model,
+                    "cost_micros": measured.cost,
+                    "hold_micros": self.hold.amount,
+                },
+            )
         if settlement.uncollected:
             log.warning(
                 "cost above what the account could cover",
@@ -163,7 +194,7 @@ class MeteredCall:
         seen: dict[str, Any]
         if exact:
             assert usage is not None
-            seen = usage
+            seen = {k: v for k, v in usage.items() if k not in UPSTREAM_COST_FIELDS}
         else:
             seen = {
                 "prompt_tokens": measured.input_tokens,
