@@ -240,8 +240,11 @@ def _usage(text_in: int, text_out: int, modes: dict[str, Any]) -> dict[str, Any]
         text = str(modes["cost"]).strip()
         if not _JSON_NUMBER.fullmatch(text):
             raise ValueError(f"cost: not a JSON number: {text!r}")
-        # Written as the JSON number given, digit for digit (a float could round it).
+        # Written as the JSON number given, digit for digit (a float could round it),
+        # with the two fields OpenRouter sends beside it.
         usage["cost"] = orjson.Fragment(text.encode())
+        usage["is_byok"] = False
+        usage["cost_details"] = {"upstream_inference_cost": None}
     return usage
 
 
