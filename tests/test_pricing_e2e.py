@@ -259,6 +259,25 @@ async def test_each_kind_is_charged_exactly(
     assert recorded == counts
 
 
+async def test_the_models_list_shows_the_prices_by_kind(
+    pcg: TestClient, customer_factory: Any
+) -> None:
+    c = await customer_factory(1)
+    models = {m.id: m for m in (await sdk(pcg, c.key).models.list()).data}
+    pricing = (models["kinds"].model_extra or {})["pricing"]
+    assert pricing == {
+        "input": 1.5,
+        "output": 6,
+        "cached_input": 0.375,
+        "cache_write": 1.875,
+        "audio_input": 40,
+        "audio_output": 80,
+        "unit": "credits per 1M tokens",
+    }
+    # A model without kind prices lists only its two.
+    assert set((models["mock-model"].model_extra or {})["pricing"]) == {"input", "output", "unit"}
+
+
 async def test_the_tokens_metric_has_kinds(pcg: TestClient, customer_factory: Any) -> None:
     c = await customer_factory(10)
     await call(pcg, c, "kinds", CASES["everything"][1], stream=False)

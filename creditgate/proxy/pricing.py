@@ -181,6 +181,12 @@ def worst_case_micros(model: Model, input_tokens: int, output_tokens: int) -> in
     return -(-scaled // PRICE_SCALE)
 
 
+def price_text(price: int) -> str:
+    """A scaled price (10⁻⁹ µc per token) as the decimal credits per 1M tokens
+    it was configured as, without trailing zeros (``1250000000`` → ``1.25``)."""
+    return format(Decimal(price).scaleb(-9).normalize(), "f")
+
+
 def _or(price: int | None, default: int) -> int:
     return default if price is None else price
 
