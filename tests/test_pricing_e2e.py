@@ -26,6 +26,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from polar.v2026_10 import PolarAsync
 
+from creditgate import ledger, migrations
 from creditgate.auth import create_api_key
 from creditgate.billing.export import UsageExporter
 from creditgate.config import Settings, parse_config
@@ -459,3 +460,53 @@ async def test_a_bad_breakdown_is_a_400_that_names_it_and_writes_nothing(
     assert error["code"] == "VALIDATION_ERROR"
     assert path in [d["path"] for d in error["details"]], error
     assert await ledger_footprint(db, c.account.id) == before
+
+
+async def test_verify_finds_a_breakdown_that_does_not_add_up(services: Services) -> None:
+    """``verify`` checks every debit's kinds against its totals (what only someone
+    bypassing the append-only trigger could break), in a database of its own."""
+    name = f"cg_kinds_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(services.owner_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = services.owner_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrations.migrate(conn)
+            account = await ledger.ensure_account(conn, "user", "user_kinds")
+            await ledger.post_entry(
+                conn,
+                account_id=account.id,
+                amount=1_000_000,
+                kind="grant",
+                idempotency_key="g",
+                reason="t",
+            )
+            hold = await ledger.reserve_hold(
+                conn, hold_id=uuid.uuid4(), account_id=account.id, amount=5_000, ttl_seconds=60
+            )
+            kinds = (("input", 100), ("output", 20), ("cached_input", 60), ("reasoning", 10))
+            await ledger.settle_hold(conn, hold.id, ledger.Usage(100, 20, 900, breakdown=kinds))
+            assert (await ledger.verify_ledger(conn)).ok
+            for bad in (
+                {"input": 100, "output": 20, "cached_input": 101},  # a part above its total
+                {"input": 99, "output": 20},  # a total not the entry's
+                {"input": 100, "output": 20, "reasoning": -1},
+                {"input": 100, "output": 20, "reasoning": "10"},
+                {"input": 100, "output": 20, "audio_output": 15, "reasoning": 10},
+            ):
+                async with conn.transaction():
+                    # What only a superuser bypassing the triggers could do.
+                    await conn.execute("SET LOCAL session_replication_role = replica")
+                    await conn.execute(
+                        "UPDATE ledger_entries SET breakdown = $1::jsonb WHERE kind = 'debit'",
+                        orjson.dumps(bad).decode(),
+                    )
+                report = await ledger.verify_ledger(conn)
+                problems = [p["problem"] for p in report.problems]
+                assert problems and all("tokens by kind" in p for p in problems), (bad, problems)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
