@@ -510,3 +510,21 @@ async def test_verify_finds_a_breakdown_that_does_not_add_up(services: Services)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_late_debit_keeps_its_tokens_by_kind(
+    db: asyncpg.Pool, customer_factory: Any
+) -> None:
+    """A call whose hold the sweeper expired meanwhile is still debited, with its kinds."""
+    c = await customer_factory(1)
+    hold = await ledger.reserve_hold(
+        db, hold_id=uuid.uuid4(), account_id=c.account.id, amount=1_000, ttl_seconds=60
+    )
+    assert await ledger.release_hold(db, hold.id, expired=True)  # as the sweeper does
+    kinds = (("input", 40), ("output", 9), ("cached_input", 30), ("audio_output", 2))
+    settled = await ledger.settle_hold(db, hold.id, ledger.Usage(40, 9, 700, breakdown=kinds))
+    assert settled.debited == 700 and not settled.replayed
+    stored = await db.fetchval(
+        "SELECT breakdown FROM ledger_entries WHERE id = $1", settled.entry_id
+    )
+    assert orjson.loads(stored) == dict(kinds)
