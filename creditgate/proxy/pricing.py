@@ -27,6 +27,7 @@ _PROMPT_FIELDS = ("tools", "functions", "response_format")
 # provider's currency; and the smallest exponent (10^-MAX_COST_DIGITS) and the
 # most significant digits kept exact. Anything beyond is not a real price but
 # a broken or hostile report: the call is priced by the table instead.
+# (At most 10⁶ × config.MAX_MARKUP 10⁶ × 10⁶ µc = 10¹⁸ µc: a BIGINT holds it.)
 MAX_REPORTED_COST = Decimal(1_000_000)
 MAX_COST_DIGITS = 40
 MICROS = 1_000_000
@@ -142,7 +143,7 @@ def cost_of(model: Model, counts: TokenCounts) -> int:
     """The call's cost in µc: the upstream's reported cost × markup for a model
     priced by its upstream when the response carried one, else the exact
     ceiling of ``cost_scaled`` (the price table)."""
-    if model.pricing == "upstream" and counts.reported_cost is not None:
+    if counts.reported_cost is not None and priced_by_upstream(model, counts):
         return upstream_cost_micros(model, counts.reported_cost)
     return -(-cost_scaled(model, counts) // PRICE_SCALE)
 
