@@ -2,7 +2,9 @@
 
 Server-to-server metering: an app that called a provider directly, a batch
 job. The body is either token counts priced at the model's configured prices
-(``{model, inputTokens, outputTokens}``) or an explicit ``{cost}`` in credits
+(``{model, inputTokens, outputTokens}``, or ``{model, tokens}`` with the
+tokens by kind as ``GET /api/user/usage`` shows them, each kind at its price)
+or an explicit ``{cost}`` in credits
 (``model`` then optional and free text), plus ``idempotencyKey`` and, for an
 admin, the ``account``. The charge is a debit with its hold, like a
 completion's (``ledger.record_usage``), so the balance row's CHECK, the
