@@ -37,6 +37,7 @@ from creditgate.proxy.pricing import (
 )
 
 if TYPE_CHECKING:
+    from creditgate.config import Model
     from creditgate.proxy.ports import Admissions, HoldBook, MeteringSettings
     from creditgate.proxy.request import ChatRequest
     from creditgate.throttle import Admission
@@ -52,6 +53,20 @@ _credits_charged = cached_labels(CREDITS_CHARGED)
 # What an upstream's usage says in its own currency: not shown to the client,
 # whose usage.cost is the credits charged (a reseller's margin stays its own).
 UPSTREAM_COST_FIELDS = ("cost_details", "is_byok")
+
+
+def usage_of(model: Model, counts: TokenCounts, *, estimated: bool) -> ledger.Usage:
+    """What the ledger debits for ``counts`` on ``model``: the cost (by kind, or
+    the reported cost × markup) and the tokens by kind kept on the entry. Any
+    route's metering (chat, or another API's usage read into TokenCounts)
+    charges through this, so every debit records its kinds the same way."""
+    return ledger.Usage(
+        counts.input,
+        counts.output,
+        cost_of(model, counts),
+        estimated=estimated,
+        breakdown=tuple(recorded_breakdown(model, counts).items()),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,15 +143,7 @@ class MeteredCall:
                 chat.worst_case_output_tokens,
             )
             counts = TokenCounts(chat.prompt_tokens_estimate, out_tok)
-        cost = cost_of(chat.model, counts)
-        measured = ledger.Usage(
-            counts.input,
-            counts.output,
-            cost,
-            estimated=not exact,
-            breakdown=tuple(recorded_breakdown(chat.model, counts).items()),
-        )
-        return measured, counts, exact
+        return usage_of(chat.model, counts, estimated=not exact), counts, exact
 
     async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> Charge:
         """Charge the call: the upstream's usage when valid, else an estimate (marked).
