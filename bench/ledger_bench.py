@@ -37,6 +37,9 @@ from creditgate.ledger.group_commit import GroupCommit
 
 HOLD = 50_000  # µc reserved per call (a worst case)
 COST = 12_345  # µc actually charged
+# With --breakdown: the tokens by kind a settle records (migration 0012), as a
+# cached, reasoning call's would be.
+BREAKDOWN = (("input", 100), ("output", 20), ("cached_input", 80), ("reasoning", 12))
 
 
 def _database(url: str, name: str) -> str:
@@ -108,7 +111,9 @@ async def _scenario(
     workers: int,
     seconds: float,
     warmup: float,
+    breakdown: bool = False,
 ) -> dict[str, Any]:
+    usage = ledger.Usage(100, 20, COST, breakdown=BREAKDOWN if breakdown else None)
     reserve_s: list[float] = []
     settle_s: list[float] = []
     measuring = False
@@ -122,7 +127,7 @@ async def _scenario(
                 hold_id=uuid.uuid4(), account_id=account, amount=HOLD, ttl_seconds=600
             )
             t1 = time.perf_counter()
-            await api.settle(hold.id, ledger.Usage(100, 20, COST))
+            await api.settle(hold.id, usage)
             t2 = time.perf_counter()
             if measuring:
                 reserve_s.append(t1 - t0)
@@ -186,12 +191,13 @@ async def main(args: argparse.Namespace) -> int:
                     for account_id in accounts:
                         await ledger.set_low_balance_threshold(pool, account_id, micros)
                 result = await _scenario(
-                    pool, api, accounts, args.workers, args.seconds, args.warmup
+                    pool, api, accounts, args.workers, args.seconds, args.warmup, args.breakdown
                 )
                 out = {
                     "scenario": scenario,
                     "mode": args.mode,
                     "low_balance_threshold": args.low_balance_threshold,
+                    "breakdown": args.breakdown,
                     "accounts": n,
                     "workers": args.workers,
                     "pool": size,
@@ -231,6 +237,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--verify", action="store_true", help="run verify_ledger after each scenario")
+    p.add_argument(
+        "--breakdown", action="store_true", help="settle with tokens by kind (migration 0012)"
+    )
     p.add_argument(
         "--low-balance-threshold",
         help="set every account's low-balance threshold (credits) below its balance",

@@ -22,6 +22,12 @@ from typing import Any, Literal, get_args
 PRICE_SCALE = 10**9
 # The optional per-kind prices of a model (absent: the plain price of its side).
 KIND_PRICES = ("cached_input_price", "cache_write_price", "audio_input_price", "audio_output_price")
+# How a model's calls are priced: by its price table, or by the cost the
+# upstream reports (usage.cost) times the model's markup (proxy.pricing).
+PricingSource = Literal["table", "upstream"]
+PRICING_SOURCES: tuple[PricingSource, ...] = get_args(PricingSource)
+# The largest markup accepted: a guard against a typo, far above any real margin.
+MAX_MARKUP = Decimal(1_000_000)
 DEFAULT_TIER = "free"
 # Largest requests/tokens per minute the throttle counts exactly (see above).
 MAX_PER_MINUTE = 2**53 // 60_000 // 4
@@ -97,6 +103,12 @@ class Model:
     cache_write_price: int | None = None  # prompt tokens written to a cache
     audio_input_price: int | None = None
     audio_output_price: int | None = None
+    # "upstream": a call is charged the cost the upstream reports (usage.cost,
+    # in its currency) times ``markup`` credits per unit of that currency; a
+    # response without a cost falls back to the prices above, which also
+    # size the hold (proxy.pricing).
+    pricing: PricingSource = "table"
+    markup: Decimal = Decimal(1)
 
 
 # A tier's four throttle limits, in the order the throttle script takes them.
@@ -298,6 +310,19 @@ def _kind_price(m: dict[str, Any], key: str, where: str) -> int | None:
     return _price(m[key], f"{where}.{key}") if key in m else None
 
 
+def _markup(m: dict[str, Any], pricing: str, where: str) -> Decimal:
+    """The credits charged per unit of the upstream's reported cost (default 1)."""
+    if "markup" not in m:
+        return Decimal(1)
+    if pricing != "upstream":
+        # A markup the table pricing would silently ignore is a mistake: say so.
+        raise ConfigError(f'{where}.markup: only applies with pricing = "upstream"')
+    markup = _decimal(m["markup"], f"{where}.markup")
+    if markup > MAX_MARKUP:
+        raise ConfigError(f"{where}.markup: at most {MAX_MARKUP}, got {m['markup']}")
+    return markup
+
+
 def _int(value: Any, where: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -458,6 +483,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 "max_tokens_field",
                 "max_image_tokens",
                 *KIND_PRICES,
+                "pricing",
+                "markup",
             },
             where,
         )
@@ -467,6 +494,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         t = _table(m.get("timeouts", {}), f"{where}.timeouts")
         _check_keys(t, {"connect", "first_byte", "idle", "total"}, f"{where}.timeouts")
         timeouts = Timeouts(**{k: _seconds(v, f"{where}.timeouts.{k}") for k, v in t.items()})
+        pricing = _choice(m.get("pricing", "table"), PRICING_SOURCES, f"{where}.pricing")
         models[name] = Model(
             name=name,
             input_price=_price(m["input_price"], f"{where}.input_price"),
@@ -492,6 +520,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             cache_write_price=_kind_price(m, "cache_write_price", where),
             audio_input_price=_kind_price(m, "audio_input_price", where),
             audio_output_price=_kind_price(m, "audio_output_price", where),
+            pricing="upstream" if pricing == "upstream" else "table",
+            markup=_markup(m, pricing, where),
         )
     if not models:
         raise ConfigError("models: at least one model is required")

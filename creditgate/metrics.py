@@ -93,8 +93,10 @@ STREAM_ENDS = Counter(
 )
 TOKENS = Counter(
     "creditgate_tokens_total",
-    "Tokens charged, by model and direction (input/output).",
-    ["model", "direction"],
+    "Tokens charged, by model, direction (input/output) and kind: input text, cached,"
+    " cache_write, audio; output text, audio, reasoning. A direction's kinds add up to"
+    " its total.",
+    ["model", "direction", "kind"],
 )
 CREDITS_CHARGED = Counter(
     "creditgate_credits_charged_micros_total",

@@ -11,6 +11,7 @@ import random
 import uuid
 
 import asyncpg
+import orjson
 import pytest
 
 from creditgate import ledger
@@ -223,3 +224,36 @@ async def test_many_concurrent_calls_on_tight_accounts_never_overspend(
     )
     assert all(r["reserved"] == 0 and r["balance"] >= 0 for r in rows)
     assert sum(charged) == 60_000 - sum(r["balance"] for r in rows)
+
+
+async def test_batched_settles_keep_each_calls_own_tokens_by_kind(db: asyncpg.Pool) -> None:
+    """The batch statement's breakdown array lines up with its holds (issue 17)."""
+    acct = await account_with(db, 10_000)
+    gc = GroupCommit(db, lanes=1)
+    holds = [
+        await ledger.reserve_hold(
+            db, hold_id=uuid.uuid4(), account_id=acct, amount=500, ttl_seconds=60
+        )
+        for _ in range(12)
+    ]
+    usages = [
+        ledger.Usage(
+            100 + i,
+            10 + i,
+            i,
+            # some calls without kinds: SQL NULL beside JSON in the same array
+            breakdown=None
+            if i % 4 == 0
+            else (("input", 100 + i), ("output", 10 + i), ("reasoning", i)),
+        )
+        for i in range(12)
+    ]
+    settled = await asyncio.gather(
+        *(gc.settle(h.id, u) for h, u in zip(holds, usages, strict=True))
+    )
+    assert gc.batched_calls == 11
+    for s, u in zip(settled, usages, strict=True):
+        stored = await db.fetchval("SELECT breakdown FROM ledger_entries WHERE id = $1", s.entry_id)
+        assert (orjson.loads(stored) if stored is not None else None) == (
+            dict(u.breakdown) if u.breakdown is not None else None
+        )

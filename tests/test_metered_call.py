@@ -116,7 +116,8 @@ async def test_settle_charges_the_upstreams_usage_and_finishes_the_throttle(conf
 
     charge = await call.settle(usage, text_bytes=40)
 
-    assert holds.settled == [(call.hold.id, Usage(12, 7, cost, estimated=False))]
+    breakdown = (("input", 12), ("output", 7))  # the counts by kind, kept on the debit
+    assert holds.settled == [(call.hold.id, Usage(12, 7, cost, False, breakdown))]
     assert throttle.finished == [(call.admission, 19)]  # corrected by the actual tokens
     assert charge.usage == {**usage, "cost": charge.usage["cost"], "cost_micros": cost}
     await call.close()  # settled: nothing more to end

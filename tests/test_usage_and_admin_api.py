@@ -91,11 +91,15 @@ async def test_usage_pages_the_callers_entries_newest_first(
         "outputTokens",
         "requestId",
         "estimated",
+        "tokens",
         "expiresAt",
         "createdAt",
         "source",
         "description",
     }
+    # The debit's tokens by kind: the mock reported no details, so the two totals.
+    assert debit["tokens"] == {"input": debit["inputTokens"], "output": debit["outputTokens"]}
+    assert seen[0]["tokens"] is None  # a grant has no tokens
     # Each entry says where it came from and what it is (a grant: its reason).
     assert (seen[0]["source"], seen[0]["description"]) == ("admin", "bonus")
     assert debit["source"] == "usage" and debit["description"].startswith("mock-model: ")

@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
+import orjson
 from polar import PolarClientError, PolarDeserializationError, PolarError
 from polar.v2026_10 import PolarAsync
 from polar.v2026_10.inputs import EventCreateExternalCustomer, EventMetadataInput
@@ -49,6 +50,7 @@ from creditgate.billing.metrics import (
 )
 from creditgate.config import PolarConfig
 from creditgate.ledger.db import Db
+from creditgate.ledger.history import KINDS
 from creditgate.logs import log
 
 # pg_advisory_lock key: the first 8 bytes of sha256("creditgate.polar.export").
@@ -61,7 +63,7 @@ _PENDING = """
 SELECT e.id, e.seq, e.tx_id, e.account_id, -e.amount AS credits, e.model,
        COALESCE(e.input_tokens, 0) AS input_tokens,
        COALESCE(e.output_tokens, 0) AS output_tokens,
-       e.estimated, e.created_at
+       e.estimated, e.created_at, e.breakdown
 FROM ledger_entries e
 WHERE e.kind = 'debit'
   AND (e.tx_id, e.seq) > ($1::xid8, $2::bigint)
@@ -70,6 +72,9 @@ WHERE e.kind = 'debit'
 ORDER BY e.tx_id, e.seq
 LIMIT $3
 """
+
+# The kinds of a debit's breakdown that are parts of its two totals.
+TOKEN_KINDS = frozenset(KINDS) - {"input", "output"}
 
 _BACKLOG = """
 SELECT count(*) AS pending,
@@ -103,6 +108,9 @@ class PendingDebit:
     output_tokens: int
     estimated: bool
     created_at: datetime
+    # The debit's tokens by kind (ledger_entries.breakdown), None for debits
+    # that kept only the two totals.
+    breakdown: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, r: asyncpg.Record) -> PendingDebit:
@@ -117,6 +125,7 @@ class PendingDebit:
             output_tokens=r["output_tokens"],
             estimated=r["estimated"],
             created_at=r["created_at"],
+            breakdown=orjson.loads(r["breakdown"]) if r["breakdown"] is not None else None,
         )
 
 
@@ -145,6 +154,12 @@ def usage_event(debit: PendingDebit, name: str, now: datetime) -> EventCreateExt
         "total_tokens": debit.input_tokens + debit.output_tokens,
         "estimated": debit.estimated,
     }
+    for kind, n in (debit.breakdown or {}).items():
+        # The kinds that are parts of the totals (cached_input_tokens,
+        # reasoning_tokens, …), non-zero ones only, for meters by kind; never
+        # the upstream's own cost (a reseller's margin is not Polar's data).
+        if kind in TOKEN_KINDS and isinstance(n, int) and not isinstance(n, bool):
+            metadata[f"{kind}_tokens"] = n
     if debit.model:
         metadata["model"] = debit.model[:500]  # Polar's limit for a string value
     timestamp = event_time(debit, now)

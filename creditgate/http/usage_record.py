@@ -2,7 +2,9 @@
 
 Server-to-server metering: an app that called a provider directly, a batch
 job. The body is either token counts priced at the model's configured prices
-(``{model, inputTokens, outputTokens}``) or an explicit ``{cost}`` in credits
+(``{model, inputTokens, outputTokens}``, or ``{model, tokens}`` with the
+tokens by kind as ``GET /api/user/usage`` shows them, each kind at its price)
+or an explicit ``{cost}`` in credits
 (``model`` then optional and free text), plus ``idempotencyKey`` and, for an
 admin, the ``account``. The charge is a debit with its hold, like a
 completion's (``ledger.record_usage``), so the balance row's CHECK, the
@@ -27,8 +29,10 @@ from creditgate.auth import AdminCaller, Principal, require_usage_writer
 from creditgate.errors import Forbidden, ModelNotFound, ValidationError
 from creditgate.http.params import Problems, parse_text, parse_time
 from creditgate.http.state import STATE
+from creditgate.http.user import TOKEN_BREAKDOWN
+from creditgate.ledger.history import KINDS, camel
 from creditgate.logs import log
-from creditgate.proxy.pricing import cost_micros
+from creditgate.proxy.pricing import TokenCounts, cost_of
 from creditgate.proxy.validation import is_int
 from creditgate.webkit.envelope import read_json_object, written_response
 from creditgate.webkit.ids import REQUEST_ID
@@ -52,6 +56,7 @@ _FIELDS = {
     "model",
     "inputTokens",
     "outputTokens",
+    "tokens",
     "cost",
     "idempotencyKey",
     "occurredAt",
@@ -75,6 +80,88 @@ def _tokens(body: dict[str, Any], name: str, problems: Problems) -> int | None:
         problems.append({"path": name, "message": f"an integer from 0 to {MAX_TOKENS}"})
         return None
     return value
+
+
+# The ``tokens`` object's keys (the usage API's names) → TokenCounts' fields.
+TOKEN_KEYS = {camel(k): k for k in KINDS}
+
+
+def _token_counts(
+    body: dict[str, Any], input_tokens: int | None, output_tokens: int | None, problems: Problems
+) -> TokenCounts | None:
+    """The body's tokens by kind (``tokens``, as GET /api/user/usage shows them),
+    with the totals from ``tokens`` or ``inputTokens``/``outputTokens`` (which must
+    agree when both are given); None when the body gives no tokens at all."""
+    value = body.get("tokens")
+    if value is None:
+        if input_tokens is None or output_tokens is None:
+            return None
+        return TokenCounts(input_tokens, output_tokens)
+    if not isinstance(value, dict):
+        problems.append({"path": "tokens", "message": "an object of token counts by kind"})
+        return None
+    found = len(problems)
+    kinds: dict[str, int] = {}
+    for key, n in value.items():
+        path = f"tokens.{key}"
+        if key not in TOKEN_KEYS:
+            problems.append(
+                {"path": path, "message": f"unknown kind; one of {', '.join(TOKEN_KEYS)}"}
+            )
+        elif not is_int(n) or not 0 <= n <= MAX_TOKENS:
+            problems.append({"path": path, "message": f"an integer from 0 to {MAX_TOKENS}"})
+        else:
+            kinds[TOKEN_KEYS[key]] = n
+    for kind, total in (("input", input_tokens), ("output", output_tokens)):
+        if total is None:
+            continue
+        if kind not in kinds:
+            kinds[kind] = total
+        elif kinds[kind] != total:
+            name = "inputTokens" if kind == "input" else "outputTokens"
+            problems.append({"path": f"tokens.{kind}", "message": f"differs from {name}"})
+    for kind, name in (("input", "inputTokens"), ("output", "outputTokens")):
+        if kind not in kinds and len(problems) == found:
+            problems.append({"path": f"tokens.{kind}", "message": f"required (or {name})"})
+    if len(problems) > found:
+        return None
+    prompt_parts = kinds.get("cached_input", 0) + kinds.get("cache_write", 0)
+    prompt_parts += kinds.get("audio_input", 0)
+    if prompt_parts > kinds["input"]:
+        problems.append(
+            {
+                "path": "tokens",
+                "message": "cachedInput + cacheWrite + audioInput are parts of input:"
+                " their sum must not exceed it",
+            }
+        )
+    if kinds.get("audio_output", 0) + kinds.get("reasoning", 0) > kinds["output"]:
+        problems.append(
+            {
+                "path": "tokens",
+                "message": "audioOutput + reasoning are parts of output: their sum must"
+                " not exceed it",
+            }
+        )
+    for kind in ("accepted_prediction", "rejected_prediction"):
+        if kinds.get(kind, 0) > kinds["output"]:
+            problems.append(
+                {"path": f"tokens.{camel(kind)}", "message": "part of output: at most output"}
+            )
+    if len(problems) > found:
+        return None
+    part = kinds.get
+    return TokenCounts(
+        kinds["input"],
+        kinds["output"],
+        cached_input=part("cached_input", 0),
+        cache_write=part("cache_write", 0),
+        audio_input=part("audio_input", 0),
+        audio_output=part("audio_output", 0),
+        reasoning=part("reasoning", 0),
+        accepted_prediction=part("accepted_prediction", 0),
+        rejected_prediction=part("rejected_prediction", 0),
+    )
 
 
 def _metadata(value: Any, problems: Problems) -> dict[str, Any]:
@@ -115,6 +202,9 @@ class _Parsed:
         self.key = parse_text(body.get("idempotencyKey"), "idempotencyKey", MAX_KEY, problems)
         self.input_tokens = _tokens(body, "inputTokens", problems)
         self.output_tokens = _tokens(body, "outputTokens", problems)
+        self.counts = _token_counts(body, self.input_tokens, self.output_tokens, problems)
+        if self.counts is not None:
+            self.input_tokens, self.output_tokens = self.counts.input, self.counts.output
         self.model: str | None = None
         if body.get("model") is not None:
             self.model = parse_text(body["model"], "model", MAX_MODEL, problems)
@@ -130,11 +220,19 @@ class _Parsed:
                     problems.append({"path": "cost", "message": "must not be negative"})
         else:
             self.source = "tokens"
-            for name in ("model", "inputTokens", "outputTokens"):
-                if body.get(name) is None:
-                    problems.append(
-                        {"path": name, "message": "required unless an explicit cost is given"}
-                    )
+            if body.get("model") is None:
+                problems.append(
+                    {"path": "model", "message": "required unless an explicit cost is given"}
+                )
+            if body.get("tokens") is None:
+                for name in ("inputTokens", "outputTokens"):
+                    if body.get(name) is None:
+                        problems.append(
+                            {
+                                "path": name,
+                                "message": "required unless tokens or an explicit cost is given",
+                            }
+                        )
         self.occurred_at: datetime | None = None
         if body.get("occurredAt") is not None:
             self.occurred_at = parse_time(body["occurredAt"], "occurredAt", problems)
@@ -157,8 +255,10 @@ class _Parsed:
                     " or one of GET /v1/models.",
                     details=[{"path": "model", "message": "unknown model"}],
                 )
-            assert self.input_tokens is not None and self.output_tokens is not None
-            self.cost = cost_micros(model, self.input_tokens, self.output_tokens)
+            assert self.counts is not None
+            # Priced by kind, at the model's table: a recorded usage reports no
+            # upstream cost, so pricing = "upstream" models use their table too.
+            self.cost = cost_of(model, self.counts)
 
 
 def _recorded_by(caller: AdminCaller | Principal) -> str:
@@ -206,6 +306,7 @@ async def record_usage(request: web.Request) -> web.Response:
             model=parsed.model,
             input_tokens=parsed.input_tokens,
             output_tokens=parsed.output_tokens,
+            breakdown=parsed.counts.breakdown() if parsed.counts is not None else None,
             occurred_at=parsed.occurred_at,
             metadata=parsed.metadata,
             allow_overdraft=parsed.allow_overdraft,
@@ -237,6 +338,12 @@ USAGE_RECORD_REQUEST: Schema = {
             "model": {**STR, "maxLength": MAX_MODEL},
             "inputTokens": _TOKENS,
             "outputTokens": _TOKENS,
+            "tokens": {
+                **obj({camel(k): _TOKENS for k in KINDS}),
+                "description": "tokens by kind, as GET /api/user/usage shows them (priced by"
+                " kind without an explicit cost); input and output may be given here or as"
+                " inputTokens/outputTokens",
+            },
             "cost": {
                 "oneOf": [{**CREDITS, "minimum": 0}, CREDITS_TEXT],
                 "description": "credits (≥ 0, at most 6 decimals), charged instead of the"
@@ -255,6 +362,7 @@ USAGE_RECORD_REQUEST: Schema = {
     ),
     "anyOf": [
         {"required": ["model", "inputTokens", "outputTokens"]},
+        {"required": ["model", "tokens"]},
         {"required": ["cost"]},
     ],
 }
@@ -270,6 +378,7 @@ RECORDED: Schema = obj(
         "model": nullable(STR),
         "inputTokens": nullable(INT),
         "outputTokens": nullable(INT),
+        "tokens": nullable(TOKEN_BREAKDOWN),
         "occurredAt": TIME,
         "metadata": {"type": "object"},
         "createdAt": TIME,

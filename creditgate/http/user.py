@@ -10,7 +10,7 @@ from creditgate.errors import ValidationError
 from creditgate.http.params import Problems, parse_int, parse_kinds, parse_time
 from creditgate.http.state import STATE
 from creditgate.ledger.errors import InvalidArgument
-from creditgate.ledger.history import MAX_PAGE, decode_cursor
+from creditgate.ledger.history import KINDS, MAX_PAGE, camel, decode_cursor
 from creditgate.webkit.envelope import data_response
 from creditgate.webkit.openapi import (
     BOOL,
@@ -108,6 +108,14 @@ BALANCE: Schema = obj(
     "tier",
     "plan",
 )
+# A debit's tokens by kind: the totals, and the kinds that are parts of them
+# (only the non-zero ones are sent). The usage-record route accepts the same.
+TOKEN_BREAKDOWN: Schema = {
+    **obj({camel(k): {**INT, "minimum": 0} for k in KINDS}, "input", "output"),
+    "description": "tokens by kind: input and output are totals; cachedInput, cacheWrite and"
+    " audioInput are parts of input; audioOutput, reasoning, acceptedPrediction and"
+    " rejectedPrediction parts of output",
+}
 ENTRY: Schema = obj(
     {
         "id": UUID,
@@ -119,6 +127,7 @@ ENTRY: Schema = obj(
         "outputTokens": nullable(INT),
         "requestId": nullable(STR),
         "estimated": BOOL,
+        "tokens": nullable(TOKEN_BREAKDOWN),
         "expiresAt": nullable(TIME),
         "createdAt": TIME,
         "source": {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +28,7 @@ import orjson
 from creditgate.ledger.db import Db
 from creditgate.ledger.entries import iso
 from creditgate.ledger.errors import AccountNotFound, CreditsExhausted, IdempotencyConflict
+from creditgate.ledger.history import camel
 from creditgate.ledger.money import micros_to_credits
 from creditgate.ledger.posting import Entries, posting_statement
 
@@ -47,6 +49,9 @@ class UsageRecord:
     allow_overdraft: bool
     recorded_by: str
     request_id: str | None = None
+    # The tokens by kind, as a proxied debit keeps them (snake_case kinds,
+    # ``input`` and ``output`` included); None when only a cost was given.
+    breakdown: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ class Recorded:
     metadata: dict[str, Any]
     created_at: datetime
     replayed: bool
+    breakdown: Mapping[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The API's answer: the entry and the balance right after it."""
@@ -79,6 +85,11 @@ class Recorded:
             "model": self.model,
             "inputTokens": self.input_tokens,
             "outputTokens": self.output_tokens,
+            "tokens": (
+                {camel(k): v for k, v in self.breakdown.items()}
+                if self.breakdown is not None
+                else None
+            ),
             "occurredAt": iso(self.occurred_at),
             "metadata": self.metadata,
             "createdAt": iso(self.created_at),
@@ -91,9 +102,16 @@ def idempotency_key(account_id: uuid.UUID, client_key: str) -> str:
 
 
 def fingerprint(record: UsageRecord) -> bytes:
-    """What identifies the request behind a key (the same key with another is a 409)."""
+    """What identifies the request behind a key (the same key with another is a 409).
+
+    The kinds beyond the two totals count only when there are any, so a
+    record made before kinds were kept replays with the same fingerprint."""
+    extra: dict[str, Any] = {}
+    if record.breakdown is not None and set(record.breakdown) - {"input", "output"}:
+        extra["tokens"] = dict(record.breakdown)
     text = orjson.dumps(
         {
+            **extra,
             "account": str(record.account_id),
             "cost": record.cost,
             "source": record.cost_source,
@@ -146,6 +164,7 @@ _RECORD = posting_statement(
             "estimated": "false",
             "uncollected": "0",
             "reason": "'recorded usage'",
+            "breakdown": "$17::jsonb",
         },
         returning=["id", "created_at"],
     ),
@@ -166,7 +185,8 @@ _RECORD = posting_statement(
 
 _FIND = """
 SELECT e.id, e.hold_id, e.account_id, e.fingerprint, -e.amount AS cost, e.balance_after,
-       e.model, e.input_tokens, e.output_tokens, e.created_at, r.occurred_at, r.metadata
+       e.model, e.input_tokens, e.output_tokens, e.created_at, r.occurred_at, r.metadata,
+       e.breakdown
 FROM ledger_entries e JOIN usage_records r ON r.entry_id = e.id
 WHERE e.idempotency_key = $1
 """
@@ -206,6 +226,7 @@ async def record_usage(db: Db, record: UsageRecord) -> Recorded:
             orjson.dumps(record.metadata).decode(),
             record.cost_source,
             record.recorded_by,
+            orjson.dumps(dict(record.breakdown)).decode() if record.breakdown is not None else None,
         )
     except asyncpg.UniqueViolationError:
         row = None  # a concurrent request with this key won: answer its result
@@ -227,6 +248,7 @@ async def record_usage(db: Db, record: UsageRecord) -> Recorded:
             record.metadata,
             row["created_at"],
             replayed=False,
+            breakdown=record.breakdown,
         )
     found = await _replay(db, key, print_)
     if found is not None:
@@ -275,4 +297,5 @@ async def _replay(db: Db, key: str, print_: bytes) -> Recorded | None:
         orjson.loads(row["metadata"]),
         row["created_at"],
         replayed=True,
+        breakdown=orjson.loads(row["breakdown"]) if row["breakdown"] is not None else None,
     )

@@ -53,6 +53,7 @@ from creditgate.ledger.holds import (
     Hold,
     Settlement,
     Usage,
+    breakdown_json,
     release_hold,
     reserve_hold,
     settle_fingerprint,
@@ -113,9 +114,9 @@ _SETTLE_BATCH = posting_statement(
     before_lock=[
         """req AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::bytea[], $5::integer[],
-                         $6::integer[], $7::boolean[])
+                         $6::integer[], $7::boolean[], $8::text[])
         WITH ORDINALITY AS r(hold_id, cost, entry_id, fingerprint, input_tokens,
-                             output_tokens, estimated, ord)
+                             output_tokens, estimated, breakdown, ord)
 )""",
         """live AS (
     SELECT r.*, h.account_id, h.amount AS held, h.request_id, h.model
@@ -165,6 +166,7 @@ _SETTLE_BATCH = posting_statement(
             "output_tokens": "go.output_tokens",
             "estimated": "go.estimated",
             "uncollected": "0",
+            "breakdown": "go.breakdown::jsonb",
         },
         running_order="go.ord",
         returning=["hold_id"],
@@ -429,6 +431,7 @@ class GroupCommit:
                     [s.usage.input_tokens for s in items],
                     [s.usage.output_tokens for s in items],
                     [s.usage.estimated for s in items],
+                    [breakdown_json(s.usage) for s in items],
                 )
                 settled = set(row["settled"] or ()) if row is not None else set()
                 self.batched_calls += len(settled)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from creditgate.ledger.db import Db
 from creditgate.ledger.entries import ENTRY_KINDS, iso
 from creditgate.ledger.errors import InvalidArgument
@@ -45,6 +47,27 @@ _DEFAULT_DESCRIPTION = {
 }
 
 
+# The token kinds a debit's breakdown may hold (proxy.pricing.TokenCounts'
+# fields, which the ledger does not import: it is below the proxy).
+KINDS = (
+    "input",
+    "output",
+    "cached_input",
+    "cache_write",
+    "audio_input",
+    "audio_output",
+    "reasoning",
+    "accepted_prediction",
+    "rejected_prediction",
+)
+
+
+def camel(kind: str) -> str:
+    """``cached_input`` → ``cachedInput``: a kind as the JSON API names it."""
+    head, *rest = kind.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
 def entry_source(kind: str, idempotency_key: str) -> str:
     """The ``SOURCES`` name of an entry of ``kind`` written under ``idempotency_key``."""
     if kind == "expiry":
@@ -70,6 +93,22 @@ class EntryView:
     created_at: datetime
     reason: str | None = None
     source: str = "other"
+    breakdown: dict[str, Any] | None = None  # the debit's tokens by kind (migration 0012)
+
+    @property
+    def tokens(self) -> dict[str, int] | None:
+        """The entry's tokens by kind, camel-cased (``input``, ``output``,
+        ``cachedInput``, …: the non-zero kinds), or None for an entry without
+        tokens. Entries recorded before kinds were kept show their two totals.
+        The upstream's reported cost stays in the ledger: it is not the
+        caller's (a reseller's margin)."""
+        if self.breakdown is not None:
+            return {
+                camel(k): v for k, v in self.breakdown.items() if isinstance(v, int) and k in KINDS
+            }
+        if self.input_tokens is None and self.output_tokens is None:
+            return None
+        return {"input": self.input_tokens or 0, "output": self.output_tokens or 0}
 
     @property
     def description(self) -> str:
@@ -100,6 +139,7 @@ class EntryView:
             "outputTokens": self.output_tokens,
             "requestId": self.request_id,
             "estimated": self.estimated,
+            "tokens": self.tokens,
             "expiresAt": iso(self.expires_at) if self.expires_at else None,
             "createdAt": iso(self.created_at),
         }
@@ -175,7 +215,7 @@ async def list_entries(
     where = " AND ".join(conditions)
     sql = (
         "SELECT seq, id, kind, amount, model, input_tokens, output_tokens, request_id,"  # noqa: S608
-        f" estimated, expires_at, created_at, reason, idempotency_key"
+        f" estimated, expires_at, created_at, reason, idempotency_key, breakdown"
         f" FROM ledger_entries WHERE {where}"
         f" ORDER BY seq DESC LIMIT ${len(args)}"
     )
@@ -184,6 +224,10 @@ async def list_entries(
     for r in rows[:limit]:
         fields = dict(r)
         key = fields.pop("idempotency_key")
-        entries.append(EntryView(**fields, source=entry_source(fields["kind"], key)))
+        raw = fields.pop("breakdown")
+        breakdown = orjson.loads(raw) if raw is not None else None
+        entries.append(
+            EntryView(**fields, source=entry_source(fields["kind"], key), breakdown=breakdown)
+        )
     more = len(rows) > limit
     return Page(entries, encode_cursor(entries[-1].seq) if more else None)

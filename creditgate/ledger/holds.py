@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
 from creditgate.ledger.db import Db
 from creditgate.ledger.errors import (
@@ -47,6 +48,17 @@ class Usage:
     output_tokens: int
     cost: int  # µc, from proxy.pricing
     estimated: bool = False
+    # The tokens by kind (proxy.pricing.recorded_breakdown) as (kind, value)
+    # pairs — immutable, so a Usage stays hashable — kept on the debit entry
+    # (column ``breakdown``, a JSON object); None: only the two totals are known.
+    breakdown: tuple[tuple[str, int | str], ...] | None = None
+
+
+def breakdown_json(usage: Usage) -> str | None:
+    """The debit's ``breakdown`` as JSON text for a jsonb parameter (None: SQL NULL)."""
+    if usage.breakdown is None:
+        return None
+    return orjson.dumps(dict(usage.breakdown)).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +138,7 @@ def settle_fingerprint(usage: Usage) -> bytes:
 
 
 # The debit of a hold's call ($1 hold id, $2 cost, $3 entry id, $4 fingerprint,
-# $5/$6 tokens, $7 estimated), from the CTE "d" of each statement below.
+# $5/$6 tokens, $7 estimated, $8 breakdown), from the CTE "d" of each statement below.
 _DEBIT_OF_HOLD = {
     "id": "$3",
     "kind": "'debit'",
@@ -140,6 +152,7 @@ _DEBIT_OF_HOLD = {
     "output_tokens": "$6",
     "estimated": "$7",
     "uncollected": "$2 - d.debit",
+    "breakdown": "$8::jsonb",
 }
 
 # End the hold, debit the actual cost (capped so available stays within the
@@ -216,6 +229,7 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
         usage.input_tokens,
         usage.output_tokens,
         usage.estimated,
+        breakdown_json(usage),
     )
     debited = await db.fetchval(_SETTLE, *args)
     if debited is not None:

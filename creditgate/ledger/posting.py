@@ -61,6 +61,7 @@ ENTRY_COLUMNS = frozenset(
         "reason",
         "expires_at",
         "lot_id",
+        "breakdown",
     }
 )
 REQUIRED_COLUMNS = frozenset({"id", "kind", "amount", "idempotency_key", "fingerprint"})

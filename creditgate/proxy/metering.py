@@ -32,9 +32,12 @@ from creditgate.proxy.pricing import (
     cost_of,
     counts_from_chat_usage,
     estimate_text_tokens,
+    recorded_breakdown,
+    token_series,
 )
 
 if TYPE_CHECKING:
+    from creditgate.config import Model
     from creditgate.proxy.ports import Admissions, HoldBook, MeteringSettings
     from creditgate.proxy.request import ChatRequest
     from creditgate.throttle import Admission
@@ -47,6 +50,23 @@ SETTLE_RETRY_SHARE = 0.8
 
 _tokens = cached_labels(TOKENS)
 _credits_charged = cached_labels(CREDITS_CHARGED)
+# What an upstream's usage says in its own currency: not shown to the client,
+# whose usage.cost is the credits charged (a reseller's margin stays its own).
+UPSTREAM_COST_FIELDS = ("cost_details", "is_byok")
+
+
+def usage_of(model: Model, counts: TokenCounts, *, estimated: bool) -> ledger.Usage:
+    """What the ledger debits for ``counts`` on ``model``: the cost (by kind, or
+    the reported cost × markup) and the tokens by kind kept on the entry. Any
+    route's metering (chat, or another API's usage read into TokenCounts)
+    charges through this, so every debit records its kinds the same way."""
+    return ledger.Usage(
+        counts.input,
+        counts.output,
+        cost_of(model, counts),
+        estimated=estimated,
+        breakdown=tuple(recorded_breakdown(model, counts).items()),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +126,12 @@ class MeteredCall:
 
     def measure(self, usage: dict[str, Any] | None, text_bytes: int) -> tuple[ledger.Usage, bool]:
         """The usage to charge, and whether it is the upstream's own count."""
+        measured, _, exact = self._measure(usage, text_bytes)
+        return measured, exact
+
+    def _measure(
+        self, usage: dict[str, Any] | None, text_bytes: int
+    ) -> tuple[ledger.Usage, TokenCounts, bool]:
         chat = self.chat
         counts = counts_from_chat_usage(usage)
         exact = counts is not None
@@ -117,8 +143,7 @@ class MeteredCall:
                 chat.worst_case_output_tokens,
             )
             counts = TokenCounts(chat.prompt_tokens_estimate, out_tok)
-        cost = cost_of(chat.model, counts)
-        return ledger.Usage(counts.input, counts.output, cost, estimated=not exact), exact
+        return usage_of(chat.model, counts, estimated=not exact), counts, exact
 
     async def settle(self, usage: dict[str, Any] | None, text_bytes: int) -> Charge:
         """Charge the call: the upstream's usage when valid, else an estimate (marked).
@@ -129,7 +154,7 @@ class MeteredCall:
         """
         assert not self._ended, "a call is settled or released once"
         self._ended = True
-        measured, exact = self.measure(usage, text_bytes)
+        measured, counts, exact = self._measure(usage, text_bytes)
         tokens = measured.input_tokens + measured.output_tokens
         started = time.perf_counter()
         # Queued first (group commit, ledger.group_commit: batched with
@@ -152,9 +177,22 @@ class MeteredCall:
             ) from None
         _SETTLE_LATENCY.observe(time.perf_counter() - started)
         model = self.chat.model.name
-        _tokens(model, "input").inc(measured.input_tokens)
-        _tokens(model, "output").inc(measured.output_tokens)
+        for direction, kind, n in token_series(counts):
+            _tokens(model, direction, kind).inc(n)
         _credits_charged(model).inc(settlement.debited)
+        if measured.cost > self.hold.amount:
+            # Only a reported cost above the price table's worst case (or an
+            # upstream ignoring max_tokens) gets here: charged as far as the
+            # account covers it, the rest recorded as uncollected.
+            log.warning(
+                "cost above the hold",
+                extra={
+                    **self.log_ids(),
+                    "model": model,
+                    "cost_micros": measured.cost,
+                    "hold_micros": self.hold.amount,
+                },
+            )
         if settlement.uncollected:
             log.warning(
                 "cost above what the account could cover",
@@ -163,7 +201,7 @@ class MeteredCall:
         seen: dict[str, Any]
         if exact:
             assert usage is not None
-            seen = usage
+            seen = {k: v for k, v in usage.items() if k not in UPSTREAM_COST_FIELDS}
         else:
             seen = {
                 "prompt_tokens": measured.input_tokens,

@@ -63,6 +63,61 @@ FAULT_MODES: tuple[FaultMode, ...] = (
         fault=False,
     ),
     FaultMode("content", str, "the text of every token (default: a fixed sentence)", fault=False),
+    # The usage details of real providers (OpenAI's prompt_tokens_details and
+    # completion_tokens_details, OpenRouter's cost). Any of the token ones
+    # makes the usage carry both details objects, as OpenAI's does.
+    FaultMode(
+        "cached_tokens",
+        int,
+        "report this many prompt tokens as read from a cache (prompt_tokens_details.cached_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "cache_write_tokens",
+        int,
+        "report this many prompt tokens as written to a cache"
+        " (prompt_tokens_details.cache_write_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "audio_input_tokens",
+        int,
+        "add this many audio prompt tokens (prompt_tokens_details.audio_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "audio_output_tokens",
+        int,
+        "add this many audio completion tokens (completion_tokens_details.audio_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "reasoning_tokens",
+        int,
+        "add this many hidden reasoning tokens (completion_tokens_details.reasoning_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "accepted_prediction_tokens",
+        int,
+        "report this many of the text tokens as a prediction's"
+        " (completion_tokens_details.accepted_prediction_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "rejected_prediction_tokens",
+        int,
+        "add this many rejected prediction tokens"
+        " (completion_tokens_details.rejected_prediction_tokens)",
+        fault=False,
+    ),
+    FaultMode(
+        "cost",
+        str,
+        "report usage.cost, the call's cost in the provider's currency, as this JSON number"
+        " (OpenRouter's field)",
+        fault=False,
+    ),
     FaultMode(
         "tool_arguments", str, "the JSON arguments of a tool call (default: from the schema)"
     ),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import socket
 import time
 from collections import Counter
@@ -185,6 +186,68 @@ def _first_delta(plan: _Plan) -> dict[str, Any]:
     return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
 
 
+_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+# The shape modes that make the usage carry OpenAI's details objects.
+_DETAIL_MODES = (
+    "cached_tokens",
+    "cache_write_tokens",
+    "audio_input_tokens",
+    "audio_output_tokens",
+    "reasoning_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+)
+
+
+def _usage(text_in: int, text_out: int, modes: dict[str, Any]) -> dict[str, Any]:
+    """The answer's ``usage``, as OpenAI reports it (and OpenRouter's ``cost``).
+
+    Details are parts of the totals, as OpenAI counts them: audio prompt
+    tokens are added to the prompt's text tokens, cached and cache-write
+    tokens are that many of them (clamped to the text); reasoning, audio and
+    rejected prediction tokens are added to the completion's text tokens,
+    accepted prediction tokens are that many of them (clamped).
+    """
+
+    def n(name: str) -> int:
+        value = modes.get(name, 0)
+        if value < 0:
+            raise ValueError(f"{name}: must not be negative")
+        return int(value)
+
+    audio_in, audio_out = n("audio_input_tokens"), n("audio_output_tokens")
+    reasoning, rejected = n("reasoning_tokens"), n("rejected_prediction_tokens")
+    prompt = text_in + audio_in
+    completion = text_out + audio_out + reasoning + rejected
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if any(name in modes for name in _DETAIL_MODES):
+        cached = min(n("cached_tokens"), text_in)
+        prompt_details = {"cached_tokens": cached, "audio_tokens": audio_in}
+        if "cache_write_tokens" in modes:  # not OpenAI's: only when asked for
+            prompt_details["cache_write_tokens"] = min(n("cache_write_tokens"), text_in - cached)
+        usage["prompt_tokens_details"] = prompt_details
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": audio_out,
+            "accepted_prediction_tokens": min(n("accepted_prediction_tokens"), text_out),
+            "rejected_prediction_tokens": rejected,
+        }
+    if "cost" in modes:
+        text = str(modes["cost"]).strip()
+        if not _JSON_NUMBER.fullmatch(text):
+            raise ValueError(f"cost: not a JSON number: {text!r}")
+        # Written as the JSON number given, digit for digit (a float could round it),
+        # with the two fields OpenRouter sends beside it.
+        usage["cost"] = orjson.Fragment(text.encode())
+        usage["is_byok"] = False
+        usage["cost_details"] = {"upstream_inference_cost": None}
+    return usage
+
+
 # ---------------------------------------------------------------- the handler
 
 
@@ -230,12 +293,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n = body.get("n") or 1
     plans = [_plan(body, modes) for _ in range(n)]
     tokens = sum(len(p.pieces) for p in plans)
-    in_tokens = modes.get("prompt_tokens") or prompt_tokens(body["messages"])
-    usage = {
-        "prompt_tokens": in_tokens,
-        "completion_tokens": tokens,
-        "total_tokens": in_tokens + tokens,
-    }
+    try:
+        usage = _usage(modes.get("prompt_tokens") or prompt_tokens(body["messages"]), tokens, modes)
+    except ValueError as e:
+        return _error(400, f"mock: {e}")
     ident = f"chatcmpl-mock-{next(_ids)}"
     created = int(time.time())
     if not body.get("stream"):

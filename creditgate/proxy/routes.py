@@ -50,7 +50,7 @@ from creditgate.proxy import relay as ends
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.ports import CHAT, ChatDeps
-from creditgate.proxy.pricing import worst_case_micros
+from creditgate.proxy.pricing import price_text, worst_case_micros
 from creditgate.proxy.relay import Relay, StreamEnd
 from creditgate.proxy.request import parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
@@ -377,17 +377,22 @@ def _stream_error(relay: Relay, end: StreamEnd | Literal[""]) -> bytes:
     return error_event("The upstream stream ended early.", "UPSTREAM_ERROR")
 
 
-def _model_json(m: Any) -> dict[str, Any]:
+def _model_json(m: Model) -> dict[str, Any]:
+    pricing: dict[str, Any] = {
+        "input": orjson.Fragment(m.input_price_text.encode()),
+        "output": orjson.Fragment(m.output_price_text.encode()),
+    }
+    # The per-kind prices the model sets (absent: its side's price applies).
+    for kind in ("cached_input", "cache_write", "audio_input", "audio_output"):
+        price = getattr(m, f"{kind}_price")
+        if price is not None:
+            pricing[kind] = orjson.Fragment(price_text(price).encode())
     return {
         "id": m.name,
         "object": "model",
         "created": 0,
         "owned_by": "creditgate",
-        "pricing": {
-            "input": orjson.Fragment(m.input_price_text.encode()),
-            "output": orjson.Fragment(m.output_price_text.encode()),
-            "unit": "credits per 1M tokens",
-        },
+        "pricing": {**pricing, "unit": "credits per 1M tokens"},
         "max_output_tokens": m.max_output_tokens,
     }
 
@@ -476,7 +481,20 @@ MODEL: Schema = obj(
         "object": {"const": "model"},
         "created": INT,
         "owned_by": STR,
-        "pricing": obj({"input": NUM, "output": NUM, "unit": STR}, "input", "output", "unit"),
+        "pricing": obj(
+            {
+                "input": NUM,
+                "output": NUM,
+                "cached_input": NUM,
+                "cache_write": NUM,
+                "audio_input": NUM,
+                "audio_output": NUM,
+                "unit": STR,
+            },
+            "input",
+            "output",
+            "unit",
+        ),
         "max_output_tokens": INT,
     },
     "id",

@@ -121,3 +121,40 @@ async def test_flags_are_server_defaults() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_usage_details_and_a_reported_cost_on_request(upstream: TestServer) -> None:
+    """OpenAI's details are parts of the totals; OpenRouter's cost is written digit for digit."""
+    url = upstream.make_url("/v1/chat/completions")
+    base = {"prompt_tokens": 100, "chunks": 5}
+    async with aiohttp.ClientSession() as s:
+        modes = {
+            **base,
+            "cached_tokens": 150,  # more than the text: clamped to it
+            "audio_input_tokens": 20,
+            "audio_output_tokens": 4,
+            "reasoning_tokens": 30,
+            "accepted_prediction_tokens": 2,
+            "rejected_prediction_tokens": 6,
+        }
+        usage = (await (await s.post(url, json={**HELLO, "mock": modes})).json())["usage"]
+        assert usage == {
+            "prompt_tokens": 120,
+            "completion_tokens": 45,
+            "total_tokens": 165,
+            "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 20},
+            "completion_tokens_details": {
+                "reasoning_tokens": 30,
+                "audio_tokens": 4,
+                "accepted_prediction_tokens": 2,
+                "rejected_prediction_tokens": 6,
+            },
+        }
+        resp = await s.post(url, json={**HELLO, "mock": {**base, "cost": "0.000123456789012"}})
+        raw = await resp.read()
+        assert b'"cost":0.000123456789012' in raw  # the JSON number as given
+        assert (await resp.json())["usage"]["cost_details"] == {"upstream_inference_cost": None}
+        resp = await s.post(url, json={**HELLO, "mock": {"cost": "1_000"}})
+        assert resp.status == 400 and "not a JSON number" in await resp.text()
+        resp = await s.post(url, json={**HELLO, "mock": {"reasoning_tokens": -1}})
+        assert resp.status == 400
