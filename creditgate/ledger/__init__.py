@@ -31,6 +31,7 @@ from creditgate.ledger.errors import (
     HoldNotFound,
     IdempotencyConflict,
     InvalidArgument,
+    KeyBudgetExceeded,
     LedgerError,
     OverdraftInUse,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "HoldNotFound",
     "IdempotencyConflict",
     "InvalidArgument",
+    "KeyBudgetExceeded",
     "LedgerError",
     "OverdraftInUse",
     "Page",
