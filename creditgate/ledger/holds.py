@@ -97,13 +97,19 @@ b AS (
       AND bal.balance - bal.reserved - $3 >= -bal.overdraft_limit
       AND (NOT EXISTS (SELECT 1 FROM kb) OR EXISTS (SELECT 1 FROM ks))
     RETURNING a.account_id
+),
+ins AS (
+    INSERT INTO holds (id, account_id, amount, request_id, model, expires_at, key_id,
+                       budget_period_start)
+    SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second', $7,
+           (SELECT period_start FROM ks)
+    FROM b
+    RETURNING id
 )
-INSERT INTO holds (id, account_id, amount, request_id, model, expires_at, key_id,
-                   budget_period_start)
-SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second', $7,
-       (SELECT period_start FROM ks)
-FROM b
-RETURNING id
+-- The hold, or why not, as the locked rows said (no row: no such account).
+SELECT (SELECT id FROM ins) AS id,
+       bal.balance - bal.reserved - $3 >= -bal.overdraft_limit AS credits_fit
+FROM bal
 """
 
 # Why a reserve was refused, read after the fact (the refusal path only).
@@ -143,7 +149,7 @@ async def reserve_hold(
     """
     assert amount >= 0, amount
     try:
-        got = await db.fetchval(
+        got = await db.fetchrow(
             _RESERVE,
             hold_id,
             account_id,
@@ -156,23 +162,34 @@ async def reserve_hold(
         )
     except asyncpg.UniqueViolationError:
         got = None  # a repeat of this hold id: fall through to the lookup
-    if got is not None:
+    if got is not None and got["id"] is not None:
         return Hold(hold_id, account_id, amount)
     row = await db.fetchrow("SELECT account_id, amount FROM holds WHERE id = $1", hold_id)
     if row is not None:
         if (row["account_id"], row["amount"]) != (account_id, amount):
             raise IdempotencyConflict("hold id reused with a different reservation")
         return Hold(hold_id, account_id, amount)
-    raise await refusal(db, account_id, amount, key_id, budget_zone)
+    # The credits fitted, so the key's budget is what refused: said so even if
+    # the read below (later, unlocked) finds room again.
+    key_refused = got is not None and got["credits_fit"]
+    raise await refusal(db, account_id, amount, key_id, budget_zone, key_refused=key_refused)
 
 
 async def refusal(
-    db: Db, account_id: uuid.UUID, amount: int, key_id: uuid.UUID | None, budget_zone: str
+    db: Db,
+    account_id: uuid.UUID,
+    amount: int,
+    key_id: uuid.UUID | None,
+    budget_zone: str,
+    *,
+    key_refused: bool = False,
 ) -> CreditsExhausted | KeyBudgetExceeded | AccountNotFound:
     """Why a reserve of ``amount`` did not fit: the account's credits or the key's budget.
 
     Read after the refused statement (the refusal path only, never a
-    success). When both fall short, the tighter one is named. Both answers
+    success). ``key_refused``: the statement found the credits sufficient, so
+    the budget refused. Otherwise, when both fall short now, the tighter one is
+    named. Both answers
     carry what this call could hold now (``spendableMicros``: the smaller of
     the account's room and the budget's), from which the proxy derives the
     ``max_tokens`` the caller could still afford.
@@ -189,7 +206,7 @@ async def refusal(
     if row["budget"] is not None:
         remaining = max(0, row["budget"] - row["spent"] - row["key_reserved"])
         details["spendableMicros"] = max(0, min(room, remaining))
-        if remaining < amount and remaining <= room:
+        if key_refused or (remaining < amount and remaining <= room):
             budget = row["budget"]
             resets = row["resets_at"]
             when = f" It resets at {_iso(resets)}." if resets is not None else ""
