@@ -16,6 +16,7 @@ from creditgate.auth import create_api_key
 from creditgate.ledger import budgets
 from creditgate.ledger.errors import CreditsExhausted, KeyBudgetExceeded
 from creditgate.ledger.group_commit import GroupCommit
+from tests.conftest import Services
 
 
 async def _keyed_account(
@@ -265,3 +266,30 @@ async def test_verify_finds_a_spend_row_that_does_not_match_its_holds(
     await db.execute("UPDATE key_budget_spend SET reserved = 300 WHERE key_id = $1", key_id)
     await ledger.release_hold(db, hold.id)
     assert (await ledger.verify_ledger(db)).ok
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+async def test_a_budget_adds_no_statement_to_reserve_or_settle(
+    services: Services, db: asyncpg.Pool, budgeted: bool
+) -> None:
+    """The hot path's statements, counted on the wire: one reserve, one settle,
+    with or without a key budget (BENCHMARKS.md measures what they cost)."""
+    account_id, key_id = await _keyed_account(db, 100_000, 50_000 if budgeted else None, "day")
+    conn = await asyncpg.connect(services.database_url)  # the serving role, as a server
+    sent: list[str] = []
+    conn.add_query_logger(lambda record: sent.append(record.query))
+    try:
+        gc = GroupCommit(conn, lanes=1, budget_zone="Europe/Berlin")
+        hold = await gc.reserve(
+            hold_id=uuid.uuid4(), account_id=account_id, amount=1_000, ttl_seconds=60, key_id=key_id
+        )
+        assert len(sent) == 1 and "INSERT INTO holds" in sent[0]
+        await gc.settle(hold.id, ledger.Usage(1, 1, 700))
+        assert len(sent) == 2
+    finally:
+        await conn.close()
+    state = await budgets.key_budget(db, key_id, "Europe/Berlin")
+    if budgeted:
+        assert state is not None and (state.spent, state.reserved) == (700, 0)
+    else:
+        assert state is None
