@@ -18,6 +18,7 @@ from creditgate import ledger
 from creditgate.auth import create_api_key
 from creditgate.config import PRICE_SCALE, Model, Timeouts
 from creditgate.proxy.pricing import affordable_max_tokens, worst_case_micros
+from creditgate.proxy.request import parse_chat_request
 from tests.conftest import Services, ledger_footprint, make_settings, running
 from tests.fake_clerk import ISSUER, PARTY, FakeClerk
 from tests.logcapture import remember_secret
@@ -298,3 +299,21 @@ def test_cli_sets_changes_and_lists_budgets(services: Services) -> None:
     assert code == 1 and "--period" in err["error"]["message"]
     code, err = run_cli(services, "keys", "budget", str(uuid.uuid4()), "--budget", "1")
     assert code == 1 and err["error"]["code"] == "NOT_FOUND"
+
+
+async def test_quota_check_answers_as_the_key_budget_would(
+    api: TestClient, db: asyncpg.Pool, services: Services, upstream: TestServer
+) -> None:
+    models = make_settings(services, str(upstream.make_url("/v1"))).config.models
+    body = {"model": "pricey", "messages": MESSAGES, "max_tokens": 200}
+    prompt = parse_chat_request(body, models, 3).prompt_tokens_estimate
+    worst = worst_case_micros(models["pricey"], prompt, 200)
+    params = {"model": "pricey", "max_tokens": "200", "prompt_tokens": str(prompt)}
+    for budget, allowed in ((worst - 1, False), (worst, True)):
+        _, _, key = await keyed(db, "100", str(ledger.micros_to_credits(budget)), "day")
+        resp = await api.get("/api/quota/check", params=params, headers=bearer(key))
+        found = (await resp.json())["data"]
+        assert found["allowed"] is allowed
+        assert found["reason"] == (None if allowed else "KEY_BUDGET_EXCEEDED")
+        resp = await api.post("/v1/chat/completions", json=body, headers=bearer(key))
+        assert resp.status == (200 if allowed else 402), await resp.text()
