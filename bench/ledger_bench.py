@@ -104,6 +104,19 @@ class _Single:
         return await ledger.settle_hold(self._pool, hold_id, usage)
 
 
+async def _budgeted_keys(pool: asyncpg.Pool, accounts: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """An API key per account with a monthly budget the run never reaches (issue 17)."""
+    from creditgate.auth import create_api_key
+
+    keys = {}
+    for account_id in accounts:
+        key = await create_api_key(
+            pool, account_id, "bench", budget=10**14, budget_period="month", max_live=10**6
+        )
+        keys[account_id] = key.id
+    return keys
+
+
 async def _scenario(
     pool: asyncpg.Pool,
     api: Any,
@@ -112,6 +125,7 @@ async def _scenario(
     seconds: float,
     warmup: float,
     breakdown: bool = False,
+    keys: dict[uuid.UUID, Any] | None = None,
 ) -> dict[str, Any]:
     usage = ledger.Usage(100, 20, COST, breakdown=BREAKDOWN if breakdown else None)
     reserve_s: list[float] = []
@@ -124,7 +138,11 @@ async def _scenario(
             account = random.choice(accounts)
             t0 = time.perf_counter()
             hold = await api.reserve(
-                hold_id=uuid.uuid4(), account_id=account, amount=HOLD, ttl_seconds=600
+                hold_id=uuid.uuid4(),
+                account_id=account,
+                amount=HOLD,
+                ttl_seconds=600,
+                key_id=keys.get(account) if keys else None,
             )
             t1 = time.perf_counter()
             await api.settle(hold.id, usage)
@@ -190,12 +208,21 @@ async def main(args: argparse.Namespace) -> int:
                     micros = ledger.credits_to_micros(args.low_balance_threshold)
                     for account_id in accounts:
                         await ledger.set_low_balance_threshold(pool, account_id, micros)
+                keys = await _budgeted_keys(pool, accounts) if args.key_budget else None
                 result = await _scenario(
-                    pool, api, accounts, args.workers, args.seconds, args.warmup, args.breakdown
+                    pool,
+                    api,
+                    accounts,
+                    args.workers,
+                    args.seconds,
+                    args.warmup,
+                    args.breakdown,
+                    keys,
                 )
                 out = {
                     "scenario": scenario,
                     "mode": args.mode,
+                    "key_budget": args.key_budget,
                     "low_balance_threshold": args.low_balance_threshold,
                     "breakdown": args.breakdown,
                     "accounts": n,
@@ -239,6 +266,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true", help="run verify_ledger after each scenario")
     p.add_argument(
         "--breakdown", action="store_true", help="settle with tokens by kind (migration 0012)"
+    )
+    p.add_argument(
+        "--key-budget",
+        action="store_true",
+        help="reserve with an API key per account that has a (never reached) budget",
     )
     p.add_argument(
         "--low-balance-threshold",

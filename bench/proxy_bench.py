@@ -15,6 +15,11 @@ shared machine hits every target alike:
                   server with ``speculative_upstream`` and ``async_reserve``
                   set off — since issue 14 removed both, the same path as
                   ``creditgate`` (the keys are ignored with a warning);
+* ``creditgate-budget`` (only when asked) the same ``creditgate`` server,
+                  called with a second key of the same account that has a
+                  (never reached) daily budget: what the budget check costs
+                  (issue 17: it adds no statement, only work inside reserve
+                  and settle);
 * ``litellm``     through LiteLLM Proxy (one worker, no database), when a
                   ``litellm`` executable is found (``--litellm PATH``; by default
                   ``/tmp/litellm-venv/bin/litellm``). Never a project dependency:
@@ -584,8 +589,9 @@ def services(data: Path) -> Iterator[tuple[str, str, Backing]]:
         pg.stop()
 
 
-async def seed(database_url: str) -> str:
-    """Migrate, create an account with plenty of credits, return its API key."""
+async def seed(database_url: str) -> tuple[str, str]:
+    """Migrate, create an account with plenty of credits; return its API key and
+    a second key of it with a daily budget the bench never reaches."""
     conn = await asyncpg.connect(database_url)
     try:
         await migrations.migrate(conn)
@@ -598,7 +604,15 @@ async def seed(database_url: str) -> str:
             idempotency_key=f"bench:{account.id}",
             reason="benchmark credits",
         )
-        return (await create_api_key(conn, account.id, "bench")).key
+        plain = await create_api_key(conn, account.id, "bench")
+        capped = await create_api_key(
+            conn,
+            account.id,
+            "bench-budget",
+            budget=100_000 * ledger.money.MICROS_PER_CREDIT,
+            budget_period="day",
+        )
+        return plain.key, capped.key
     finally:
         await conn.close()
 
@@ -729,7 +743,7 @@ async def main(args: argparse.Namespace) -> None:
     ):
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            key = await seed(pg_url)
+            key, budget_key = await seed(pg_url)
             mock_port, cg_port, bare_port, lite_port = (free_port() for _ in range(4))
             mock = subprocess.Popen(
                 pinned(
@@ -797,6 +811,17 @@ async def main(args: argparse.Namespace) -> None:
                         cg.pid,
                     )
                 )
+                if name == "creditgate" and "creditgate-budget" in wanted:
+                    # The same server and account, a key with a budget: the
+                    # difference is the budget check alone.
+                    targets.append(
+                        Target(
+                            "creditgate-budget",
+                            f"http://127.0.0.1:{port}/v1/chat/completions",
+                            {"Authorization": f"Bearer {budget_key}"},
+                            cg.pid,
+                        )
+                    )
             if litellm is not None:
                 lite_config = Path(tmp) / "litellm.yaml"
                 lite_config.write_text(LITELLM_CONFIG.format(upstream=upstream, model=MODEL))

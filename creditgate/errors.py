@@ -52,6 +52,10 @@ class InsufficientCredits(ApiError):
     status, code, type = 402, "INSUFFICIENT_CREDITS", "insufficient_quota"
 
 
+class KeyBudgetExceeded(ApiError):
+    status, code, type = 402, "KEY_BUDGET_EXCEEDED", "insufficient_quota"
+
+
 class Forbidden(ApiError):
     status, code, type = 403, "FORBIDDEN", "permission_error"
 

@@ -80,7 +80,19 @@ async def test_create_list_revoke(cgc: TestClient, db: asyncpg.Pool, clerk: Fake
         "lastUsedAt",
         "expiresAt",
         "revokedAt",
+        # Every key shows its budget (all null without one: docs/api.md).
+        "budget",
+        "budgetMicros",
+        "budgetPeriod",
+        "spent",
+        "spentMicros",
+        "reserved",
+        "reservedMicros",
+        "remaining",
+        "remainingMicros",
+        "resetsAt",
     }
+    assert item["budget"] is None and item["resetsAt"] is None
     assert item["id"] == made["id"] and item["prefix"] == made["prefix"]
     stored = await db.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", uuid.UUID(item["id"]))
     assert stored.hex() not in text

@@ -24,7 +24,9 @@ from typing import Any
 from creditgate.auth.last_used import LastUsedRecorder
 from creditgate.auth.principal import USAGE_WRITE, Principal
 from creditgate.errors import Conflict, Forbidden, Unauthorized
+from creditgate.ledger.budgets import NO_BUDGET, KeyBudget, key_budgets, set_key_budget
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.money import micros_to_credits
 
 KEY_PREFIX = "cg_"
 _KEY_LEN = len(KEY_PREFIX) + 43  # 32 bytes in unpadded base64
@@ -45,15 +47,30 @@ class NewKey:
     scope: str = "account"
     created_at: datetime | None = None
     expires_at: datetime | None = None
+    budget: int | None = None  # µc; None: no budget
+    budget_period: str | None = None  # "day" | "week" | "month"; None: lifetime
 
-    def as_json(self) -> dict[str, str]:
-        """``{id, key, prefix, accountId}`` (the CLI's ``keys create`` output)."""
-        return {
+    def as_json(self) -> dict[str, Any]:
+        """``{id, key, prefix, accountId}`` (the CLI's ``keys create`` output),
+        with ``budgetMicros`` and ``budgetPeriod`` when the key has a budget."""
+        out: dict[str, Any] = {
             "id": str(self.id),
             "key": self.key,
             "prefix": self.prefix,
             "accountId": str(self.account_id),
         }
+        if self.budget is not None:
+            out |= budget_fields(self.budget, self.budget_period)
+        return out
+
+
+def budget_fields(budget: int, period: str | None) -> dict[str, Any]:
+    """A new budget as the API shows it (credits beside the exact µc)."""
+    return {
+        "budget": micros_to_credits(budget),
+        "budgetMicros": budget,
+        "budgetPeriod": period,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +85,11 @@ class KeyInfo:
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    # Its budget and what the current period used (None: no budget, or not read).
+    budget: KeyBudget | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The API's view of a key."""
+        """The API's view of a key: every key has the budget fields (null without one)."""
         return {
             "id": str(self.id),
             "prefix": self.prefix,
@@ -80,6 +99,7 @@ class KeyInfo:
             "lastUsedAt": _iso(self.last_used_at),
             "expiresAt": _iso(self.expires_at),
             "revokedAt": _iso(self.revoked_at),
+            **(self.budget.as_json() if self.budget is not None else NO_BUDGET),
         }
 
 
@@ -100,8 +120,14 @@ async def create_api_key(
     *,
     scope: str = "account",
     max_live: int = MAX_LIVE_KEYS,
+    budget: int | None = None,
+    budget_period: str | None = None,
 ) -> NewKey:
     """Mint a key for the account; the returned secret is the only copy.
+
+    ``budget`` (µc) caps what the key's calls may spend per ``budget_period``
+    (``day``, ``week``, ``month``; None: for its lifetime); set in the same
+    transaction as the key, so a key never exists without its cap.
 
     At most ``max_live`` live (unrevoked, unexpired) keys per account: one
     more is a Conflict (409). The account row is locked ``FOR NO KEY UPDATE``
@@ -137,14 +163,30 @@ async def create_api_key(
             expires_at,
             scope,
         )
-    return NewKey(key_id, key, prefix, account_id, name, scope, created_at, expires_at)
+        if budget is not None:
+            await set_key_budget(conn, key_id, budget, budget_period)
+    return NewKey(
+        key_id,
+        key,
+        prefix,
+        account_id,
+        name,
+        scope,
+        created_at,
+        expires_at,
+        budget,
+        budget_period if budget is not None else None,
+    )
 
 
 _KEY_COLUMNS = "id, prefix, name, scope, created_at, last_used_at, expires_at, revoked_at"
 
 
-async def list_api_keys(db: Db, account_id: uuid.UUID, limit: int = 100) -> list[KeyInfo]:
-    """The account's keys that are not revoked (expired ones included), newest first."""
+async def list_api_keys(
+    db: Db, account_id: uuid.UUID, limit: int = 100, *, budget_zone: str = "UTC"
+) -> list[KeyInfo]:
+    """The account's keys that are not revoked (expired ones included), newest
+    first, each with its budget's current period (periods in ``budget_zone``)."""
     rows = await db.fetch(
         f"SELECT {_KEY_COLUMNS} FROM api_keys"  # noqa: S608 - a constant column list
         " WHERE account_id = $1 AND revoked_at IS NULL"
@@ -152,7 +194,24 @@ async def list_api_keys(db: Db, account_id: uuid.UUID, limit: int = 100) -> list
         account_id,
         limit,
     )
-    return [KeyInfo(**dict(r)) for r in rows]
+    found = await key_budgets(db, [r["id"] for r in rows], budget_zone) if rows else {}
+    return [KeyInfo(**dict(r), budget=found.get(r["id"])) for r in rows]
+
+
+async def get_api_key(
+    db: Db, key_id: uuid.UUID, *, budget_zone: str = "UTC"
+) -> tuple[uuid.UUID, KeyInfo] | None:
+    """Key ``key_id`` of any account (an operator's view): (its account, the key)."""
+    row = await db.fetchrow(
+        f"SELECT account_id, {_KEY_COLUMNS} FROM api_keys WHERE id = $1",  # noqa: S608
+        key_id,
+    )
+    if row is None:
+        return None
+    fields = dict(row)
+    account_id = fields.pop("account_id")
+    found = await key_budgets(db, [key_id], budget_zone)
+    return account_id, KeyInfo(**fields, budget=found.get(key_id))
 
 
 @dataclass(frozen=True, slots=True)

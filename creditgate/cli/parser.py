@@ -20,6 +20,7 @@ from creditgate.cli.accounts import (
 )
 from creditgate.cli.dev import cmd_dev
 from creditgate.cli.keys import (
+    cmd_keys_budget,
     cmd_keys_create,
     cmd_keys_list,
     cmd_keys_revoke,
@@ -45,6 +46,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be ≥ 1")
     return value
+
+
+def _budget_options(s: argparse.ArgumentParser, *, change: bool = False) -> None:
+    """``--budget`` and ``--period`` of ``keys create`` / ``keys budget``."""
+    s.add_argument(
+        "--budget",
+        metavar="CREDITS",
+        help="cap on what the key's calls may spend per period, in credits (decimals allowed)"
+        + ("; 'none' removes the budget" if change else ""),
+    )
+    s.add_argument(
+        "--period",
+        choices=["day", "week", "month", "lifetime"],
+        help="the budget's period in [throttle] day_zone (default lifetime: never resets)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,10 +165,15 @@ def parser() -> argparse.ArgumentParser:
         help="account (default); usage:write: may also record usage (POST /api/usage/record)"
         " for its account; admin: as --admin",
     )
+    _budget_options(s)
     s.set_defaults(run=cmd_keys_create)
     s = keys.add_parser("list", parents=[common], help="an account's live API keys (no secrets)")
     s.add_argument("account", help="account id or Clerk user/org id")
     s.set_defaults(run=cmd_keys_list)
+    s = keys.add_parser("budget", parents=[common], help="change an API key's spending budget")
+    s.add_argument("key_id", metavar="KEY_ID", help="the key's id (from keys list)")
+    _budget_options(s, change=True)
+    s.set_defaults(run=cmd_keys_budget)
     s = keys.add_parser("revoke", parents=[common], help="revoke an API key by its id")
     s.add_argument("key_id", metavar="KEY_ID", help="the key's id (from keys list)")
     s.set_defaults(run=cmd_keys_revoke)

@@ -122,7 +122,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             extra={"keys": list(s.config.ignored_keys)},
         )
     st.holds = GroupCommit(
-        st.db, lanes=s.config.group_commit_lanes, max_batch=s.config.group_commit_max_batch
+        st.db,
+        lanes=s.config.group_commit_lanes,
+        max_batch=s.config.group_commit_max_batch,
+        # Key budgets' periods follow the calendar of messages_per_day.
+        budget_zone=s.config.throttle.day_zone,
     )
     async with st.db.acquire() as conn:
         # Refuses to start on an edited applied migration; pending ones only

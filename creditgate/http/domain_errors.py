@@ -19,6 +19,7 @@ ANSWERS: dict[type[DomainError], type[errors.ApiError]] = {
     ledger.HoldNotFound: errors.NotFound,
     ledger.HoldEnded: errors.Conflict,
     ledger.CreditsExhausted: errors.InsufficientCredits,
+    ledger.KeyBudgetExceeded: errors.KeyBudgetExceeded,
     ledger.IdempotencyConflict: errors.Conflict,
     ledger.OverdraftInUse: errors.Conflict,
     ledger.InvalidArgument: errors.ValidationError,

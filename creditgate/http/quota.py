@@ -108,10 +108,19 @@ async def quota_check(request: web.Request) -> web.Response:
     limits = await st.limits.get(principal.account_id, principal.key_id)
     check = await st.throttle.check(limits, prompt + cap, required_tokens=prompt)
     bal = await ledger.get_balance(st.db, principal.account_id)
-    fits = worst <= bal.available + bal.overdraft_limit
+    room = bal.available + bal.overdraft_limit
+    fits = worst <= room
+    # The key's budget, as the reserve would test it (the tighter of the two is named).
+    budget = (
+        await ledger.key_budget(st.db, principal.key_id, st.settings.config.throttle.day_zone)
+        if principal.key_id is not None
+        else None
+    )
     reason = None
     if not check.allowed:
         reason = "RATE_LIMITED"
+    elif budget is not None and worst > budget.remaining and (fits or budget.remaining <= room):
+        reason = "KEY_BUDGET_EXCEEDED"
     elif not fits:
         reason = "INSUFFICIENT_CREDITS"
     return data_response(
@@ -150,7 +159,9 @@ _STANDING: Schema = obj(
 QUOTA_CHECK: Schema = obj(
     {
         "allowed": BOOL,
-        "reason": nullable({"enum": ["RATE_LIMITED", "INSUFFICIENT_CREDITS"]}),
+        "reason": nullable(
+            {"enum": ["RATE_LIMITED", "INSUFFICIENT_CREDITS", "KEY_BUDGET_EXCEEDED"]}
+        ),
         "limit": nullable({"enum": list(LIMIT_NAMES)}),
         "retryAfter": nullable(INT),
         "model": STR,

@@ -23,6 +23,13 @@ from creditgate.ledger.alerts import (
     set_low_balance_threshold,
 )
 from creditgate.ledger.balances import Balance, get_balance
+from creditgate.ledger.budgets import (
+    BUDGET_PERIODS,
+    KeyBudget,
+    key_budget,
+    key_budgets,
+    set_key_budget,
+)
 from creditgate.ledger.entries import ENTRY_KINDS, Posted, post_entry
 from creditgate.ledger.errors import (
     AccountNotFound,
@@ -31,6 +38,7 @@ from creditgate.ledger.errors import (
     HoldNotFound,
     IdempotencyConflict,
     InvalidArgument,
+    KeyBudgetExceeded,
     LedgerError,
     OverdraftInUse,
 )
@@ -58,6 +66,7 @@ from creditgate.ledger.reversals import (
 from creditgate.ledger.verify import Report, verify_ledger
 
 __all__ = [
+    "BUDGET_PERIODS",
     "ENTRY_KINDS",
     "Account",
     "AccountNotFound",
@@ -70,6 +79,8 @@ __all__ = [
     "HoldNotFound",
     "IdempotencyConflict",
     "InvalidArgument",
+    "KeyBudget",
+    "KeyBudgetExceeded",
     "LedgerError",
     "OverdraftInUse",
     "Page",
@@ -90,6 +101,8 @@ __all__ = [
     "get_account",
     "get_balance",
     "get_low_balance_threshold",
+    "key_budget",
+    "key_budgets",
     "list_accounts",
     "list_entries",
     "micros_to_credits",
@@ -102,6 +115,7 @@ __all__ = [
     "resolve_account",
     "reverse_up_to",
     "set_account_tier",
+    "set_key_budget",
     "set_low_balance_threshold",
     "set_overdraft_limit",
     "settle_hold",

@@ -39,3 +39,7 @@ class OverdraftInUse(LedgerError):
 
 class InvalidArgument(LedgerError):
     """An argument the ledger cannot act on (an ambiguous account reference, a foreign cursor)."""
+
+
+class KeyBudgetExceeded(LedgerError):
+    """The amount does not fit what is left of the API key's budget in its period."""

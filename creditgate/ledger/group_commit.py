@@ -74,11 +74,18 @@ def _batch_failed(kind: str, batch: list[Any], error: Exception) -> None:
     )
 
 
+# The batch reserve checks each call against its account's room and, for a
+# key with a budget, the key's room too (running sums in arrival order); the
+# keys' spend rows are then taken by one upsert whose ON CONFLICT condition is
+# evaluated on the latest rows (the snapshot may predate a row a concurrent
+# statement inserted): a key whose upsert is refused gets none of its calls
+# batched — they run alone, as does every call that did not fit. $7 key ids
+# (NULL: sessions), $8 the budgets' time zone.
 _RESERVE_BATCH = """
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
-                         $6::integer[])
-        WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, ord)
+                         $6::integer[], $7::uuid[])
+        WITH ORDINALITY AS r(hold_id, account_id, amount, request_id, model, ttl, key_id, ord)
 ),
 bal AS (
     SELECT account_id, balance, reserved, overdraft_limit,
@@ -88,23 +95,52 @@ bal AS (
     ORDER BY account_id
     FOR UPDATE
 ),
+kb AS (
+    SELECT k.key_id, k.budget, k.period_start,
+           k.budget - COALESCE(s.spent + s.reserved, 0) AS key_room
+    FROM (SELECT key_id, budget,
+                 creditgate_budget_period_start(period, $8, now()) AS period_start
+          FROM key_budgets WHERE key_id = ANY($7::uuid[])) k
+    LEFT JOIN key_budget_spend s USING (key_id, period_start)
+),
 fits AS (
-    SELECT r.*,
-           SUM(r.amount) OVER (PARTITION BY r.account_id ORDER BY r.ord) <= b.room AS ok
-    FROM req r JOIN bal b USING (account_id)
+    SELECT r.*, kb.period_start,
+           SUM(r.amount) OVER (PARTITION BY r.account_id ORDER BY r.ord) <= b.room
+           AND (kb.key_id IS NULL
+                OR SUM(r.amount) OVER (PARTITION BY r.key_id ORDER BY r.ord) <= kb.key_room)
+               AS ok
+    FROM req r JOIN bal b USING (account_id) LEFT JOIN kb USING (key_id)
+),
+ks AS (
+    INSERT INTO key_budget_spend AS s (key_id, period_start, reserved)
+    SELECT key_id, period_start, SUM(amount) FROM fits
+    WHERE ok AND period_start IS NOT NULL
+    GROUP BY key_id, period_start
+    ORDER BY key_id
+    ON CONFLICT (key_id, period_start) DO UPDATE
+        SET reserved = s.reserved + EXCLUDED.reserved
+        WHERE s.spent + s.reserved + EXCLUDED.reserved
+              <= (SELECT budget FROM kb WHERE kb.key_id = s.key_id)
+    RETURNING key_id
+),
+go AS (
+    SELECT * FROM fits
+    WHERE ok AND (period_start IS NULL OR key_id IN (SELECT key_id FROM ks))
 ),
 taken AS (
     -- The CHECK's columns from the locked rows, never from the snapshot (ledger/posting.py).
     UPDATE account_balances a
     SET reserved = b.reserved + s.total, balance = b.balance,
         overdraft_limit = b.overdraft_limit, updated_at = now()
-    FROM (SELECT account_id, SUM(amount) AS total FROM fits WHERE ok GROUP BY account_id) s
+    FROM (SELECT account_id, SUM(amount) AS total FROM go GROUP BY account_id) s
     JOIN bal b USING (account_id)
     WHERE a.account_id = s.account_id
 )
-INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
-SELECT hold_id, account_id, amount, request_id, model, now() + ttl * interval '1 second'
-FROM fits WHERE ok
+INSERT INTO holds (id, account_id, amount, request_id, model, expires_at, key_id,
+                   budget_period_start)
+SELECT hold_id, account_id, amount, request_id, model, now() + ttl * interval '1 second',
+       key_id, period_start
+FROM go
 RETURNING id
 """
 
@@ -119,7 +155,8 @@ _SETTLE_BATCH = posting_statement(
                              output_tokens, estimated, breakdown, ord)
 )""",
         """live AS (
-    SELECT r.*, h.account_id, h.amount AS held, h.request_id, h.model
+    SELECT r.*, h.account_id, h.amount AS held, h.request_id, h.model, h.key_id,
+           h.budget_period_start
     FROM req r JOIN holds h ON h.id = r.hold_id
     WHERE h.ended_at IS NULL
     ORDER BY h.id
@@ -171,6 +208,19 @@ _SETTLE_BATCH = posting_statement(
         running_order="go.ord",
         returning=["hold_id"],
     ),
+    # Budgeted keys: each settled hold's amount leaves its period's reserved
+    # and its debit (here the whole cost: no debit of a batch is capped) joins
+    # spent — after the balance rows are locked, like every spend row write.
+    after_entries=[
+        """spend AS (
+    UPDATE key_budget_spend s
+    SET reserved = s.reserved - g.held, spent = s.spent + g.cost
+    FROM (SELECT key_id, budget_period_start, SUM(held) AS held, SUM(cost) AS cost
+          FROM go WHERE budget_period_start IS NOT NULL
+          GROUP BY key_id, budget_period_start) g
+    WHERE s.key_id = g.key_id AND s.period_start = g.budget_period_start
+)"""
+    ],
     reserved=" - s.held",
     balance_join="JOIN (SELECT account_id, SUM(held) AS held FROM go GROUP BY account_id) s"
     " USING (account_id)",
@@ -186,6 +236,7 @@ class _Reserve:
     ttl_seconds: int  # whole seconds: a duration, rounded up by the caller
     request_id: str | None
     model: str | None
+    key_id: uuid.UUID | None = None  # the API key (its budget applies), None: a session
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +318,13 @@ class GroupCommit:
     kind; calls arriving while all lanes are busy wait for the next batch.
     """
 
-    def __init__(self, pool: Db, *, lanes: int = 2, max_batch: int = 64) -> None:
+    def __init__(
+        self, pool: Db, *, lanes: int = 2, max_batch: int = 64, budget_zone: str = "UTC"
+    ) -> None:
         # A single connection works too, with lanes=1 (one statement at a time).
         assert lanes == 1 or isinstance(pool, asyncpg.Pool), "several lanes need a pool"
         self._pool = pool
+        self._budget_zone = budget_zone  # the zone of key budgets' periods
         self.batched_calls = 0  # calls done by a multi-row statement
         self.alone_calls = 0  # calls done by the one-statement functions
         self._reserves: _Queue[_Reserve, Hold] = _Queue(
@@ -287,6 +341,7 @@ class GroupCommit:
         ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
+        key_id: uuid.UUID | None = None,
     ) -> Hold:
         """As ``reserve_hold`` (402 when it does not fit, a repeat returns the hold)."""
         return await self.reserve_soon(
@@ -296,6 +351,7 @@ class GroupCommit:
             ttl_seconds=ttl_seconds,
             request_id=request_id,
             model=model,
+            key_id=key_id,
         )
 
     def reserve_soon(
@@ -307,6 +363,7 @@ class GroupCommit:
         ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
+        key_id: uuid.UUID | None = None,
     ) -> asyncio.Future[Hold]:
         """``reserve``, queued now: the future of its hold.
 
@@ -316,7 +373,7 @@ class GroupCommit:
         """
         assert amount >= 0, amount
         return self._reserves.enqueue(
-            _Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model)
+            _Reserve(hold_id, account_id, amount, ttl_seconds, request_id, model, key_id)
         )
 
     async def give_back(self, holding: asyncio.Future[Hold]) -> None:
@@ -361,6 +418,8 @@ class GroupCommit:
             ttl_seconds=r.ttl_seconds,
             request_id=r.request_id,
             model=r.model,
+            key_id=r.key_id,
+            budget_zone=self._budget_zone,
         )
 
     async def _run_reserves(
@@ -378,6 +437,8 @@ class GroupCommit:
                     [r.request_id for r in items],
                     [r.model for r in items],
                     [r.ttl_seconds for r in items],
+                    [r.key_id for r in items],
+                    self._budget_zone,
                 )
                 reserved = {row["id"] for row in rows}
                 self.batched_calls += len(reserved)

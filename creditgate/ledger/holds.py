@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 import orjson
@@ -27,6 +29,7 @@ from creditgate.ledger.errors import (
     HoldEnded,
     HoldNotFound,
     IdempotencyConflict,
+    KeyBudgetExceeded,
 )
 from creditgate.ledger.kinds import HoldOutcome
 from creditgate.ledger.money import micros_to_credits
@@ -69,17 +72,70 @@ class Settlement:
     replayed: bool  # True when the hold had already been settled
 
 
+# One statement, one round trip: the account's balance row is locked first
+# (FOR UPDATE reads its latest version), then, when the key has a budget, the
+# key's spend row of the current period is taken by an upsert whose ON CONFLICT
+# condition is evaluated on the latest row — only if the balance fits; the
+# balance and the hold follow only if both fit. Every writer of a spend row
+# holds its account's balance row lock first, so that lock orders them all.
+# $7 key id (NULL: a session), $8 the budget's time zone.
 _RESERVE = """
-WITH b AS (
-    UPDATE account_balances
-    SET reserved = reserved + $3, updated_at = now()
-    WHERE account_id = $2 AND balance - reserved - $3 >= -overdraft_limit
-    RETURNING account_id
+WITH kb AS (
+    SELECT key_id, budget, creditgate_budget_period_start(period, $8, now()) AS period_start
+    FROM key_budgets WHERE key_id = $7
+),
+bal AS (
+    SELECT account_id, balance, reserved, overdraft_limit
+    FROM account_balances WHERE account_id = $2
+    FOR UPDATE
+),
+ks AS (
+    INSERT INTO key_budget_spend AS s (key_id, period_start, reserved)
+    SELECT kb.key_id, kb.period_start, $3
+    FROM kb, bal
+    WHERE bal.balance - bal.reserved - $3 >= -bal.overdraft_limit AND $3 <= kb.budget
+    ON CONFLICT (key_id, period_start) DO UPDATE
+        SET reserved = s.reserved + EXCLUDED.reserved
+        WHERE s.spent + s.reserved + EXCLUDED.reserved <= (SELECT budget FROM kb)
+    RETURNING s.period_start
+),
+b AS (
+    -- The CHECK's columns from the locked row (ledger/posting.py).
+    UPDATE account_balances a
+    SET reserved = bal.reserved + $3, balance = bal.balance,
+        overdraft_limit = bal.overdraft_limit, updated_at = now()
+    FROM bal
+    WHERE a.account_id = bal.account_id
+      AND bal.balance - bal.reserved - $3 >= -bal.overdraft_limit
+      AND (NOT EXISTS (SELECT 1 FROM kb) OR EXISTS (SELECT 1 FROM ks))
+    RETURNING a.account_id
+),
+ins AS (
+    INSERT INTO holds (id, account_id, amount, request_id, model, expires_at, key_id,
+                       budget_period_start)
+    SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second', $7,
+           (SELECT period_start FROM ks)
+    FROM b
+    RETURNING id
 )
-INSERT INTO holds (id, account_id, amount, request_id, model, expires_at)
-SELECT $1, b.account_id, $3, $4, $5, now() + $6::integer * interval '1 second'
-FROM b
-RETURNING id
+-- The hold, or why not, as the locked rows said (no row: no such account).
+SELECT (SELECT id FROM ins) AS id,
+       bal.balance - bal.reserved - $3 >= -bal.overdraft_limit AS credits_fit
+FROM bal
+"""
+
+# Why a reserve was refused, read after the fact (the refusal path only).
+_REFUSAL = """
+SELECT a.balance - a.reserved AS available, a.overdraft_limit,
+       b.budget, b.period,
+       COALESCE(s.spent, 0) AS spent, COALESCE(s.reserved, 0) AS key_reserved,
+       creditgate_budget_period_end(b.period, $3, now()) AS resets_at
+FROM account_balances a
+LEFT JOIN key_budgets b ON b.key_id = $2
+LEFT JOIN key_budget_spend s
+    ON s.key_id = b.key_id
+   AND s.period_start = creditgate_budget_period_start(b.period, $3, now())
+WHERE a.account_id = $1
 """
 
 
@@ -92,43 +148,107 @@ async def reserve_hold(
     ttl_seconds: int,
     request_id: str | None = None,
     model: str | None = None,
+    key_id: uuid.UUID | None = None,
+    budget_zone: str = "UTC",
 ) -> Hold:
     """Reserve ``amount`` µc of the account's available credits.
 
     Raises CreditsExhausted when ``amount`` does not fit the available
-    balance plus the overdraft limit. ``hold_id`` is the idempotency key: a
-    repeat returns the existing hold and reserves nothing more.
+    balance plus the overdraft limit, KeyBudgetExceeded when it does not fit
+    what is left of key ``key_id``'s budget in its current period (periods
+    in ``budget_zone``). ``hold_id`` is the idempotency key: a repeat returns
+    the existing hold and reserves nothing more.
     """
     assert amount >= 0, amount
     try:
-        got = await db.fetchval(
-            _RESERVE, hold_id, account_id, amount, request_id, model, ttl_seconds
+        got = await db.fetchrow(
+            _RESERVE,
+            hold_id,
+            account_id,
+            amount,
+            request_id,
+            model,
+            ttl_seconds,
+            key_id,
+            budget_zone,
         )
     except asyncpg.UniqueViolationError:
         got = None  # a repeat of this hold id: fall through to the lookup
-    if got is not None:
+    if got is not None and got["id"] is not None:
         return Hold(hold_id, account_id, amount)
     row = await db.fetchrow("SELECT account_id, amount FROM holds WHERE id = $1", hold_id)
     if row is not None:
         if (row["account_id"], row["amount"]) != (account_id, amount):
             raise IdempotencyConflict("hold id reused with a different reservation")
         return Hold(hold_id, account_id, amount)
-    bal = await db.fetchrow(
-        "SELECT balance - reserved AS available, overdraft_limit FROM account_balances"
-        " WHERE account_id = $1",
-        account_id,
-    )
-    if bal is None:
-        raise AccountNotFound("no such account")
-    raise CreditsExhausted(
+    # The credits fitted, so the key's budget is what refused: said so even if
+    # the read below (later, unlocked) finds room again.
+    key_refused = got is not None and got["credits_fit"]
+    raise await refusal(db, account_id, amount, key_id, budget_zone, key_refused=key_refused)
+
+
+async def refusal(
+    db: Db,
+    account_id: uuid.UUID,
+    amount: int,
+    key_id: uuid.UUID | None,
+    budget_zone: str,
+    *,
+    key_refused: bool = False,
+) -> CreditsExhausted | KeyBudgetExceeded | AccountNotFound:
+    """Why a reserve of ``amount`` did not fit: the account's credits or the key's budget.
+
+    Read after the refused statement (the refusal path only, never a
+    success). ``key_refused``: the statement found the credits sufficient, so
+    the budget refused. Otherwise, when both fall short now, the tighter one is
+    named. Both answers
+    carry what this call could hold now (``spendableMicros``: the smaller of
+    the account's room and the budget's), from which the proxy derives the
+    ``max_tokens`` the caller could still afford.
+    """
+    row = await db.fetchrow(_REFUSAL, account_id, key_id, budget_zone)
+    if row is None:
+        return AccountNotFound("no such account")
+    room = row["available"] + row["overdraft_limit"]
+    details: dict[str, Any] = {
+        "requiredMicros": amount,
+        "availableMicros": row["available"],
+        "overdraftLimitMicros": row["overdraft_limit"],
+    }
+    if row["budget"] is not None:
+        remaining = max(0, row["budget"] - row["spent"] - row["key_reserved"])
+        details["spendableMicros"] = max(0, min(room, remaining))
+        if key_refused or (remaining < amount and remaining <= room):
+            budget = row["budget"]
+            resets = row["resets_at"]
+            when = f" It resets at {_iso(resets)}." if resets is not None else ""
+            return KeyBudgetExceeded(
+                "This API key's budget is used up: this request may cost up to "
+                f"{micros_to_credits(amount)} credits, {micros_to_credits(remaining)} of its "
+                f"{micros_to_credits(budget)} credits are left.{when}",
+                details={
+                    "budget": micros_to_credits(budget),
+                    "budgetMicros": budget,
+                    "budgetPeriod": row["period"],
+                    "spent": micros_to_credits(row["spent"]),
+                    "spentMicros": row["spent"],
+                    "reservedMicros": row["key_reserved"],
+                    "remainingMicros": remaining,
+                    "resetsAt": _iso(resets),
+                    **details,
+                },
+            )
+    else:
+        details["spendableMicros"] = max(0, room)
+    return CreditsExhausted(
         "Insufficient credits: this request may cost up to "
-        f"{micros_to_credits(amount)} credits, {micros_to_credits(bal['available'])} available.",
-        details={
-            "requiredMicros": amount,
-            "availableMicros": bal["available"],
-            "overdraftLimitMicros": bal["overdraft_limit"],
-        },
+        f"{micros_to_credits(amount)} credits, {micros_to_credits(row['available'])} available.",
+        details=details,
     )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 def settle_fingerprint(usage: Usage) -> bytes:
@@ -155,6 +275,16 @@ _DEBIT_OF_HOLD = {
     "breakdown": "$8::jsonb",
 }
 
+# A budgeted key's spend: the settled hold's amount leaves ``reserved``, its
+# debit joins ``spent``, in the period the hold was counted in (after the
+# balance row is locked: the order every writer of a spend row takes).
+_SPEND_OF_SETTLED = """spend AS (
+    UPDATE key_budget_spend s
+    SET reserved = s.reserved - d.held, spent = s.spent + d.debit
+    FROM d
+    WHERE s.key_id = d.key_id AND s.period_start = d.budget_period_start
+)"""
+
 # End the hold, debit the actual cost (capped so available stays within the
 # overdraft limit), release the rest of the reservation — in one statement,
 # built by the posting rule (ledger/posting.py: the hold row is ended, so
@@ -164,13 +294,14 @@ _SETTLE = posting_statement(
         """h AS (
     UPDATE holds SET outcome = 'settled', ended_at = now()
     WHERE id = $1 AND ended_at IS NULL
-    RETURNING account_id, amount, request_id, model
+    RETURNING account_id, amount, request_id, model, key_id, budget_period_start
 )"""
     ],
     lock_where="account_id = (SELECT account_id FROM h)",
     before_entries=[
         """d AS (
-    SELECT h.account_id, h.amount AS held, h.request_id, h.model,
+    SELECT h.account_id, h.amount AS held, h.request_id, h.model, h.key_id,
+           h.budget_period_start,
            LEAST($2::bigint, locked.balance - locked.reserved + h.amount + locked.overdraft_limit)
                AS debit
     FROM h JOIN locked USING (account_id)
@@ -180,6 +311,7 @@ _SETTLE = posting_statement(
         source="d",
         values=_DEBIT_OF_HOLD,
     ),
+    after_entries=[_SPEND_OF_SETTLED],
     reserved=" - d.held",
     balance_join="JOIN d USING (account_id)",
     result="SELECT d.debit AS debited FROM d JOIN balanced USING (account_id)",
@@ -190,13 +322,14 @@ _SETTLE = posting_statement(
 _LATE_DEBIT = posting_statement(
     before_lock=[
         """h AS (
-    SELECT account_id, request_id, model FROM holds WHERE id = $1 AND outcome = 'expired'
+    SELECT account_id, request_id, model, key_id, budget_period_start
+    FROM holds WHERE id = $1 AND outcome = 'expired'
 )"""
     ],
     lock_where="account_id = (SELECT account_id FROM h)",
     before_entries=[
         """d AS (
-    SELECT h.account_id, h.request_id, h.model,
+    SELECT h.account_id, h.request_id, h.model, h.key_id, h.budget_period_start,
            GREATEST(0, LEAST($2::bigint,
                              locked.balance - locked.reserved + locked.overdraft_limit)) AS debit
     FROM h JOIN locked USING (account_id)
@@ -206,6 +339,15 @@ _LATE_DEBIT = posting_statement(
         source="d",
         values={**_DEBIT_OF_HOLD, "reason": "'settled after hold expiry'"},
     ),
+    # Its expiry already gave the held amount back: only the debit is spent.
+    after_entries=[
+        """spend AS (
+    UPDATE key_budget_spend s
+    SET spent = s.spent + d.debit
+    FROM d
+    WHERE s.key_id = d.key_id AND s.period_start = d.budget_period_start
+)"""
+    ],
     result="SELECT d.debit AS debited FROM d JOIN balanced USING (account_id)",
 )
 
@@ -259,11 +401,19 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
     raise AssertionError("unreachable: a late debit neither wrote nor was found")
 
 
+# A budgeted key's held amount is given back too: its spend row is updated
+# after the balance row (a data-modifying CTE nobody reads runs last).
 _RELEASE = """
 WITH h AS (
     UPDATE holds SET outcome = $2, ended_at = now()
     WHERE id = $1 AND ended_at IS NULL
-    RETURNING account_id, amount
+    RETURNING account_id, amount, key_id, budget_period_start
+),
+spend AS (
+    UPDATE key_budget_spend s
+    SET reserved = s.reserved - h.amount
+    FROM h
+    WHERE s.key_id = h.key_id AND s.period_start = h.budget_period_start
 )
 UPDATE account_balances a
 SET reserved = a.reserved - h.amount, updated_at = now()

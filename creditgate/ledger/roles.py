@@ -31,6 +31,8 @@ LEDGER_PRIVILEGES: Mapping[str, str] = {
     "account_balances": "SELECT, INSERT, UPDATE",
     "holds": "SELECT, INSERT, UPDATE",
     "credit_lots": "SELECT, INSERT, UPDATE",
+    # What each budgeted key has spent and holds: changed only by the hold statements.
+    "key_budget_spend": "SELECT, INSERT, UPDATE",
     "accounts": "SELECT, INSERT, UPDATE",
     "schema_migrations": "SELECT",
     "ledger_guard_definitions": "SELECT",

@@ -286,6 +286,32 @@ _CHECKS: tuple[_Check, ...] = (
         """,
     ),
     _Check(
+        "key budget spend differs from its holds (per key and period: reserved = SUM(live"
+        " holds), spent = SUM(their debits)), or a hold counted for another account's key",
+        """
+        WITH h AS (
+            SELECT h.key_id, h.budget_period_start AS period_start,
+                   COALESCE(SUM(h.amount) FILTER (WHERE h.ended_at IS NULL), 0)::bigint
+                       AS reserved,
+                   COALESCE(SUM(-e.amount), 0)::bigint AS spent,
+                   bool_or(k.account_id IS DISTINCT FROM h.account_id) AS foreign_key
+            FROM holds h
+            LEFT JOIN ledger_entries e ON e.hold_id = h.id
+            LEFT JOIN api_keys k ON k.id = h.key_id
+            WHERE h.budget_period_start IS NOT NULL
+            GROUP BY h.key_id, h.budget_period_start
+        )
+        SELECT COALESCE(s.key_id, h.key_id) AS key_id,
+               COALESCE(s.period_start, h.period_start) AS period_start,
+               s.spent, s.reserved, h.spent AS holds_spent, h.reserved AS holds_reserved
+        FROM key_budget_spend s
+        FULL JOIN h ON s.key_id = h.key_id AND s.period_start = h.period_start
+        WHERE s.key_id IS NULL OR h.foreign_key
+           OR s.spent <> COALESCE(h.spent, 0) OR s.reserved <> COALESCE(h.reserved, 0)
+        LIMIT $1
+        """,
+    ),
+    _Check(
         "an invariant's constraint is missing",
         """
         SELECT want.tbl AS table_name, want.name AS constraint_name

@@ -35,8 +35,11 @@ class HoldBook(Protocol):
         ttl_seconds: int,
         request_id: str | None = None,
         model: str | None = None,
+        key_id: uuid.UUID | None = None,
     ) -> asyncio.Future[Hold]:
-        """Queue the reserve; the future of its hold (raises a ledger refusal)."""
+        """Queue the reserve; the future of its hold (raises a ledger refusal).
+
+        ``key_id``: the API key of the call, whose budget the hold counts against."""
         ...
 
     async def give_back(self, holding: asyncio.Future[Hold]) -> None:

@@ -188,6 +188,24 @@ def price_text(price: int) -> str:
     return format(Decimal(price).scaleb(-9).normalize(), "f")
 
 
+def affordable_max_tokens(model: Model, prompt_tokens: int, n: int, spendable: int) -> int:
+    """The largest ``max_tokens`` a call with this prompt (and ``n`` choices)
+    could send now with ``spendable`` µc: the hold's own worst case,
+    ``ceil((prompt·in_max + n·max_tokens·out_max) / PRICE_SCALE) ≤ spendable``,
+    solved exactly in integers; at most the model's own cap; 0 when even the
+    prompt does not fit (nor a single generated token).
+    """
+    assert prompt_tokens >= 0 and n >= 1
+    # ceil(x / S) ≤ A  ⇔  x ≤ A·S, for integers.
+    left = max(0, spendable) * PRICE_SCALE - prompt_tokens * highest_input_price(model)
+    if left < 0:
+        return 0
+    per_token = n * highest_output_price(model)
+    if per_token == 0:
+        return model.max_output_tokens
+    return min(model.max_output_tokens, left // per_token)
+
+
 def _or(price: int | None, default: int) -> int:
     return default if price is None else price
 

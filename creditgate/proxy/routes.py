@@ -38,6 +38,7 @@ from creditgate.auth import authenticate
 from creditgate.config import Config, Model
 from creditgate.domain_errors import DomainError
 from creditgate.errors import ModelNotFound
+from creditgate.ledger.errors import CreditsExhausted, KeyBudgetExceeded
 from creditgate.logs import log
 from creditgate.metrics import (
     LEDGER_LATENCY,
@@ -50,9 +51,9 @@ from creditgate.proxy import relay as ends
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import Charge, MeteredCall
 from creditgate.proxy.ports import CHAT, ChatDeps
-from creditgate.proxy.pricing import price_text, worst_case_micros
+from creditgate.proxy.pricing import affordable_max_tokens, price_text, worst_case_micros
 from creditgate.proxy.relay import Relay, StreamEnd
-from creditgate.proxy.request import parse_chat_request
+from creditgate.proxy.request import ChatRequest, parse_chat_request
 from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 from creditgate.proxy.upstream import Answer, Stream
 from creditgate.webkit.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
@@ -120,11 +121,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         ttl_seconds=hold_ttl_seconds(config, chat.model),
         request_id=request_id,
         model=chat.model.name,
+        key_id=principal.key_id,
     )
     try:
         hold = await holding
         _RESERVE_LATENCY.observe(time.perf_counter() - started)
     except BaseException as e:
+        _add_affordable_max_tokens(e, chat)
         try:
             # Made but never answered (this handler was cancelled meanwhile, or
             # the reply was lost): given back at once, even if cancelled again.
@@ -141,6 +144,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await call.close()  # releases the hold unless it was settled
         _upstream_duration(chat.model.name).observe(call.upstream_seconds)
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
+
+
+def _add_affordable_max_tokens(error: BaseException, chat: ChatRequest) -> None:
+    """A 402 says the largest ``max_tokens`` this prompt could be sent with now
+    (``details.affordableMaxTokens``), from what the ledger's refusal found
+    spendable — computed on the refusal path only, no statement of its own."""
+    if not isinstance(error, CreditsExhausted | KeyBudgetExceeded):
+        return
+    details = error.details
+    if isinstance(details, dict) and isinstance(details.get("spendableMicros"), int):
+        details["affordableMaxTokens"] = affordable_max_tokens(
+            chat.model, chat.prompt_tokens_estimate, chat.n, details["spendableMicros"]
+        )
 
 
 def hold_ttl_seconds(config: Config, model: Model) -> int:

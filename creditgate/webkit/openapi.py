@@ -94,7 +94,7 @@ _STATUS_TEXT = {
     202: "Accepted",
     400: "Bad request (VALIDATION_ERROR; `details` lists each problem)",
     401: "Not authenticated (UNAUTHORIZED)",
-    402: "Insufficient credits (INSUFFICIENT_CREDITS)",
+    402: "Insufficient credits (INSUFFICIENT_CREDITS) or key budget (KEY_BUDGET_EXCEEDED)",
     403: "Authenticated but not allowed (FORBIDDEN)",
     404: "Not found (NOT_FOUND / MODEL_NOT_FOUND)",
     405: "Method not allowed",

@@ -332,6 +332,13 @@ class LostReserveReply:
             raise ConnectionResetError("the reply was lost")
         return value
 
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        # The single reserve reads its row (the hold, or why not).
+        value = await self._pool.fetchrow(query, *args)
+        if "INSERT INTO holds" in query:
+            raise ConnectionResetError("the reply was lost")
+        return value
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
