@@ -20,7 +20,7 @@ Responses API, Anthropic Messages and embeddings.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import orjson
 from aiohttp import web
@@ -258,8 +258,11 @@ CHAT_DIALECT = ChatDialect()
 # ---------------------------------------------------------------- typed event streams
 
 # What a typed relay does with one event (TypedDialect.observe).
-PASS, HOLD, DONE, ERROR = "pass", "hold", "done", "error"
 EventAction = Literal["pass", "hold", "done", "error"]
+PASS: Final = "pass"  # noqa: S105 -- relayed now, as it came (not a password)
+HOLD: Final = "hold"  # held back: sent after the settlement, with the cost
+DONE: Final = "done"  # the terminal event: the stream is complete
+ERROR: Final = "error"  # an error event: the stream ends (kept in relay.error)
 
 
 def typed_event(obj: dict[str, Any]) -> bytes:

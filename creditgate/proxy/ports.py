@@ -120,7 +120,7 @@ class Completions(Protocol):
         self,
         model: Model,
         path: str,
-        body: bytes,
+        body: dict[str, Any],
         headers: Mapping[str, str],
         *,
         seconds: float,

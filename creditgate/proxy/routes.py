@@ -386,6 +386,8 @@ def _model_json(m: Any) -> dict[str, Any]:
             "unit": "credits per 1M tokens",
         },
         "max_output_tokens": m.max_output_tokens,
+        # The APIs (routes) that serve it: chat, responses, messages, embeddings.
+        "apis": sorted(m.apis),
     }
 
 
@@ -475,6 +477,7 @@ MODEL: Schema = obj(
         "owned_by": STR,
         "pricing": obj({"input": NUM, "output": NUM, "unit": STR}, "input", "output", "unit"),
         "max_output_tokens": INT,
+        "apis": arr({"enum": ["chat", "responses", "messages", "embeddings"]}),
     },
     "id",
     "object",

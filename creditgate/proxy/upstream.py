@@ -263,7 +263,7 @@ class UpstreamClient:
         self,
         model: Model,
         path: str,
-        body: bytes,
+        body: dict[str, Any],
         headers: Mapping[str, str],
         *,
         seconds: float,
@@ -272,9 +272,7 @@ class UpstreamClient:
         (status and body): for unmetered helpers such as Anthropic's
         ``count_tokens``. Raises UpstreamError / UpstreamTimeout when unreachable."""
         deployment = attempt_order(model.deployments, self._rng)[0]
-        payload = orjson.loads(body) if body else {}
-        if isinstance(payload, dict):
-            payload["model"] = deployment.model
+        payload = {**body, "model": deployment.model}
         sent = _auth_headers(deployment, headers)
         try:
             async with asyncio.timeout(seconds):
