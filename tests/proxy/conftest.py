@@ -123,6 +123,13 @@ input_price = 130
 output_price = 0
 max_output_tokens = 1
 deployments = [{{ upstream = "main", model = "embed-upstream" }}]
+
+[models."embed-fast"]
+api = "embeddings"
+input_price = 130
+output_price = 0
+max_output_tokens = 1
+deployments = [{{ upstream = "main", model = "embed-fast-upstream" }}]
 timeouts = {{ connect = 1, first_byte = 0.4, idle = 0.4, total = 5 }}
 
 [tiers.free]
@@ -151,6 +158,7 @@ PRICES = {  # (input, output) credits per 1M tokens, as the config writes them
     "claude-fast": ("3", "15"),
     "reasoner": ("2", "8"),
     "embed": ("130", "0"),
+    "embed-fast": ("130", "0"),
 }
 
 MESSAGES = [
