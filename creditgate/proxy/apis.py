@@ -693,6 +693,7 @@ ENDPOINTS = (
         errors=_METERED_ERRORS,
         envelope=False,
         stream=True,
+        error_shape="anthropic",
     ),
     Endpoint(
         "POST",
@@ -705,6 +706,7 @@ ENDPOINTS = (
         response=obj({"input_tokens": INT}, "input_tokens", extra=True),
         errors=(404, 502, 503, 504),
         envelope=False,
+        error_shape="anthropic",
     ),
     Endpoint(
         "POST",
