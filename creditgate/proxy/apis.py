@@ -69,6 +69,10 @@ from creditgate.webkit.openapi import (
 # its model's max_image_tokens, whatever its base64 text weighs.
 _IMAGE_TYPES = ("input_image", "image", "image_url")
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on one embeddings request
+# Anthropic adds a system prompt of its own when a request offers tools
+# (346 tokens for current models, per its tool-use pricing notes): bounded here
+# with room to spare, so the hold still covers a request with one tiny tool.
+ANTHROPIC_TOOL_PROMPT_TOKENS = 1024
 COUNT_TOKENS_TIMEOUT = 30.0  # seconds a count_tokens pass-through may take
 
 
@@ -373,6 +377,8 @@ class MessagesDialect(TypedDialect):
         for field in ("system", "tools", "tool_choice"):
             if body.get(field) is not None:
                 estimate += PER_MESSAGE_OVERHEAD + prompt_bound(body[field], image)
+        if body.get("tools"):
+            estimate += ANTHROPIC_TOOL_PROMPT_TOKENS
         return ApiRequest(model, dict(body), stream, estimate, cap)
 
     def valid_answer(self, body: dict[str, Any]) -> bool:
