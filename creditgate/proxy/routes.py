@@ -1,4 +1,7 @@
-"""``POST /v1/chat/completions`` (and ``/api/chat``), ``GET /v1/models``.
+"""``POST /v1/chat/completions`` (and ``/api/chat``), ``GET /v1/models``, and
+``serve_metered``: the one metered path every API's route runs (chat here; the
+Responses API, Anthropic Messages and embeddings in ``proxy.apis``), each
+with its ``proxy.dialect.Dialect``.
 
 The request path: authenticate → validate → throttle → reserve the worst-case
 cost → call the upstream → settle the actual cost → answer. Every exit

@@ -231,6 +231,13 @@ async def test_messages_errors_have_anthropics_shape_and_the_same_statuses(
         await claude(gw, "cg_" + "x" * 43).messages.create(
             model="claude", max_tokens=100, messages=ANTHROPIC_MESSAGES
         )
+    resp = await gw.post(
+        "/v1/messages",
+        json={"model": "claude", "max_tokens": 10, "messages": ANTHROPIC_MESSAGES},
+        headers={"x-api-key": "sk-ant-not-ours"},  # an Anthropic key sent to creditgate
+    )
+    assert resp.status == 401
+    assert (await resp.json())["error"]["type"] == "authentication_error"
     c = await customer_factory(10)
     resp = await gw.post(
         "/v1/messages",
