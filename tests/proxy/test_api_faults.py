@@ -281,3 +281,47 @@ async def test_embeddings_client_leaving_before_the_answer_pays_the_input(
         GRANT - charged, 0, ["settled"], [Debit(charged, EMBED_ESTIMATE, 0, True, 0)]
     )
     await wait_for(lambda: mock_stats.cut[key] == 1, "the upstream call is cancelled")
+
+
+@STREAMING
+@pytest.mark.parametrize(
+    ("mode", "code"),
+    [({"malformed_after": 2}, "UPSTREAM_ERROR"), ({"stall_after": 2}, "UPSTREAM_TIMEOUT")],
+    ids=["malformed", "idle-timeout"],
+)
+async def test_a_stream_cut_by_garbage_or_silence_ends_with_our_error_and_charges_the_text(
+    gw: TestClient,
+    db,
+    customer_factory,
+    key: str,
+    api: Api,
+    mode: dict[str, int],
+    code: str,
+) -> None:
+    c = await customer_factory(10)
+    resp = await gw.post(
+        api.path, json=api.body(api.fast, True, {"key": key, **mode}), headers=c.auth
+    )
+    assert resp.status == 200
+    events = await events_of(resp)
+    assert api.text(events) == "Hello from"
+    assert api.error_code(events[-1]) == code
+    out = text_estimate("Hello from")
+    charged = cost(api.fast, PROMPT_ESTIMATE, out)
+    assert (await outcome(db, c.account.id)).debits == [
+        Debit(charged, PROMPT_ESTIMATE, out, True, 0)
+    ]
+
+
+@STREAMING
+async def test_heartbeats_pass_through_typed_streams(
+    gw: TestClient, db, customer_factory, key: str, api: Api
+) -> None:
+    c = await customer_factory(10)
+    resp = await gw.post(
+        api.path, json=api.body(api.model, True, {"key": key, "heartbeat_every": 2}), headers=c.auth
+    )
+    raw = await resp.read()
+    assert raw.count(b": keep-alive\n\n") == 3  # before chunks 0, 2 and 4
+    charged = cost(api.model, PROMPT_TOKENS, 5)
+    assert (await outcome(db, c.account.id)).debits == [Debit(charged, PROMPT_TOKENS, 5, False, 0)]
