@@ -114,6 +114,10 @@ class Model:
     audio_output_price: int | None = None
     # The APIs (routes) this model is served through; another one answers 404.
     apis: frozenset[ApiName] = DEFAULT_APIS["openai"]
+    # The most tokens the model reads as input: what a Responses call that
+    # continues stored state (previous_response_id, conversation) is held for,
+    # since those earlier turns are unseen here. None: such calls are refused.
+    context_window: int | None = None
 
 
 # A tier's four throttle limits, in the order the throttle script takes them.
@@ -522,6 +526,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 "public",
                 "max_tokens_field",
                 "max_image_tokens",
+                "context_window",
                 "api",
                 *KIND_PRICES,
             },
@@ -560,6 +565,11 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             audio_input_price=_kind_price(m, "audio_input_price", where),
             audio_output_price=_kind_price(m, "audio_output_price", where),
             apis=_apis(m.get("api"), deployments, where),
+            context_window=(
+                None
+                if m.get("context_window") is None
+                else _int(m["context_window"], f"{where}.context_window", minimum=1)
+            ),
         )
     if not models:
         raise ConfigError("models: at least one model is required")

@@ -18,7 +18,7 @@ from creditgate.proxy.apis import (
     RESPONSES,
     prompt_bound,
 )
-from creditgate.proxy.dialect import CHAT_DIALECT
+from creditgate.proxy.dialect import CHAT_DIALECT, ROUTES
 from creditgate.proxy.pricing import TokenCounts
 from creditgate.proxy.upstream import _auth_headers
 
@@ -74,6 +74,8 @@ def test_api_takes_a_name_or_a_list() -> None:
         (('model = "y" }]', 'model = "y" }]\napi = "chat"'), "models.c.api"),
         (('model = "x" }]', 'model = "x" }]\napi = "images"'), "models.m.api"),
         (('model = "x" }]', 'model = "x" }]\napi = []'), "models.m.api"),
+        (('model = "x" }]', 'model = "x" }]\ncontext_window = 0'), "models.m.context_window"),
+        (('model = "x" }]', 'model = "x" }]\ncontext_window = "big"'), "models.m.context_window"),
         (
             (
                 '{ upstream = "main", model = "x" }]',
@@ -144,6 +146,29 @@ def test_responses_send_the_models_cap_when_the_request_sets_none() -> None:
     assert req.upstream_body["max_output_tokens"] == 100 and req.worst_case_output_tokens == 100
     with pytest.raises(ValidationError):
         RESPONSES.parse({"model": "m", "input": "hi", "background": True}, models, 3)
+
+
+def test_stored_state_is_bounded_by_the_context_window() -> None:
+    models = parse(BASE.replace('model = "x" }]', 'model = "x" }]\ncontext_window = 5000')).models
+    assert models["m"].context_window == 5000 and parse(BASE).models["m"].context_window is None
+    plain = RESPONSES.parse({"model": "m", "input": "hi"}, models, 3)
+    for state in ({"previous_response_id": "resp_1"}, {"conversation": {"id": "conv_1"}}):
+        req = RESPONSES.parse({"model": "m", "input": "hi", **state}, models, 3)
+        # The hold's prompt is the window; the throttle still sees only what is sent.
+        assert req.prompt_tokens_estimate == 5000
+        assert req.required_prompt_tokens == plain.prompt_tokens_estimate
+        assert req.worst_case_tokens == plain.worst_case_tokens
+        assert req.hold_note is not None and "5000" in req.hold_note
+    assert plain.hold_note is None and plain.required_prompt_tokens == plain.prompt_tokens_estimate
+
+
+def test_routes_come_from_the_dialects() -> None:
+    assert ROUTES == {
+        "chat": "/v1/chat/completions",
+        "responses": "/v1/responses",
+        "messages": "/v1/messages",
+        "embeddings": "/v1/embeddings",
+    }
 
 
 def test_an_anthropic_upstream_gets_its_key_as_x_api_key_and_a_version() -> None:

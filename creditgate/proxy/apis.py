@@ -1,9 +1,11 @@
 """The APIs metered besides chat completions: each one a dialect of the one path.
 
 - ``POST /v1/responses``: OpenAI's Responses API. The request is passed
-  through (``previous_response_id`` too: the upstream adds the earlier turns,
-  which the prompt estimate cannot see, so they are charged from the usage at
-  settlement); typed SSE events are relayed as they arrive, the terminal
+  through. With ``previous_response_id`` or ``conversation`` the upstream adds
+  earlier turns that this request does not show: the prompt is then bounded
+  by the model's ``context_window`` (what the provider can read at most), and
+  a model without one refuses such calls, so the hold still bounds the
+  charge; typed SSE events are relayed as they arrive, the terminal
   ``response.completed`` (or ``response.incomplete``) is held back until the
   call is settled and then sent with the cost in ``response.usage``.
 - ``POST /v1/messages``: Anthropic's Messages API, relayed to upstreams of
@@ -83,16 +85,26 @@ class ApiRequest:
     model: Model
     upstream_body: dict[str, Any]
     stream: bool
-    prompt_tokens_estimate: int
+    prompt_tokens_estimate: int  # the prompt bound the hold reserves
     max_output_tokens: int  # sent upstream (0: the API generates no tokens)
+    # The bound of the prompt this request carries, when the upstream adds
+    # stored turns to it (prompt_tokens_estimate is then the context window).
+    sent_prompt_tokens: int | None = None
+    hold_note: str | None = None  # why the hold is larger, for a 402's message
 
     @property
     def worst_case_output_tokens(self) -> int:
         return self.max_output_tokens
 
     @property
+    def required_prompt_tokens(self) -> int:
+        if self.sent_prompt_tokens is None:
+            return self.prompt_tokens_estimate
+        return self.sent_prompt_tokens
+
+    @property
     def worst_case_tokens(self) -> int:
-        return self.prompt_tokens_estimate + self.max_output_tokens
+        return self.required_prompt_tokens + self.max_output_tokens
 
 
 def prompt_bound(value: Any, image_tokens: int) -> int:
@@ -180,6 +192,33 @@ def _text(value: Any) -> int:
 
 # ---------------------------------------------------------------- the Responses API
 
+_NO_CONTEXT_WINDOW = (
+    "{field} makes the upstream add earlier turns this request does not show, so"
+    " its cost cannot be bounded for {model}: send the whole conversation in"
+    " `input` with `store: false`, or set `context_window` on the model in the"
+    " configuration"
+)
+
+
+def _stored_state(p: v.Problems, body: dict[str, Any]) -> str | None:
+    """The field naming state stored at the provider (``previous_response_id``
+    or ``conversation``: a non-empty id, or ``{"id": …}``), else None."""
+    found = None
+    prev = body.get("previous_response_id")
+    if prev is not None:
+        if isinstance(prev, str) and prev:
+            found = "previous_response_id"
+        else:
+            p.add("previous_response_id", "must be a non-empty string: a response's id")
+    conv = body.get("conversation")
+    if conv is not None:
+        conv_id = conv.get("id") if isinstance(conv, dict) else conv
+        if isinstance(conv_id, str) and conv_id:
+            found = found or "conversation"
+        else:
+            p.add("conversation", 'must be a conversation\'s id, or {"id": …}')
+    return found
+
 
 class ResponsesDialect(TypedDialect):
     """OpenAI's Responses API (``POST /v1/responses``)."""
@@ -201,14 +240,16 @@ class ResponsesDialect(TypedDialect):
         p = v.Problems()
         name, model = _model(p, body, models, default_model)
         inp = body.get("input")
+        stored = _stored_state(p, body)
         if inp is None:
-            if body.get("previous_response_id") is None and body.get("conversation") is None:
+            if not stored:
                 p.add("input", "required: a string or a list of input items")
         elif not isinstance(inp, str | list):
             p.add("input", "must be a string or a list of input items")
-        for field in ("instructions", "previous_response_id"):
-            if body.get(field) is not None and not isinstance(body[field], str):
-                p.add(field, "must be a string")
+        if stored and model is not None and model.context_window is None:
+            p.add(stored, _NO_CONTEXT_WINDOW.format(field=stored, model=model.name))
+        if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+            p.add("instructions", "must be a string")
         if body.get("tools") is not None and not isinstance(body["tools"], list):
             p.add("tools", "must be a list")
         if body.get("background") is True:
@@ -229,7 +270,27 @@ class ResponsesDialect(TypedDialect):
         for field in ("instructions", "tools", "text", "tool_choice"):
             if body.get(field) is not None:
                 estimate += prompt_bound(body[field], image)
-        return ApiRequest(model, upstream_body, stream, estimate, cap or model.max_output_tokens)
+        cap = cap or model.max_output_tokens
+        if stored and model.context_window is not None:
+            # The earlier turns are read by the provider, unseen here: the
+            # prompt can be anything up to what the model reads at most.
+            bound = model.context_window
+            note = (
+                f"A call with {stored} is held for {model.name}'s whole context window"
+                f" ({bound} input tokens), since the earlier turns are stored upstream;"
+                " sending the conversation in `input` with `store: false` is held for"
+                " what it sends."
+            )
+            return ApiRequest(
+                model,
+                upstream_body,
+                stream,
+                bound,
+                cap,
+                sent_prompt_tokens=estimate,
+                hold_note=note,
+            )
+        return ApiRequest(model, upstream_body, stream, estimate, cap)
 
     def valid_answer(self, body: dict[str, Any]) -> bool:
         return isinstance(body.get("output"), list)
@@ -586,7 +647,9 @@ RESPONSES_REQUEST: Schema = obj(
         "instructions": nullable(STR),
         "stream": nullable(BOOL),
         "max_output_tokens": nullable({"type": "integer", "minimum": 1}),
-        "previous_response_id": nullable(STR),
+        # Continuing stored state needs the model's context_window (else 400).
+        "previous_response_id": nullable({"type": "string", "minLength": 1}),
+        "conversation": nullable({"oneOf": [STR, {"type": "object"}]}),
         "store": nullable(BOOL),
         "tools": nullable(arr({"type": "object"})),
     },

@@ -59,7 +59,14 @@ class MeteredRequest(Protocol):
 
     @property
     def prompt_tokens_estimate(self) -> int:
-        """An upper bound of the prompt's tokens."""
+        """An upper bound of the prompt's tokens: what the hold reserves for them."""
+        ...
+
+    @property
+    def required_prompt_tokens(self) -> int:
+        """The prompt the request itself carries (its bound): the throttle refuses
+        one above a minute's tokens. Below ``prompt_tokens_estimate`` only when
+        the upstream adds stored turns this request does not show."""
         ...
 
     @property
@@ -68,8 +75,14 @@ class MeteredRequest(Protocol):
         ...
 
     @property
+    def hold_note(self) -> str | None:
+        """Why the hold exceeds what the request shows, added to a 402's message."""
+        ...
+
+    @property
     def worst_case_tokens(self) -> int:
-        """Prompt bound plus output bound: what the throttle takes up front."""
+        """The carried prompt plus the output bound: what the throttle takes up
+        front (corrected by the usage when the call ends)."""
         ...
 
 
@@ -89,6 +102,11 @@ def end_message(end: StreamEnd | Literal[""]) -> tuple[str, str]:
     return "The upstream stream ended early.", "UPSTREAM_ERROR"
 
 
+# The route of each API, recorded as each dialect class is defined (ChatDialect
+# here, the others in proxy.apis, which the app imports): one place says it.
+ROUTES: dict[ApiName, str] = {}
+
+
 class Dialect:
     """One API's part of the metered path; see the module's docstring.
 
@@ -102,6 +120,11 @@ class Dialect:
     error_shape: ClassVar[ErrorShape] = "openai"
     # Client headers passed through to the upstream (lower case).
     passed_headers: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "api" in cls.__dict__:  # a concrete API, not a shared base like TypedDialect
+            ROUTES[cls.api] = cls.path
 
     def parse(
         self,

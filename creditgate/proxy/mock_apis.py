@@ -4,7 +4,9 @@ as chat completions (``mock_faults``) and the same ``/mock/stats``.
 
 Deterministic counts, as the chat mock's: a prompt is Σ ceil(text bytes / 4) +
 3 per input item or message; one output token per streamed piece (plus
-``reasoning_tokens``). ``cached_tokens`` and ``cache_write_tokens`` are parts
+``reasoning_tokens``); a Responses call naming a stored response as
+``previous_response_id`` reads that response's prompt and output again.
+``cached_tokens`` and ``cache_write_tokens`` are parts
 of the prompt; Anthropic's ``input_tokens`` is reported without them, as
 Anthropic does.
 """
@@ -174,8 +176,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = str(body.get("model", "mock-model"))
     pieces = _pieces(modes, body.get("max_output_tokens"))
     reasoning = int(modes.get("reasoning_tokens", 0))
+    stored = request.app[STATS].stored_tokens
+    # A chained call reads the earlier turns again, as OpenAI bills them
+    # (an id the mock never answered adds nothing).
+    earlier = stored.get(str(body.get("previous_response_id")), 0)
     prompt = modes.get("prompt_tokens") or (
-        items_tokens(body.get("input")) + text_tokens(body.get("instructions"))
+        earlier + items_tokens(body.get("input")) + text_tokens(body.get("instructions"))
     )
     cached = min(int(modes.get("cached_tokens", 0)), prompt)
     out = len(pieces) + reasoning
@@ -187,6 +193,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "total_tokens": prompt + out,
     }
     rid, mid = f"resp_mock{next(_ids)}", f"msg_mock{next(_ids)}"
+    if body.get("store", True):
+        stored[rid] = prompt + out
     base = {
         "id": rid,
         "object": "response",

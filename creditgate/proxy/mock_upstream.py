@@ -42,6 +42,9 @@ class MockStats:
     cut: Counter[str] = field(default_factory=Counter)  # streams whose reader left
     chunks_sent: Counter[str] = field(default_factory=Counter)  # token chunks written
     last_body: dict[str, Any] = field(default_factory=dict)  # the last request body per key
+    # Responses stored (store: true) by id: their context's tokens (prompt and
+    # output), which a call naming them as previous_response_id reads again.
+    stored_tokens: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, dict[str, int]]:
         return {

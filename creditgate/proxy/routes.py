@@ -41,6 +41,7 @@ from creditgate.auth import authenticate
 from creditgate.config import Config, Model
 from creditgate.domain_errors import DomainError
 from creditgate.errors import ModelNotFound
+from creditgate.ledger.errors import CreditsExhausted
 from creditgate.logs import log
 from creditgate.metrics import (
     LEDGER_LATENCY,
@@ -50,7 +51,7 @@ from creditgate.metrics import (
     cached_labels,
 )
 from creditgate.proxy import relay as ends
-from creditgate.proxy.dialect import CHAT_DIALECT, Dialect
+from creditgate.proxy.dialect import CHAT_DIALECT, ROUTES, Dialect
 from creditgate.proxy.disconnect import ClientWatch
 from creditgate.proxy.metering import MeteredCall
 from creditgate.proxy.ports import CHAT, ChatDeps
@@ -77,13 +78,6 @@ from creditgate.webkit.openapi import (
 _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
 _stream_ends = cached_labels(STREAM_ENDS)
 _upstream_duration = cached_labels(UPSTREAM_DURATION)
-# The route of each API, for the 404 that names the right one.
-API_ROUTES = {
-    "chat": "/v1/chat/completions",
-    "responses": "/v1/responses",
-    "messages": "/v1/messages",
-    "embeddings": "/v1/embeddings",
-}
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -118,7 +112,7 @@ async def serve_metered(request: web.Request, dialect: Dialect) -> web.StreamRes
     check_api(chat.model, dialect)
     limits = await st.limits.get(account_id, principal.key_id)
     admission = await st.throttle.admit(
-        limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
+        limits, chat.worst_case_tokens, required_tokens=chat.required_prompt_tokens
     )
     # The call's deadline is fixed before its hold is asked for, and the hold
     # expires a settle margin after that deadline counted from the database's
@@ -146,6 +140,10 @@ async def serve_metered(request: web.Request, dialect: Dialect) -> web.StreamRes
             await asyncio.shield(_give_back(st, holding, hold_id, e))
         finally:
             await st.throttle.finish(admission, None)  # never served: all given back
+        if isinstance(e, CreditsExhausted) and chat.hold_note:
+            # Say why the hold is larger than the request looks (the ledger
+            # knows amounts, not APIs).
+            raise CreditsExhausted(f"{e.message} {chat.hold_note}", details=e.details) from None
         raise
     call = MeteredCall(
         st.holds, st.throttle, config, chat, hold, admission, request_id, deadline, dialect
@@ -164,7 +162,8 @@ def check_api(model: Model, dialect: Dialect) -> None:
     """404 for a model called through an API it is not served by, naming its route."""
     if dialect.api in model.apis:
         return
-    routes = " or ".join(f"POST {API_ROUTES[a]}" for a in sorted(model.apis))
+    # ROUTES: each dialect's own path (dialect.py), so a route is written once.
+    routes = " or ".join(f"POST {ROUTES.get(a, a)}" for a in sorted(model.apis))
     raise ModelNotFound(
         f"The model {model.name!r} is not served through POST {dialect.path}; call it"
         f" through {routes}.",

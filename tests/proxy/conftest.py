@@ -115,6 +115,7 @@ input_price = 2
 output_price = 8
 cached_input_price = 0.5
 max_output_tokens = 256
+context_window = 4000
 deployments = [{{ upstream = "main", model = "reasoner-upstream" }}]
 
 [models."embed"]

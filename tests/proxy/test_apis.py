@@ -6,6 +6,7 @@ their own prices), the error shapes, the routes of each model."""
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -15,7 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from creditgate.proxy.mock_upstream import MockStats
-from tests.proxy.conftest import Debit, Outcome, outcome, sdk
+from creditgate.proxy.pricing import PER_MESSAGE_OVERHEAD
+from tests.conftest import ledger_footprint
+from tests.proxy.conftest import Debit, Outcome, outcome, sdk, text_estimate
 
 GRANT = 10_000_000
 TEXT = "Hello from the mock upstream"
@@ -104,6 +107,172 @@ async def test_responses_passes_previous_response_id_and_store_through(
     assert sent["previous_response_id"] == "resp_earlier" and sent["store"] is False
     assert sent["max_output_tokens"] == 256  # the model's cap, so the hold is a bound
     assert sent["model"] == "reasoner-upstream"
+
+
+# The hold of a Responses call continuing stored state on "reasoner": its
+# whole context window (4000 input tokens) at the input price, and its output cap.
+CHAINED_HOLD = price((4000, "2"), (256, "8"))
+
+
+async def holds_of(db, account_id: Any) -> list[int]:
+    """The amounts of an account's holds, oldest first."""
+    rows = await db.fetch(
+        "SELECT amount FROM holds WHERE account_id = $1 ORDER BY created_at", account_id
+    )
+    return [r["amount"] for r in rows]
+
+
+async def test_chained_response_is_held_for_the_context_window_and_charged_its_usage(
+    gw: TestClient, db, customer_factory, key: str
+) -> None:
+    c = await customer_factory(10)
+    client = sdk(gw, c.key)
+    long_input = "x" * 8000  # stored upstream: the next call reads it again
+    first = await client.responses.create(
+        model="reasoner", input=long_input, extra_body={"mock": {"key": key}}
+    )
+    assert first.usage is not None and first.usage.output_tokens == 5
+    second = await client.responses.create(
+        model="reasoner",
+        input=PROMPT,
+        previous_response_id=first.id,
+        extra_body={"mock": {"key": key}},
+    )
+    usage = second.usage
+    assert usage is not None
+    # The earlier turns (its input and output) are read again, as OpenAI bills them.
+    earlier = first.usage.input_tokens + first.usage.output_tokens
+    assert usage.input_tokens == earlier + PROMPT_TOKENS and usage.output_tokens == 5
+    charged = price((usage.input_tokens, "2"), (5, "8"))
+    # More than a hold of the request alone could cover: the hole this closes.
+    assert charged > price((PER_MESSAGE_OVERHEAD + len(PROMPT), "2"), (256, "8"))
+    assert (usage.model_extra or {})["cost_micros"] == charged
+    first_charge = price((first.usage.input_tokens, "2"), (5, "8"))
+    assert (await holds_of(db, c.account.id))[1] == CHAINED_HOLD
+    assert await outcome(db, c.account.id) == Outcome(
+        GRANT - first_charge - charged,
+        0,
+        ["settled", "settled"],
+        [
+            Debit(first_charge, first.usage.input_tokens, 5, False, 0),
+            Debit(charged, usage.input_tokens, 5, False, 0),
+        ],
+    )
+
+
+async def test_chained_stream_is_held_for_the_context_window(
+    gw: TestClient, db, customer_factory, key: str
+) -> None:
+    c = await customer_factory(10)
+    stream = await sdk(gw, c.key).responses.create(
+        model="reasoner",
+        input=PROMPT,
+        conversation="conv_mock",
+        stream=True,
+        extra_body={"mock": {"key": key}},
+    )
+    completed = [e async for e in stream if e.type == "response.completed"]
+    assert len(completed) == 1 and completed[0].response.usage is not None
+    charged = (completed[0].response.usage.model_extra or {})["cost_micros"]
+    assert await holds_of(db, c.account.id) == [CHAINED_HOLD]
+    assert (await outcome(db, c.account.id)).debits == [Debit(charged, PROMPT_TOKENS, 5, False, 0)]
+
+
+async def test_chained_call_without_usage_is_charged_its_bound_marked(
+    gw: TestClient, db, customer_factory, key: str
+) -> None:
+    # No usage: the earlier turns' size is unknown, so the prompt is charged at
+    # its bound (never less than it may have cost), marked estimated.
+    c = await customer_factory(10)
+    await sdk(gw, c.key).responses.create(
+        model="reasoner",
+        input=PROMPT,
+        previous_response_id="resp_earlier",
+        extra_body={"mock": {"key": key, "no_usage": True}},
+    )
+    out = text_estimate(TEXT)
+    charged = price((4000, "2"), (out, "8"))
+    assert await outcome(db, c.account.id) == Outcome(
+        GRANT - charged, 0, ["settled"], [Debit(charged, 4000, out, True, 0)]
+    )
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"previous_response_id": "resp_earlier"}, {"conversation": {"id": "conv_earlier"}}],
+)
+async def test_stored_state_without_a_context_window_is_refused_unbilled(
+    gw: TestClient, db, customer_factory, key: str, mock_stats: MockStats, state: dict[str, Any]
+) -> None:
+    c = await customer_factory(10)
+    before = await ledger_footprint(db, c.account.id)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await sdk(gw, c.key).responses.create(
+            model="mock-model", input=PROMPT, extra_body={"mock": {"key": key}, **state}
+        )
+    body: Any = bad.value.body
+    assert body["code"] == "VALIDATION_ERROR"
+    field = next(iter(state))
+    assert body["details"][0]["path"] == field
+    # Both ways out are named: the stateless call, or the model's bound.
+    assert "`store: false`" in body["message"] and "`context_window`" in body["message"]
+    assert await ledger_footprint(db, c.account.id) == before
+    assert key not in mock_stats.requests  # never reached the upstream
+
+
+@pytest.mark.parametrize(
+    ("state", "path"),
+    [
+        ({"previous_response_id": ""}, "previous_response_id"),
+        ({"previous_response_id": 7}, "previous_response_id"),
+        ({"conversation": {"id": ""}}, "conversation"),
+        ({"conversation": 3}, "conversation"),
+    ],
+)
+async def test_stored_state_ids_are_validated(
+    gw: TestClient, db, customer_factory, state: dict[str, Any], path: str
+) -> None:
+    c = await customer_factory(10)
+    before = await ledger_footprint(db, c.account.id)
+    resp = await gw.post(
+        "/v1/responses",
+        json={"model": "reasoner", "input": PROMPT, **state},
+        headers=c.auth,
+    )
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert [d["path"] for d in body["error"]["details"]] == [path]
+    assert await ledger_footprint(db, c.account.id) == before
+
+
+async def test_chained_call_beyond_the_balance_is_402_saying_why(
+    gw: TestClient, db, customer_factory, key: str, mock_stats: MockStats
+) -> None:
+    # Enough for the request alone, not for the context window's bound.
+    c = await customer_factory(str(Decimal(CHAINED_HOLD - 1) / 1_000_000))
+    client = sdk(gw, c.key)
+    before = await ledger_footprint(db, c.account.id)
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.responses.create(
+            model="reasoner",
+            input=PROMPT,
+            previous_response_id="resp_earlier",
+            extra_body={"mock": {"key": key}},
+        )
+    assert e.value.status_code == 402
+    body: Any = e.value.body
+    assert body["code"] == "INSUFFICIENT_CREDITS"
+    assert "context window (4000 input tokens)" in body["message"]
+    assert "`store: false`" in body["message"]
+    assert body["details"]["requiredMicros"] == CHAINED_HOLD
+    assert await ledger_footprint(db, c.account.id) == before
+    assert key not in mock_stats.requests
+    # The same balance serves the stateless call.
+    resp = await client.responses.create(
+        model="reasoner", input=PROMPT, store=False, extra_body={"mock": {"key": key}}
+    )
+    assert resp.usage is not None and resp.usage.input_tokens == PROMPT_TOKENS
 
 
 # ---------------------------------------------------------------- embeddings
