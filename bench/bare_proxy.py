@@ -27,7 +27,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """Send the request's body upstream; relay the answer, streamed if it streams."""
     body = await request.read()
     url = request.app[UPSTREAM] + request.match_info["tail"]
-    async with request.app[SESSION].post(url, data=body, headers=_FORWARDED) as upstream:
+    headers = dict(_FORWARDED)
+    if "anthropic-version" in request.headers:  # the Messages API requires it
+        headers["anthropic-version"] = request.headers["anthropic-version"]
+    async with request.app[SESSION].post(url, data=body, headers=headers) as upstream:
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not content_type.startswith("text/event-stream"):
             return web.Response(

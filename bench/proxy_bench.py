@@ -80,11 +80,21 @@ CONFIG = """
 [upstreams.main]
 base_url = "{upstream}"
 
+[upstreams.claude]
+base_url = "{upstream}"
+kind = "anthropic"
+
 [models."{model}"]
 input_price = 0.15
 output_price = 0.60
 max_output_tokens = 4096
 deployments = [{{ upstream = "main", model = "{model}" }}]
+
+[models."{model}-claude"]
+input_price = 0.15
+output_price = 0.60
+max_output_tokens = 4096
+deployments = [{{ upstream = "claude", model = "{model}-claude" }}]
 
 [tiers.free]
 requests_per_minute = 100000000
@@ -121,6 +131,14 @@ class Scenario:
     chunks: int = CHUNKS  # completion tokens; one SSE event each when streaming
     chunk_delay_ms: int = 0  # the upstream's pace between chunks
     stamp: bool = False  # chunks carry the mock's send time: measures per-chunk delay
+    api: str = "chat"  # chat | responses | messages: the route and body called
+
+    @property
+    def path(self) -> str:
+        """The route, under each target's /v1."""
+        return {"chat": "/chat/completions", "responses": "/responses", "messages": "/messages"}[
+            self.api
+        ]
 
     def body(self) -> dict[str, Any]:
         mock: dict[str, Any] = {"chunks": self.chunks}
@@ -128,21 +146,36 @@ class Scenario:
             mock["chunk_delay_ms"] = self.chunk_delay_ms
         if self.stamp:
             mock["stamp"] = True
-        body: dict[str, Any] = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
-            "max_tokens": 64,
-            "mock": mock,
-        }
+        prompt = "Say hello to the benchmark."
+        body: dict[str, Any]
+        if self.api == "responses":
+            body = {"model": MODEL, "input": prompt, "max_output_tokens": 64, "mock": mock}
+        elif self.api == "messages":
+            body = {
+                "model": f"{MODEL}-claude",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 64,
+                "mock": mock,
+            }
+        else:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 64,
+                "mock": mock,
+            }
         if self.stream:
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+            if self.api == "chat":
+                body["stream_options"] = {"include_usage": True}
         return body
 
     def headers(self) -> dict[str, str]:
         """The same settings as headers: they reach the mock through proxies that
         drop unknown body fields (LiteLLM forwards neither, the mock's defaults apply)."""
         h = {"x-mock-chunks": str(self.chunks)}
+        if self.api == "messages":
+            h["anthropic-version"] = "2023-06-01"
         if self.chunk_delay_ms:
             h["x-mock-chunk-delay-ms"] = str(self.chunk_delay_ms)
         if self.stamp:
@@ -156,18 +189,30 @@ SCENARIOS = (
     Scenario("stream 20 chunks, c=1", stream=True, concurrency=1),
     Scenario("stream 20 chunks, c=32", stream=True, concurrency=32),
     Scenario("stream paced 2 ms, c=1", stream=True, concurrency=1, chunk_delay_ms=2, stamp=True),
+    # Issue 18: the Responses API and Anthropic Messages, through the same metered path
+    # (LiteLLM is not measured on them: its bench config maps the chat route only).
+    Scenario("responses stream 20 chunks, c=1", stream=True, concurrency=1, api="responses"),
+    Scenario("responses stream 20 chunks, c=32", stream=True, concurrency=32, api="responses"),
+    Scenario("messages stream 20 chunks, c=1", stream=True, concurrency=1, api="messages"),
+    Scenario("messages stream 20 chunks, c=32", stream=True, concurrency=32, api="messages"),
 )
 
 
 @dataclass
 class Target:
-    """Where requests go; ``pid`` (if any) is the proxy process whose CPU is charged to it."""
+    """Where requests go; ``pid`` (if any) is the proxy process whose CPU is charged to it.
+
+    ``url`` is the chat completions route; other scenarios call their own route
+    under the same ``/v1`` (``url_for``)."""
 
     name: str
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
     idle_rss_mb: float = float("nan")
+
+    def url_for(self, scenario: Scenario) -> str:
+        return self.url.removesuffix("/chat/completions") + scenario.path
 
 
 @dataclass
@@ -204,7 +249,7 @@ async def one_call(
     s: Sample,
 ) -> None:
     started = time.perf_counter()
-    async with session.post(target.url, data=payload, headers=headers) as resp:
+    async with session.post(target.url_for(scenario), data=payload, headers=headers) as resp:
         if not scenario.stream:
             await resp.read()
             s.latency.append(time.perf_counter() - started)
@@ -317,6 +362,8 @@ def _rss_mb(pid: int, field_name: str = "VmRSS") -> float:
 async def run_scenario(
     targets: list[Target], scenario: Scenario, rounds: int, seconds: float, backing: Backing
 ) -> dict[str, Sample]:
+    if scenario.api != "chat":
+        targets = [t for t in targets if t.name != "litellm"]
     results = {t.name: Sample() for t in targets}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -374,6 +421,8 @@ def summarise(
     base = results["direct"]
     rows = []
     for t in targets:
+        if t.name not in results:
+            continue  # not measured on this scenario (LiteLLM on the non-chat routes)
         s = results[t.name]
         n = len(s.latency)
         direct = t.name == "direct"

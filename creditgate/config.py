@@ -36,6 +36,19 @@ MAX_PER_MINUTE = 2**53 // 60_000 // 4
 ThrottlePolicy = Literal["local", "open", "closed"]
 THROTTLE_POLICIES: tuple[ThrottlePolicy, ...] = get_args(ThrottlePolicy)
 DEFAULT_MAX_MESSAGES = 2048  # OpenAI's own limit on messages per request
+# The APIs a model can be served through (proxy.apis): each is one route.
+ApiName = Literal["chat", "responses", "messages", "embeddings"]
+API_NAMES: tuple[ApiName, ...] = get_args(ApiName)
+# The wire format an upstream speaks: OpenAI's (chat, responses, embeddings)
+# or Anthropic's Messages API.
+UpstreamKind = Literal["openai", "anthropic"]
+UPSTREAM_KINDS: tuple[UpstreamKind, ...] = get_args(UpstreamKind)
+ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
+# Which APIs a model serves when its config says nothing, by its upstreams' kind.
+DEFAULT_APIS: dict[UpstreamKind, frozenset[ApiName]] = {
+    "openai": frozenset({"chat", "responses"}),
+    "anthropic": frozenset({"messages"}),
+}
 
 
 class ConfigError(Exception):
@@ -48,6 +61,8 @@ class Upstream:
     base_url: str
     api_key: str | None
     api_key_env: str | None = None  # the variable the key is read from, for warnings
+    kind: UpstreamKind = "openai"  # the wire format it speaks
+    anthropic_version: str = ANTHROPIC_VERSION  # kind "anthropic": the default version header
 
 
 def missing_upstream_keys(config: Config) -> list[Upstream]:
@@ -109,6 +124,12 @@ class Model:
     # size the hold (proxy.pricing).
     pricing: PricingSource = "table"
     markup: Decimal = Decimal(1)
+    # The APIs (routes) this model is served through; another one answers 404.
+    apis: frozenset[ApiName] = DEFAULT_APIS["openai"]
+    # The most tokens the model reads as input: what a Responses call that
+    # continues stored state (previous_response_id, conversation) is held for,
+    # since those earlier turns are unseen here. None: such calls are refused.
+    context_window: int | None = None
 
 
 # A tier's four throttle limits, in the order the throttle script takes them.
@@ -427,6 +448,41 @@ def _deployments(
     return tuple(deployments)
 
 
+def _apis(value: Any, deployments: tuple[Deployment, ...], where: str) -> frozenset[ApiName]:
+    """The APIs a model serves: ``api`` (a name or a list), by default its upstreams' kind's.
+
+    Its deployments must all speak the wire format of those APIs: a
+    ``messages`` model is served by ``anthropic`` upstreams, the others by
+    ``openai`` ones (creditgate relays each API as it is, it does not translate).
+    """
+    kinds = {d.upstream.kind for d in deployments}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{where}.deployments: all of a model's upstreams must be of one kind,"
+            f" got {sorted(kinds)}"
+        )
+    kind = kinds.pop()
+    if value is None:
+        return DEFAULT_APIS[kind]
+    names = value if isinstance(value, list) else [value]
+    if not names:
+        raise ConfigError(f"{where}.api: name at least one of {list(API_NAMES)}")
+    apis: set[ApiName] = set()
+    for n in names:
+        match n:
+            case "chat" | "responses" | "messages" | "embeddings" as api:
+                apis.add(api)
+            case other:
+                raise ConfigError(f"{where}.api: one of {list(API_NAMES)}, got {other!r}")
+    wrong = sorted(a for a in apis if (a == "messages") != (kind == "anthropic"))
+    if wrong:
+        raise ConfigError(
+            f"{where}.api: {wrong[0]!r} cannot be served by upstreams of kind {kind!r}"
+            " (messages needs kind 'anthropic'; chat, responses and embeddings kind 'openai')"
+        )
+    return frozenset(apis)
+
+
 def _url(value: Any, where: str) -> str:
     url = _str(value, where)
     if not url.startswith(("http://", "https://")):
@@ -456,14 +512,27 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     for name, up in _table(raw.get("upstreams", {}), "upstreams").items():
         where = f"upstreams.{name}"
         up = _table(up, where)
-        _check_keys(up, {"base_url", "api_key_env"}, where)
+        _check_keys(up, {"base_url", "api_key_env", "kind", "anthropic_version"}, where)
         base_url = up.get("base_url")
         if name == "main" and env.get("UPSTREAM_BASE_URL"):
             base_url = env["UPSTREAM_BASE_URL"]  # the documented override
         key_env = up.get("api_key_env")
         api_key = env.get(_str(key_env, f"{where}.api_key_env")) if key_env else None
+        up_kind: UpstreamKind
+        match up.get("kind", "openai"):
+            case "openai" | "anthropic" as up_kind:
+                pass
+            case other:
+                raise ConfigError(f"{where}.kind: one of {list(UPSTREAM_KINDS)}, got {other!r}")
         upstreams[name] = Upstream(
-            name, _url(base_url, f"{where}.base_url"), api_key, str(key_env) if key_env else None
+            name,
+            _url(base_url, f"{where}.base_url"),
+            api_key,
+            str(key_env) if key_env else None,
+            kind=up_kind,
+            anthropic_version=_str(
+                up.get("anthropic_version", ANTHROPIC_VERSION), f"{where}.anthropic_version"
+            ),
         )
 
     models: dict[str, Model] = {}
@@ -482,6 +551,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
                 "public",
                 "max_tokens_field",
                 "max_image_tokens",
+                "context_window",
+                "api",
                 *KIND_PRICES,
                 "pricing",
                 "markup",
@@ -495,12 +566,13 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         _check_keys(t, {"connect", "first_byte", "idle", "total"}, f"{where}.timeouts")
         timeouts = Timeouts(**{k: _seconds(v, f"{where}.timeouts.{k}") for k, v in t.items()})
         pricing = _choice(m.get("pricing", "table"), PRICING_SOURCES, f"{where}.pricing")
+        deployments = _deployments(m["deployments"], upstreams, f"{where}.deployments")
         models[name] = Model(
             name=name,
             input_price=_price(m["input_price"], f"{where}.input_price"),
             output_price=_price(m["output_price"], f"{where}.output_price"),
             max_output_tokens=_int(m["max_output_tokens"], f"{where}.max_output_tokens", minimum=1),
-            deployments=_deployments(m["deployments"], upstreams, f"{where}.deployments"),
+            deployments=deployments,
             timeouts=timeouts,
             input_price_text=str(m["input_price"]),
             output_price_text=str(m["output_price"]),
@@ -522,6 +594,12 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             audio_output_price=_kind_price(m, "audio_output_price", where),
             pricing="upstream" if pricing == "upstream" else "table",
             markup=_markup(m, pricing, where),
+            apis=_apis(m.get("api"), deployments, where),
+            context_window=(
+                None
+                if m.get("context_window") is None
+                else _int(m["context_window"], f"{where}.context_window", minimum=1)
+            ),
         )
     if not models:
         raise ConfigError("models: at least one model is required")

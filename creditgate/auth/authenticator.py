@@ -2,7 +2,8 @@
 
 Credentials, in order: ``Authorization: Bearer cg_…`` (an API key),
 ``Authorization: Bearer <JWT>`` (a Clerk session token, cross-origin
-front ends), or the ``__session`` cookie (a same-origin front end).
+front ends), ``x-api-key: cg_…`` (an API key as Anthropic's clients send
+it), or the ``__session`` cookie (a same-origin front end).
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def credential(request: web.Request) -> Credential | None:
                 headers=_CHALLENGE,
             )
         return Credential(token, "header")
+    api_key = request.headers.get("x-api-key")
+    if api_key is not None:
+        # Anthropic's SDKs and Claude Code (ANTHROPIC_API_KEY) send the key here.
+        api_key = api_key.strip()
+        if not api_key.startswith(KEY_PREFIX) or not api_key.isascii():
+            raise Unauthorized(
+                "Malformed x-api-key header: send a creditgate API key (cg_…).",
+                headers=_CHALLENGE,
+            )
+        return Credential(api_key, "header")
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         return Credential(cookie, "cookie")

@@ -35,6 +35,7 @@ from creditgate.ledger.guards import serving_role_warnings
 from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
+from creditgate.proxy import apis as proxy_apis
 from creditgate.proxy import routes as proxy
 from creditgate.proxy.ports import CHAT
 from creditgate.proxy.upstream import UpstreamClient
@@ -50,6 +51,7 @@ from creditgate.webkit.openapi import add_endpoints
 # Every route, from the tables beside their handlers (they also make /openapi.json).
 ENDPOINTS = (
     *proxy.ENDPOINTS,
+    *proxy_apis.ENDPOINTS,
     *user.ENDPOINTS,
     *quota.ENDPOINTS,
     *usage_record.ENDPOINTS,

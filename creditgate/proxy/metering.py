@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import (
     AsyncRetrying,
@@ -27,10 +27,10 @@ from creditgate.errors import ServiceUnavailable
 from creditgate.ledger.errors import HoldNotFound
 from creditgate.logs import log
 from creditgate.metrics import CREDITS_CHARGED, LEDGER_LATENCY, TOKENS, cached_labels
+from creditgate.proxy.dialect import CHAT_DIALECT
 from creditgate.proxy.pricing import (
     TokenCounts,
     cost_of,
-    counts_from_chat_usage,
     estimate_text_tokens,
     recorded_breakdown,
     token_series,
@@ -38,8 +38,8 @@ from creditgate.proxy.pricing import (
 
 if TYPE_CHECKING:
     from creditgate.config import Model
+    from creditgate.proxy.dialect import MeteredRequest
     from creditgate.proxy.ports import Admissions, HoldBook, MeteringSettings
-    from creditgate.proxy.request import ChatRequest
     from creditgate.throttle import Admission
 
 _SETTLE_LATENCY = LEDGER_LATENCY.labels("settle")
@@ -69,6 +69,18 @@ def usage_of(model: Model, counts: TokenCounts, *, estimated: bool) -> ledger.Us
     )
 
 
+class UsageShape(Protocol):
+    """How one API reports usage (``proxy.dialect.Dialect``): read, and estimated."""
+
+    def counts(self, usage: dict[str, Any] | None) -> TokenCounts | None:
+        """The tokens of the API's usage object; None if missing or invalid."""
+        ...
+
+    def estimated_usage(self, counts: TokenCounts) -> dict[str, Any]:
+        """The usage object a client sees for an estimated charge."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
     settlement: ledger.Settlement
@@ -94,6 +106,7 @@ class MeteredCall:
         "holds",
         "request_id",
         "settings",
+        "shape",
         "throttle",
         "upstream_seconds",
     )
@@ -103,11 +116,12 @@ class MeteredCall:
         holds: HoldBook,
         throttle: Admissions,
         settings: MeteringSettings,
-        chat: ChatRequest,
+        chat: MeteredRequest,
         hold: ledger.Hold,
         admission: Admission,
         request_id: str,
         deadline: float,
+        shape: UsageShape = CHAT_DIALECT,
     ) -> None:
         self.holds = holds
         self.throttle = throttle
@@ -115,7 +129,9 @@ class MeteredCall:
         self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
         self._progress_at = 0.0  # loop time of the first text, then of the last record
         self._progress_task: asyncio.Task[None] | None = None
+        # The call's parsed request, of whichever API (the name is chat's, the first).
         self.chat = chat
+        self.shape = shape  # how its API reports usage
         self.hold = hold
         self.admission = admission
         self.request_id = request_id
@@ -133,7 +149,7 @@ class MeteredCall:
         self, usage: dict[str, Any] | None, text_bytes: int
     ) -> tuple[ledger.Usage, TokenCounts, bool]:
         chat = self.chat
-        counts = counts_from_chat_usage(usage)
+        counts = self.shape.counts(usage)
         exact = counts is not None
         if counts is None:
             # Never more than the call could generate: max_tokens bounds the
@@ -203,12 +219,9 @@ class MeteredCall:
             assert usage is not None
             seen = {k: v for k, v in usage.items() if k not in UPSTREAM_COST_FIELDS}
         else:
-            seen = {
-                "prompt_tokens": measured.input_tokens,
-                "completion_tokens": measured.output_tokens,
-                "total_tokens": tokens,
-                "estimated": True,
-            }
+            seen = self.shape.estimated_usage(
+                TokenCounts(measured.input_tokens, measured.output_tokens)
+            )
         return Charge(
             settlement,
             {

@@ -62,6 +62,24 @@ FAULT_MODES: tuple[FaultMode, ...] = (
         "report this many prompt tokens (a tokenizer at one token per byte, costly images)",
         fault=False,
     ),
+    FaultMode(
+        "cached_tokens",
+        int,
+        "report this many of the prompt tokens as read from a cache (Responses, Messages)",
+        fault=False,
+    ),
+    FaultMode(
+        "cache_write_tokens",
+        int,
+        "Messages: report this many of the prompt tokens as written to a cache",
+        fault=False,
+    ),
+    FaultMode(
+        "reasoning_tokens",
+        int,
+        "Responses: report this many reasoning tokens on top of the text's",
+        fault=False,
+    ),
     FaultMode("content", str, "the text of every token (default: a fixed sentence)", fault=False),
     # The usage details of real providers (OpenAI's prompt_tokens_details and
     # completion_tokens_details, OpenRouter's cost). Any of the token ones

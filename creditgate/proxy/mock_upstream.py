@@ -20,6 +20,7 @@ import re
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,9 @@ class MockStats:
     cut: Counter[str] = field(default_factory=Counter)  # streams whose reader left
     chunks_sent: Counter[str] = field(default_factory=Counter)  # token chunks written
     last_body: dict[str, Any] = field(default_factory=dict)  # the last request body per key
+    # Responses stored (store: true) by id: their context's tokens (prompt and
+    # output), which a call naming them as previous_response_id reads again.
+    stored_tokens: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, dict[str, int]]:
         return {
@@ -268,27 +272,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stats.requests[key] += 1
     stats.last_body[key] = body
 
-    if "fail_times" in modes:
-        failures = request.app[FAILURES]
-        if failures[key] < modes["fail_times"]:
-            failures[key] += 1
-            headers = (
-                {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
-            )
-            return _error(modes.get("status", 500), "mock failure", headers)
-    elif "status" in modes:
-        headers = {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
-        return _error(modes["status"], f"mock status {modes['status']}", headers)
-    if modes.get("first_byte_ms"):
-        try:
-            await asyncio.sleep(modes["first_byte_ms"] / 1000)
-        except asyncio.CancelledError:  # the caller left (a server cancelling handlers)
-            stats.cut[key] += 1
-            raise
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            stats.cut[key] += 1  # the caller left meanwhile
-            return web.Response()
+    refused = await prelude(request, modes, key)
+    if refused is not None:
+        return refused
 
     n = body.get("n") or 1
     plans = [_plan(body, modes) for _ in range(n)]
@@ -316,6 +302,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stats.completed[key] += 1
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
     return await _stream(request, body, modes, key, plans, usage, ident, created)
+
+
+ErrorBody = Callable[[int, str, "dict[str, str] | None"], web.Response]
+
+
+async def prelude(
+    request: web.Request, modes: dict[str, Any], key: str, error: ErrorBody = _error
+) -> web.StreamResponse | None:
+    """The faults due before any answer (a status, a failure count, a slow first
+    byte), for every API; ``error`` makes the API's error answer. None: go on."""
+    stats = request.app[STATS]
+    if "fail_times" in modes:
+        failures = request.app[FAILURES]
+        if failures[key] < modes["fail_times"]:
+            failures[key] += 1
+            headers = (
+                {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
+            )
+            return error(modes.get("status", 500), "mock failure", headers)
+    elif "status" in modes:
+        headers = {"Retry-After": f"{modes['retry_after']:g}"} if "retry_after" in modes else None
+        return error(modes["status"], f"mock status {modes['status']}", headers)
+    if modes.get("first_byte_ms"):
+        try:
+            await asyncio.sleep(modes["first_byte_ms"] / 1000)
+        except asyncio.CancelledError:  # the caller left (a server cancelling handlers)
+            stats.cut[key] += 1
+            raise
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stats.cut[key] += 1  # the caller left meanwhile
+            return web.Response()
+    return None
 
 
 class _Chunks:
@@ -375,7 +394,7 @@ async def _stream(
             await asyncio.sleep(modes["first_chunk_ms"] / 1000)
         for i in range(longest + 1):
             # Faults are due once i rounds of token chunks are out (at 0: before any event).
-            fault_end = await _fault_at(request, resp, modes, i)
+            fault_end = await fault_at(request, resp, modes, i)
             if fault_end is not None:
                 ended = fault_end
                 return resp
@@ -415,12 +434,26 @@ async def _stream(
 COMPLETED, CUT, DROPPED = "completed", "cut", "dropped"
 
 
-async def _fault_at(
-    request: web.Request, resp: web.StreamResponse, modes: dict[str, Any], sent: int
+_OPENAI_ERROR_EVENT = (
+    b"data: "
+    + orjson.dumps(
+        {"error": {"message": "mock mid-stream failure", "type": "server_error", "code": None}}
+    )
+    + b"\n\n"
+)
+
+
+async def fault_at(
+    request: web.Request,
+    resp: web.StreamResponse,
+    modes: dict[str, Any],
+    sent: int,
+    error_event: bytes = _OPENAI_ERROR_EVENT,
 ) -> str | None:
     """Apply the fault modes due once ``sent`` token chunks are out.
 
     Returns how the stream ended when a fault ended it, None to go on.
+    ``error_event`` is the API's mid-stream error (``error_after``).
     """
     if modes.get("drop_after") == sent:
         assert request.transport is not None
@@ -429,8 +462,7 @@ async def _fault_at(
     if modes.get("malformed_after") == sent:
         await resp.write(b"data: {not json\n\n")
     if modes.get("error_after") == sent:
-        error = {"message": "mock mid-stream failure", "type": "server_error", "code": None}
-        await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+        await resp.write(error_event)
         await resp.write_eof()
         return COMPLETED
     if modes.get("stall_after") == sent:
@@ -465,5 +497,10 @@ def create_mock_app(**defaults: Any) -> web.Application:
     app[DEFAULTS] = {k: v for k, v in defaults.items() if v is not None}
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    # The other APIs (Responses, Anthropic Messages, embeddings) build on this
+    # module's faults and stats, so they are imported here, when the app is made.
+    from creditgate.proxy.mock_apis import add_api_routes
+
+    add_api_routes(app)
     app.router.add_get("/mock/stats", mock_stats)
     return app

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from creditgate.config import Model, Settings
 from creditgate.ledger import Hold, Settlement, Usage
-from creditgate.proxy.upstream import Answer, Stream
+from creditgate.proxy.upstream import CHAT_WIRE, Answer, Stream, WireApi
 from creditgate.throttle import Admission, Limits
 
 
@@ -95,15 +96,39 @@ class Completions(Protocol):
     """The upstream client (``proxy.upstream.UpstreamClient``)."""
 
     async def complete(
-        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+        self,
+        model: Model,
+        body: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        api: WireApi = CHAT_WIRE,
+        headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """One JSON completion."""
+        """One JSON answer of ``api``."""
         ...
 
     async def stream(
-        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+        self,
+        model: Model,
+        body: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        api: WireApi = CHAT_WIRE,
+        headers: Mapping[str, str] | None = None,
     ) -> Stream:
-        """One streamed completion, its first event checked."""
+        """One streamed answer of ``api``, its first event checked."""
+        ...
+
+    async def forward(
+        self,
+        model: Model,
+        path: str,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        *,
+        seconds: float,
+    ) -> tuple[int, bytes]:
+        """An unmetered POST to the model's upstream, answered as it came."""
         ...
 
 

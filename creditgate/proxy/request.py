@@ -29,6 +29,14 @@ class ChatRequest:
         return self.n * self.max_output_tokens
 
     @property
+    def required_prompt_tokens(self) -> int:
+        return self.prompt_tokens_estimate
+
+    @property
+    def hold_note(self) -> str | None:
+        return None
+
+    @property
     def worst_case_tokens(self) -> int:
         return self.prompt_tokens_estimate + self.worst_case_output_tokens
 

@@ -1,4 +1,7 @@
-"""``POST /v1/chat/completions`` (and ``/api/chat``), ``GET /v1/models``.
+"""``POST /v1/chat/completions`` (and ``/api/chat``), ``GET /v1/models``, and
+``serve_metered``: the one metered path every API's route runs (chat here; the
+Responses API, Anthropic Messages and embeddings in ``proxy.apis``), each
+with its ``proxy.dialect.Dialect``.
 
 The request path: authenticate → validate → throttle → reserve the worst-case
 cost → call the upstream → settle the actual cost → answer. Every exit
@@ -48,16 +51,15 @@ from creditgate.metrics import (
     cached_labels,
 )
 from creditgate.proxy import relay as ends
+from creditgate.proxy.dialect import CHAT_DIALECT, ROUTES, Dialect, MeteredRequest
 from creditgate.proxy.disconnect import ClientWatch
-from creditgate.proxy.metering import Charge, MeteredCall
+from creditgate.proxy.metering import MeteredCall
 from creditgate.proxy.ports import CHAT, ChatDeps
 from creditgate.proxy.pricing import affordable_max_tokens, price_text, worst_case_micros
 from creditgate.proxy.relay import Relay, StreamEnd
-from creditgate.proxy.request import ChatRequest, parse_chat_request
-from creditgate.proxy.sse import DONE_EVENT, error_event, generated_bytes, sse_event
 from creditgate.proxy.upstream import Answer, Stream
 from creditgate.webkit.drain import SHUTDOWN_END, shutdown_cut, uncancel_cut
-from creditgate.webkit.envelope import json_response, read_json_object
+from creditgate.webkit.envelope import ERROR_SHAPE, json_response, read_json_object
 from creditgate.webkit.ids import REQUEST_ID, STARTED
 from creditgate.webkit.openapi import (
     BOOL,
@@ -76,7 +78,6 @@ from creditgate.webkit.openapi import (
 _RESERVE_LATENCY = LEDGER_LATENCY.labels("reserve")
 _stream_ends = cached_labels(STREAM_ENDS)
 _upstream_duration = cached_labels(UPSTREAM_DURATION)
-_CHUNK_IDS = ("id", "created", "model", "system_fingerprint")
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -85,12 +86,18 @@ _SSE_HEADERS = {
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """OpenAI-compatible chat completion, streaming or not, charged to the caller.
+    """OpenAI-compatible chat completion, streaming or not, charged to the caller."""
+    return await serve_metered(request, CHAT_DIALECT)
+
+
+async def serve_metered(request: web.Request, dialect: Dialect) -> web.StreamResponse:
+    """One metered call of any API, its dialect supplying what differs.
 
     Plain and in order: authenticate → validate → throttle → reserve (durable)
     → upstream → settle → answer. Nothing reaches the upstream or the client
     before the call's hold is committed and flushed.
     """
+    request[ERROR_SHAPE] = dialect.error_shape  # errors in the shape its clients parse
     st = request.app[CHAT]
     principal = await authenticate(request)
     account_id = principal.account_id
@@ -99,12 +106,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     # Only a request naming no model asks for the account's default (cached).
     default_model = await st.default_models.get(account_id) if body.get("model") is None else None
-    chat = parse_chat_request(
+    chat = dialect.parse(
         body, config.models, config.estimate_bytes_per_token, default_model=default_model
     )
+    check_api(chat.model, dialect)
     limits = await st.limits.get(account_id, principal.key_id)
     admission = await st.throttle.admit(
-        limits, chat.worst_case_tokens, required_tokens=chat.prompt_tokens_estimate
+        limits, chat.worst_case_tokens, required_tokens=chat.required_prompt_tokens
     )
     # The call's deadline is fixed before its hold is asked for, and the hold
     # expires a settle margin after that deadline counted from the database's
@@ -134,19 +142,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await asyncio.shield(_give_back(st, holding, hold_id, e))
         finally:
             await st.throttle.finish(admission, None)  # never served: all given back
+        if isinstance(e, CreditsExhausted) and chat.hold_note:
+            # Say why the hold is larger than the request looks (the ledger
+            # knows amounts, not APIs).
+            raise CreditsExhausted(f"{e.message} {chat.hold_note}", details=e.details) from None
         raise
-    call = MeteredCall(st.holds, st.throttle, config, chat, hold, admission, request_id, deadline)
+    call = MeteredCall(
+        st.holds, st.throttle, config, chat, hold, admission, request_id, deadline, dialect
+    )
     try:
         if chat.stream:
-            return await _stream(request, call, admission.headers)
-        return await _complete(request, call, admission.headers)
+            return await _stream(request, call, admission.headers, dialect)
+        return await _complete(request, call, admission.headers, dialect)
     finally:
         await call.close()  # releases the hold unless it was settled
         _upstream_duration(chat.model.name).observe(call.upstream_seconds)
         PROXY_OVERHEAD.observe(time.perf_counter() - request[STARTED] - call.upstream_seconds)
 
 
-def _add_affordable_max_tokens(error: BaseException, chat: ChatRequest) -> None:
+def _add_affordable_max_tokens(error: BaseException, chat: MeteredRequest) -> None:
     """A 402 says the largest ``max_tokens`` this prompt could be sent with now
     (``details.affordableMaxTokens``), from what the ledger's refusal found
     spendable — computed on the refusal path only, no statement of its own."""
@@ -154,9 +168,24 @@ def _add_affordable_max_tokens(error: BaseException, chat: ChatRequest) -> None:
         return
     details = error.details
     if isinstance(details, dict) and isinstance(details.get("spendableMicros"), int):
+        # Chat's ``n`` choices each generate up to max_tokens; other APIs one.
+        choices = getattr(chat, "n", 1)
         details["affordableMaxTokens"] = affordable_max_tokens(
-            chat.model, chat.prompt_tokens_estimate, chat.n, details["spendableMicros"]
+            chat.model, chat.prompt_tokens_estimate, choices, details["spendableMicros"]
         )
+
+
+def check_api(model: Model, dialect: Dialect) -> None:
+    """404 for a model called through an API it is not served by, naming its route."""
+    if dialect.api in model.apis:
+        return
+    # ROUTES: each dialect's own path (dialect.py), so a route is written once.
+    routes = " or ".join(f"POST {ROUTES.get(a, a)}" for a in sorted(model.apis))
+    raise ModelNotFound(
+        f"The model {model.name!r} is not served through POST {dialect.path}; call it"
+        f" through {routes}.",
+        details=[{"path": "model", "message": f"served by {routes}"}],
+    )
 
 
 def hold_ttl_seconds(config: Config, model: Model) -> int:
@@ -200,14 +229,18 @@ async def _client_left(
 
 
 async def _complete(
-    request: web.Request, call: MeteredCall, headers: dict[str, str]
+    request: web.Request, call: MeteredCall, headers: dict[str, str], dialect: Dialect
 ) -> web.StreamResponse:
     st = request.app[CHAT]
     answer: Answer | None = None  # stays None if the client left while we waited
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
             answer = await st.upstream.complete(
-                call.chat.model, call.chat.upstream_body, deadline=call.deadline
+                call.chat.model,
+                call.chat.upstream_body,
+                deadline=call.deadline,
+                api=dialect,
+                headers=dialect.upstream_headers(request),
             )
     except asyncio.CancelledError:
         if shutdown_cut(request):
@@ -219,15 +252,9 @@ async def _complete(
     if watch.gone or answer is None:
         return await _client_left(call)
     body = answer.body
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-    text_bytes = sum(
-        generated_bytes(c["message"])
-        for c in body["choices"]
-        if isinstance(c, dict) and isinstance(c.get("message"), dict)
-    )
-    body["usage"] = (await call.settle(usage, text_bytes)).usage
+    charge = await call.settle(dialect.answer_usage(body), dialect.answer_text_bytes(body))
     return json_response(
-        body,
+        dialect.with_usage(body, charge.usage),
         headers={
             **headers,
             "x-creditgate-attempts": str(answer.attempts),
@@ -237,7 +264,7 @@ async def _complete(
 
 
 async def _stream(
-    request: web.Request, call: MeteredCall, headers: dict[str, str]
+    request: web.Request, call: MeteredCall, headers: dict[str, str], dialect: Dialect
 ) -> web.StreamResponse:
     st = request.app[CHAT]
     model = call.chat.model
@@ -245,7 +272,11 @@ async def _stream(
     try:
         with ClientWatch(request) as watch, _upstream_time(call):
             upstream = await st.upstream.stream(
-                model, call.chat.upstream_body, deadline=call.deadline
+                model,
+                call.chat.upstream_body,
+                deadline=call.deadline,
+                api=dialect,
+                headers=dialect.upstream_headers(request),
             )
     except asyncio.CancelledError:
         if shutdown_cut(request):
@@ -267,7 +298,7 @@ async def _stream(
             "x-creditgate-deployment": upstream.deployment.name,
         }
     )
-    relay = Relay(upstream, resp, progress=call.progress)
+    relay = dialect.relay(upstream, resp, call.progress)
     try:
         # The headers go now: the upstream's first event is already here.
         await resp.prepare(request)
@@ -279,7 +310,7 @@ async def _stream(
             # The drain's cut (webkit.drain): ended like any stream cut short.
             uncancel_cut()
             _stream_ends(model.name, SHUTDOWN_END).inc()
-            return await _finish_stream(call, relay, SHUTDOWN_END, request.transport)
+            return await _finish_stream(call, relay, SHUTDOWN_END, request.transport, dialect)
         # aiohttp cancelled us (the client left): what was generated is owed.
         _stream_ends(model.name, "cancelled").inc()
         await call.settle(relay.usage, relay.text_bytes)
@@ -298,7 +329,7 @@ async def _stream(
             request.transport.abort()
         await _client_left(call, relay.text_bytes, relay.usage)
         return resp
-    await _finish_stream(call, relay, end, request.transport)
+    await _finish_stream(call, relay, end, request.transport, dialect)
     if end == ends.DONE_END:
         await upstream.finish()  # after the client has its last byte
     return resp
@@ -309,8 +340,10 @@ async def _finish_stream(
     relay: Relay,
     end: StreamEnd | Literal[""],
     transport: asyncio.BaseTransport | None,
+    dialect: Dialect,
 ) -> web.StreamResponse:
-    """Settle, then send the usage chunk (if asked for) and ``[DONE]`` or an error event."""
+    """Settle, then send the dialect's final events: the usage with its cost
+    (chat: if asked for) and the stream's end (chat: ``[DONE]``) or an error event."""
     resp = relay.resp
     send_timeout = call.chat.model.timeouts.idle
     complete = end == ends.DONE_END or (end == ends.EOF_END and relay.usage is not None)
@@ -319,7 +352,7 @@ async def _finish_stream(
         # The upstream failed before generating anything: nothing is charged.
         await call.release()
         log.info("stream failed before any output", extra={**call.log_ids(), "end": end})
-        return await _end_stream(resp, [_stream_error(relay, end)], transport, send_timeout)
+        return await _end_stream(resp, [dialect.stream_error(relay, end)], transport, send_timeout)
     try:
         charge = await call.settle(relay.usage, relay.text_bytes)
     except Exception:
@@ -328,17 +361,13 @@ async def _finish_stream(
         # sweeper, which charges the progress it recorded.
         log.error("settlement failed after a stream", exc_info=True, extra=call.log_ids())
         tail.append(
-            error_event(
+            dialect.failure_event(
                 "The charge for this completion could not be recorded.", "SERVICE_UNAVAILABLE"
             )
         )
     else:
-        if call.chat.include_usage:
-            tail.append(sse_event(_usage_chunk(relay, charge)))
-        if complete:
-            tail.append(DONE_EVENT)
-        else:
-            tail.append(_stream_error(relay, end))
+        tail += dialect.final_events(relay, call.chat, charge.usage, complete, end)
+        if not complete:
             log.info("stream ended early", extra={**call.log_ids(), "end": end})
     return await _end_stream(resp, tail, transport, send_timeout)
 
@@ -364,35 +393,6 @@ async def _end_stream(
     return resp
 
 
-def _usage_chunk(relay: Relay, charge: Charge) -> dict[str, Any]:
-    """OpenAI's final chunk: no choices, the usage — here with its cost."""
-    if relay.usage_chunk is not None:
-        return {**relay.usage_chunk, "usage": charge.usage}
-    last = relay.last_chunk or {}
-    chunk: dict[str, Any] = {k: last[k] for k in _CHUNK_IDS if k in last}
-    return {**chunk, "object": "chat.completion.chunk", "choices": [], "usage": charge.usage}
-
-
-def _stream_error(relay: Relay, end: StreamEnd | Literal[""]) -> bytes:
-    """The error event that ends a stream cut short, OpenAI-style."""
-    if end == ends.ERROR_EVENT and relay.error is not None:
-        return sse_event({"error": relay.error})  # the upstream's own error, as it sent it
-    if end == ends.IDLE_TIMEOUT:
-        return error_event("The upstream stopped sending mid-stream.", "UPSTREAM_TIMEOUT")
-    if end == ends.TOTAL_TIMEOUT:
-        return error_event(
-            "The completion exceeded the model's total time limit.", "UPSTREAM_TIMEOUT"
-        )
-    if end == SHUTDOWN_END:
-        return error_event(
-            "The server is shutting down; the stream was cut. Retry for the rest.",
-            "SERVER_SHUTTING_DOWN",
-        )
-    if end == ends.MALFORMED:
-        return error_event("The upstream sent an event that is not JSON.", "UPSTREAM_ERROR")
-    return error_event("The upstream stream ended early.", "UPSTREAM_ERROR")
-
-
 def _model_json(m: Model) -> dict[str, Any]:
     pricing: dict[str, Any] = {
         "input": orjson.Fragment(m.input_price_text.encode()),
@@ -410,6 +410,8 @@ def _model_json(m: Model) -> dict[str, Any]:
         "owned_by": "creditgate",
         "pricing": {**pricing, "unit": "credits per 1M tokens"},
         "max_output_tokens": m.max_output_tokens,
+        # The APIs (routes) that serve it: chat, responses, messages, embeddings.
+        "apis": sorted(m.apis),
     }
 
 
@@ -512,6 +514,7 @@ MODEL: Schema = obj(
             "unit",
         ),
         "max_output_tokens": INT,
+        "apis": arr({"enum": ["chat", "responses", "messages", "embeddings"]}),
     },
     "id",
     "object",

@@ -31,8 +31,9 @@ import contextlib
 import email.utils
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import aiohttp
 import orjson
@@ -49,7 +50,7 @@ from creditgate.config import Deployment, Model
 from creditgate.errors import ApiError, UpstreamBadRequest, UpstreamError, UpstreamTimeout
 from creditgate.metrics import UPSTREAM_FIRST_BYTE, UPSTREAM_REQUESTS, cached_labels
 from creditgate.proxy.routing import attempt_order
-from creditgate.proxy.sse import EventSplitter, event_data, inspect_chunk
+from creditgate.proxy.sse import EventSplitter, event_data
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 PASS_THROUGH_STATUSES = frozenset({400, 404, 409, 413, 422})
@@ -62,6 +63,43 @@ DRAIN_TIMEOUT = 1.0  # seconds to wait for a stream's end after [DONE]
 DRAIN_BYTES = 64 * 1024
 _upstream_requests = cached_labels(UPSTREAM_REQUESTS)
 _first_byte = cached_labels(UPSTREAM_FIRST_BYTE)
+
+
+class WireApi(Protocol):
+    """What the client needs of an API (``proxy.dialect.Dialect``): where it is
+    served upstream and how its answers are judged before the client sees them."""
+
+    @property
+    def upstream_path(self) -> str:
+        """Appended to the upstream's base_url, e.g. ``/chat/completions``."""
+        ...
+
+    def valid_answer(self, body: dict[str, Any]) -> bool:
+        """Whether a 200 JSON answer is one of this API's."""
+        ...
+
+    def event_error(self, obj: dict[str, Any]) -> str | None:
+        """The message of a stream event that is an error, else None."""
+        ...
+
+
+class _ChatWire:
+    """Chat completions: the API a call names none of (``proxy.dialect.ChatDialect``)."""
+
+    upstream_path = "/chat/completions"
+
+    def valid_answer(self, body: dict[str, Any]) -> bool:
+        return isinstance(body.get("choices"), list)
+
+    def event_error(self, obj: dict[str, Any]) -> str | None:
+        error = obj.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            return message if isinstance(message, str) and message else "error event"
+        return None
+
+
+CHAT_WIRE: WireApi = _ChatWire()
 
 
 class _Retryable(Exception):
@@ -188,23 +226,77 @@ class UpstreamClient:
         self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
 
     async def complete(
-        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+        self,
+        model: Model,
+        body: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        api: WireApi = CHAT_WIRE,
+        headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """A non-streaming completion; see ``_call`` for the errors it raises."""
-        result = await self._call(model, body, stream=False, deadline=deadline)
+        """A non-streaming answer of ``api``; see ``_call`` for the errors it raises.
+
+        ``headers`` are client headers passed through (e.g. ``anthropic-version``)."""
+        result = await self._call(
+            model, body, stream=False, deadline=deadline, api=api, extra=headers
+        )
         assert isinstance(result, Answer)
         return result
 
     async def stream(
-        self, model: Model, body: dict[str, Any], *, deadline: float | None = None
+        self,
+        model: Model,
+        body: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        api: WireApi = CHAT_WIRE,
+        headers: Mapping[str, str] | None = None,
     ) -> Stream:
-        """A streaming completion, started; see ``_call`` for the errors it raises."""
-        result = await self._call(model, body, stream=True, deadline=deadline)
+        """A streamed answer of ``api``, started; see ``_call`` for the errors it raises."""
+        result = await self._call(
+            model, body, stream=True, deadline=deadline, api=api, extra=headers
+        )
         assert isinstance(result, Stream)
         return result
 
+    async def forward(
+        self,
+        model: Model,
+        path: str,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        *,
+        seconds: float,
+    ) -> tuple[int, bytes]:
+        """One plain POST to the model's first deployment, answered as it came
+        (status and body): for unmetered helpers such as Anthropic's
+        ``count_tokens``. Raises UpstreamError / UpstreamTimeout when unreachable."""
+        deployment = attempt_order(model.deployments, self._rng)[0]
+        payload = {**body, "model": deployment.model}
+        sent = _auth_headers(deployment, headers)
+        try:
+            async with asyncio.timeout(seconds):
+                async with self._session.post(
+                    f"{deployment.upstream.base_url}{path}",
+                    data=orjson.dumps(payload),
+                    headers=sent,
+                ) as resp:
+                    raw = await resp.content.read(MAX_ERROR_BYTES)
+                    return resp.status, raw
+        except TimeoutError:
+            raise UpstreamTimeout(f"The upstream sent nothing within {seconds:g} s.") from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError("Could not reach the upstream provider.") from None
+
     async def _call(
-        self, model: Model, body: dict[str, Any], *, stream: bool, deadline: float | None
+        self,
+        model: Model,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        deadline: float | None,
+        api: WireApi = CHAT_WIRE,
+        extra: Mapping[str, str] | None = None,
     ) -> Answer | Stream:
         """Try the model's deployments until one answers soundly, by ``deadline``
         (loop time; default: the model's total timeout from now). The proxy
@@ -230,7 +322,7 @@ class UpstreamClient:
                 try:
                     attempts += 1
                     return await self._attempt(
-                        model, deployment, payload, attempts, deadline, stream=stream
+                        model, deployment, payload, attempts, deadline, stream, api, extra
                     )
                 except _Retryable as e:
                     failed: _Retryable | None = e
@@ -248,7 +340,7 @@ class UpstreamClient:
                             raise first
                         attempts += 1
                         return await self._attempt(
-                            model, deployment, payload, attempts, deadline, stream=stream
+                            model, deployment, payload, attempts, deadline, stream, api, extra
                         )
             except (_Retryable, _NextDeployment) as e:
                 last = e.error
@@ -283,14 +375,13 @@ class UpstreamClient:
         payload: bytes,
         attempts: int,
         deadline: float,
-        *,
         stream: bool,
+        api: WireApi,
+        extra: Mapping[str, str] | None,
     ) -> Answer | Stream:
         t = model.timeouts
-        headers = {"Content-Type": "application/json"}
-        if deployment.upstream.api_key:
-            headers["Authorization"] = f"Bearer {deployment.upstream.api_key}"
-        url = f"{deployment.upstream.base_url}/chat/completions"
+        headers = _auth_headers(deployment, extra)
+        url = f"{deployment.upstream.base_url}{api.upstream_path}"
         labels = (model.name, deployment.name)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -304,7 +395,7 @@ class UpstreamClient:
                 if resp.status != 200:
                     await self._refused(resp, labels)
                 if stream:
-                    head = await self._stream_head(resp)
+                    head = await self._stream_head(resp, api)
         except aiohttp.ConnectionTimeoutError:  # `connect` ran out: a connection error
             _upstream_requests(*labels, "connect_error").inc()
             raise _Retryable(UpstreamError("Could not connect to the upstream provider.")) from None
@@ -348,9 +439,9 @@ class UpstreamClient:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
             answer = None
-        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+        if not isinstance(answer, dict) or not api.valid_answer(answer):
             _upstream_requests(*labels, "garbage").inc()
-            raise _garbage("something that is not a chat completion")
+            raise _garbage("something that is not an answer of its API")
         _upstream_requests(*labels, "ok").inc()
         return Answer(answer, deployment, attempts)
 
@@ -376,7 +467,7 @@ class UpstreamClient:
             )
         raise _NextDeployment(UpstreamError(f"The upstream provider answered {status}: {message}"))
 
-    async def _stream_head(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _stream_head(self, resp: aiohttp.ClientResponse, api: WireApi) -> bytes:
         """Read until the first complete event and check it; returns the bytes read."""
         splitter = EventSplitter()
         head = b""
@@ -395,15 +486,30 @@ class UpstreamClient:
         data = event_data(events[0])
         if data is None:
             return head  # a comment (a heartbeat): the stream is alive
-        info = inspect_chunk(data)
-        if info is None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
             raise _garbage("a stream event that is not JSON")
-        if info.error is not None:
-            message = info.error.get("message")
-            raise _Retryable(
-                UpstreamError(f"The upstream provider failed: {message or 'error event'}")
-            )
+        message = api.event_error(obj)
+        if message is not None:
+            raise _Retryable(UpstreamError(f"The upstream provider failed: {message}"))
         return head
+
+
+def _auth_headers(deployment: Deployment, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers of a call to ``deployment``: its key, as its kind sends it,
+    and the client's passed-through headers (never the client's credentials)."""
+    upstream = deployment.upstream
+    headers = {"Content-Type": "application/json", **(extra or {})}
+    if upstream.kind == "anthropic":
+        headers.setdefault("anthropic-version", upstream.anthropic_version)
+        if upstream.api_key:
+            headers["x-api-key"] = upstream.api_key
+    elif upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    return headers
 
 
 async def _read_body(resp: aiohttp.ClientResponse) -> bytes:

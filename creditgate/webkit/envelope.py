@@ -17,6 +17,23 @@ from creditgate.webkit.textguard import json_problem
 # ``[http] body_timeout_seconds``, set on the app by ``http.app`` (this
 # module sits below the application state, so it is handed the one number).
 BODY_TIMEOUT = web.AppKey("body_timeout_seconds", float)
+# The error shape a route's clients parse, set by the route on its request:
+# absent or "openai" → creditgate's envelope (OpenAI-compatible);
+# "anthropic" → Anthropic's ``{"type": "error", "error": {type, message}}``.
+ERROR_SHAPE = web.RequestKey("error_shape", str)
+# Anthropic's error types by status (its SDKs map status codes, the type is informative).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 def _default(value: Any) -> Any:
@@ -53,13 +70,26 @@ def written_response(request: web.Request, data: Any, *, replayed: bool) -> web.
     return response
 
 
+def anthropic_error(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """Anthropic's error body; creditgate's ``code`` rides along in the error object."""
+    error: dict[str, Any] = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}
+    if code is not None:
+        error["code"] = code
+    return {"type": "error", "error": error}
+
+
 def error_response(request: web.Request, err: ApiError) -> web.Response:
-    """``{"error": {code, message, type, details?}, "correlationId": …}``."""
-    response = json_response(
-        {"error": err.body(), "correlationId": request.get(CORRELATION_ID)},
-        status=err.status,
-        headers=err.headers,
-    )
+    """``{"error": {code, message, type, details?}, "correlationId": …}`` — or, on a
+    route whose clients are Anthropic's, ``{"type": "error", "error": {type, message,
+    code, details?}, "correlationId": …}`` (same status, same code)."""
+    if request.get(ERROR_SHAPE) == "anthropic":
+        body = anthropic_error(err.status, err.message, err.code)
+        if err.details is not None:
+            body["error"]["details"] = err.details
+        body["correlationId"] = request.get(CORRELATION_ID)
+    else:
+        body = {"error": err.body(), "correlationId": request.get(CORRELATION_ID)}
+    response = json_response(body, status=err.status, headers=err.headers)
     if err.close_connection:
         response.force_close()
     return response

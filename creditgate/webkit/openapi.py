@@ -76,6 +76,21 @@ ERROR: Schema = obj(
     "correlationId",
 )
 
+# Anthropic's error shape (the routes of its Messages API), creditgate's code inside.
+ANTHROPIC_ERROR: Schema = obj(
+    {
+        "type": {"const": "error"},
+        "error": obj(
+            {"type": STR, "message": STR, "code": STR, "details": {}},
+            "type",
+            "message",
+        ),
+        "correlationId": nullable(STR),
+    },
+    "type",
+    "error",
+)
+
 # ---------------------------------------------------------------- the table
 
 AUTH_SCHEMES: dict[str, list[dict[str, list[str]]]] = {
@@ -137,6 +152,7 @@ class Endpoint:
     envelope: bool = True  # the body is wrapped as {data, correlationId}
     stream: bool = False  # the success may also be text/event-stream
     media: str = "application/json"  # of the success body
+    error_shape: str = "openai"  # "anthropic": errors as Anthropic's API shapes them
 
     def __post_init__(self) -> None:
         assert self.auth in AUTH_SCHEMES, self.auth
@@ -217,7 +233,11 @@ def _operation(e: Endpoint) -> dict[str, Any]:
     for status in sorted(errors):
         responses[str(status)] = {
             "description": _STATUS_TEXT.get(status, "Error"),
-            "content": {"application/json": {"schema": ref("Error")}},
+            "content": {
+                "application/json": {
+                    "schema": ref("AnthropicError" if e.error_shape == "anthropic" else "Error")
+                }
+            },
         }
     op["responses"] = responses
     return op
@@ -241,7 +261,7 @@ def document(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": {"Error": ERROR},
+            "schemas": {"Error": ERROR, "AnthropicError": ANTHROPIC_ERROR},
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "cg_… API key"},
                 "session": {

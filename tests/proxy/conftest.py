@@ -91,6 +91,48 @@ public = false
 max_tokens_field = "max_completion_tokens"
 deployments = [{{ upstream = "main", model = "hidden-upstream" }}]
 
+[upstreams.claude]
+base_url = "{upstream}"
+kind = "anthropic"
+
+[models."claude"]
+input_price = 3
+output_price = 15
+cached_input_price = 0.3
+cache_write_price = 3.75
+max_output_tokens = 256
+deployments = [{{ upstream = "claude", model = "claude-upstream" }}]
+
+[models."claude-fast"]
+input_price = 3
+output_price = 15
+max_output_tokens = 256
+deployments = [{{ upstream = "claude", model = "claude-fast-upstream" }}]
+timeouts = {{ connect = 1, first_byte = 0.4, idle = 0.4, total = 5 }}
+
+[models."reasoner"]
+input_price = 2
+output_price = 8
+cached_input_price = 0.5
+max_output_tokens = 256
+context_window = 4000
+deployments = [{{ upstream = "main", model = "reasoner-upstream" }}]
+
+[models."embed"]
+api = "embeddings"
+input_price = 130
+output_price = 0
+max_output_tokens = 1
+deployments = [{{ upstream = "main", model = "embed-upstream" }}]
+
+[models."embed-fast"]
+api = "embeddings"
+input_price = 130
+output_price = 0
+max_output_tokens = 1
+deployments = [{{ upstream = "main", model = "embed-fast-upstream" }}]
+timeouts = {{ connect = 1, first_byte = 0.4, idle = 0.4, total = 5 }}
+
 [tiers.free]
 requests_per_minute = 1000
 tokens_per_minute = 100000000
@@ -113,6 +155,11 @@ PRICES = {  # (input, output) credits per 1M tokens, as the config writes them
     "big": ("1", "1"),
     "hidden": ("1", "1"),
     "rescued": ("1000", "3000"),
+    "claude": ("3", "15"),
+    "claude-fast": ("3", "15"),
+    "reasoner": ("2", "8"),
+    "embed": ("130", "0"),
+    "embed-fast": ("130", "0"),
 }
 
 MESSAGES = [
