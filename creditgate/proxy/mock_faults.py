@@ -62,24 +62,6 @@ FAULT_MODES: tuple[FaultMode, ...] = (
         "report this many prompt tokens (a tokenizer at one token per byte, costly images)",
         fault=False,
     ),
-    FaultMode(
-        "cached_tokens",
-        int,
-        "report this many of the prompt tokens as read from a cache (Responses, Messages)",
-        fault=False,
-    ),
-    FaultMode(
-        "cache_write_tokens",
-        int,
-        "Messages: report this many of the prompt tokens as written to a cache",
-        fault=False,
-    ),
-    FaultMode(
-        "reasoning_tokens",
-        int,
-        "Responses: report this many reasoning tokens on top of the text's",
-        fault=False,
-    ),
     FaultMode("content", str, "the text of every token (default: a fixed sentence)", fault=False),
     # The usage details of real providers (OpenAI's prompt_tokens_details and
     # completion_tokens_details, OpenRouter's cost). Any of the token ones
@@ -87,14 +69,16 @@ FAULT_MODES: tuple[FaultMode, ...] = (
     FaultMode(
         "cached_tokens",
         int,
-        "report this many prompt tokens as read from a cache (prompt_tokens_details.cached_tokens)",
+        "report this many prompt tokens as read from a cache (chat: prompt_tokens_details;"
+        " Responses: input_tokens_details; Messages: cache_read_input_tokens)",
         fault=False,
     ),
     FaultMode(
         "cache_write_tokens",
         int,
         "report this many prompt tokens as written to a cache"
-        " (prompt_tokens_details.cache_write_tokens)",
+        " (chat: prompt_tokens_details.cache_write_tokens;"
+        " Messages: cache_creation_input_tokens)",
         fault=False,
     ),
     FaultMode(
@@ -112,7 +96,8 @@ FAULT_MODES: tuple[FaultMode, ...] = (
     FaultMode(
         "reasoning_tokens",
         int,
-        "add this many hidden reasoning tokens (completion_tokens_details.reasoning_tokens)",
+        "add this many hidden reasoning tokens (chat: completion_tokens_details;"
+        " Responses: output_tokens_details)",
         fault=False,
     ),
     FaultMode(
