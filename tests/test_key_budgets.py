@@ -375,3 +375,21 @@ def test_a_burst_of_reserves_never_passes_budgets_or_credits(
     services: Services, credits: int, budgets_: tuple[int, int], calls: list[Any]
 ) -> None:
     asyncio.run(_burst(services.owner_url, credits, budgets_, calls))
+
+
+async def test_the_sweeper_gives_an_expired_hold_back_to_its_budget(db: asyncpg.Pool) -> None:
+    account_id, key_id = await _keyed_account(db, 10_000, 1_000, "day")
+    hold = await ledger.reserve_hold(
+        db,
+        hold_id=uuid.uuid4(),
+        account_id=account_id,
+        amount=900,
+        ttl_seconds=0,  # expired at once: a crashed process's hold
+        key_id=key_id,
+        budget_zone="Europe/Berlin",
+    )
+    assert (await _state(db, key_id)).reserved == 900
+    assert await ledger.sweep_expired_holds(db) >= 1
+    assert await db.fetchval("SELECT outcome FROM holds WHERE id = $1", hold.id) == "expired"
+    s = await _state(db, key_id)
+    assert (s.spent, s.reserved, s.remaining) == (0, 0, 1_000)
