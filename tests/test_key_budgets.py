@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from creditgate import ledger
 from creditgate.auth import create_api_key
@@ -20,17 +23,21 @@ from tests.conftest import Services
 
 
 async def _keyed_account(
-    db: asyncpg.Pool, credits: int, budget: int | None, period: str | None = None
+    db: asyncpg.Pool | asyncpg.Connection,
+    credits: int,
+    budget: int | None,
+    period: str | None = None,
 ) -> tuple[uuid.UUID, uuid.UUID]:
     account = await ledger.ensure_account(db, "user", f"user_{uuid.uuid4().hex}")
-    await ledger.post_entry(
-        db,
-        account_id=account.id,
-        amount=credits,
-        kind="grant",
-        idempotency_key=f"test:{uuid.uuid4()}",
-        reason="test",
-    )
+    if credits:
+        await ledger.post_entry(
+            db,
+            account_id=account.id,
+            amount=credits,
+            kind="grant",
+            idempotency_key=f"test:{uuid.uuid4()}",
+            reason="test",
+        )
     key = await create_api_key(db, account.id, "budgeted")
     if budget is not None:
         await budgets.set_key_budget(db, key.id, budget, period)
@@ -293,3 +300,96 @@ async def test_a_budget_adds_no_statement_to_reserve_or_settle(
         assert state is not None and (state.spent, state.reserved) == (700, 0)
     else:
         assert state is None
+
+
+# ---------------------------------------------------------------- a burst, as a property
+
+_BURST = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 400)),  # (key: 0, 1 budgeted, 2 none; amount)
+    min_size=2,
+    max_size=24,
+)
+
+
+async def _burst(url: str, credits: int, budgets_: tuple[int, int], calls: list[Any]) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        account_id, k0 = await _keyed_account(conn, credits, budgets_[0], "day")
+        k1 = (await create_api_key(conn, account_id, "second")).id
+        await budgets.set_key_budget(conn, k1, budgets_[1], "month")
+        k2 = (await create_api_key(conn, account_id, "third")).id
+        keys = [k0, k1, k2]
+        gc = GroupCommit(conn, lanes=1, budget_zone="Europe/Berlin")
+        got = await asyncio.gather(
+            *(
+                gc.reserve(
+                    hold_id=uuid.uuid4(),
+                    account_id=account_id,
+                    amount=amount,
+                    ttl_seconds=60,
+                    key_id=keys[k],
+                )
+                for k, amount in calls
+            ),
+            return_exceptions=True,
+        )
+        held = [0, 0, 0]
+        for (k, amount), g in zip(calls, got, strict=True):
+            if isinstance(g, ledger.Hold):
+                held[k] += amount
+            else:
+                assert isinstance(g, CreditsExhausted | KeyBudgetExceeded), g
+        # Never past a budget nor the credits; and nothing refused that fits at the
+        # end (the burst only ever takes: what was refused could not fit later).
+        assert held[0] <= budgets_[0] and held[1] <= budgets_[1]
+        assert sum(held) <= credits
+        room = credits - sum(held)
+        for (k, amount), g in zip(calls, got, strict=True):
+            if isinstance(g, BaseException):
+                key_left = budgets_[k] - held[k] if k < 2 else None
+                assert amount > room or (key_left is not None and amount > key_left)
+                if isinstance(g, KeyBudgetExceeded):
+                    assert key_left is not None and amount > key_left
+        bal = await ledger.get_balance(conn, account_id)
+        assert bal.reserved == sum(held)
+        for k in (0, 1):
+            state = await budgets.key_budget(conn, keys[k], "Europe/Berlin")
+            assert state is not None and (state.reserved, state.spent) == (held[k], 0)
+        report = await ledger.verify_ledger(conn)
+        assert report.ok, report.problems
+    finally:
+        await conn.close()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    credits=st.integers(0, 3_000),
+    budgets_=st.tuples(st.integers(0, 1_500), st.integers(0, 1_500)),
+    calls=_BURST,
+)
+def test_a_burst_of_reserves_never_passes_budgets_or_credits(
+    services: Services, credits: int, budgets_: tuple[int, int], calls: list[Any]
+) -> None:
+    asyncio.run(_burst(services.owner_url, credits, budgets_, calls))
+
+
+async def test_the_sweeper_gives_an_expired_hold_back_to_its_budget(db: asyncpg.Pool) -> None:
+    account_id, key_id = await _keyed_account(db, 10_000, 1_000, "day")
+    hold = await ledger.reserve_hold(
+        db,
+        hold_id=uuid.uuid4(),
+        account_id=account_id,
+        amount=900,
+        ttl_seconds=0,  # expired at once: a crashed process's hold
+        key_id=key_id,
+        budget_zone="Europe/Berlin",
+    )
+    assert (await _state(db, key_id)).reserved == 900
+    assert await ledger.sweep_expired_holds(db) >= 1
+    assert await db.fetchval("SELECT outcome FROM holds WHERE id = $1", hold.id) == "expired"
+    s = await _state(db, key_id)
+    assert (s.spent, s.reserved, s.remaining) == (0, 0, 1_000)

@@ -114,6 +114,10 @@ async def test_session_creates_a_budgeted_key_and_lists_its_spend(
     frozen = (await resp.json())["data"]
     remember_secret(frozen["key"])
     assert (frozen["budgetMicros"], frozen["budgetPeriod"]) == (0, None)
+    # A revocation answers the key as listed, its budget included.
+    resp = await api.delete(f"/api/keys/{made['id']}", headers=session)
+    revoked = (await resp.json())["data"]
+    assert (revoked["budgetMicros"], revoked["spentMicros"]) == (2_500_000, cost)
 
 
 @pytest.mark.parametrize(

@@ -220,8 +220,11 @@ class Revoked:
     key_hash: bytes  # to forget the key in this process's cache at once
 
 
-async def revoke_api_key(db: Db, account_id: uuid.UUID, key_id: uuid.UUID) -> Revoked | None:
+async def revoke_api_key(
+    db: Db, account_id: uuid.UUID, key_id: uuid.UUID, *, budget_zone: str = "UTC"
+) -> Revoked | None:
     """Revoke the account's key ``key_id``; None if the account has no such key.
+    The answer shows the key as listed, its budget's period included.
 
     Scoped by account: another account's key id is "no such key". Revoking a
     revoked key again changes nothing and answers the same.
@@ -245,7 +248,8 @@ async def revoke_api_key(db: Db, account_id: uuid.UUID, key_id: uuid.UUID) -> Re
         return None
     fields = dict(row)
     key_hash = fields.pop("key_hash")
-    return Revoked(KeyInfo(**fields), key_hash)
+    found = await key_budgets(db, [key_id], budget_zone)
+    return Revoked(KeyInfo(**fields, budget=found.get(key_id)), key_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +344,9 @@ class ApiKeyAuth:
         return entry
 
 
-async def revoke_key_by_id(db: Db, key_id: uuid.UUID) -> tuple[uuid.UUID, Revoked] | None:
+async def revoke_key_by_id(
+    db: Db, key_id: uuid.UUID, *, budget_zone: str = "UTC"
+) -> tuple[uuid.UUID, Revoked] | None:
     """Revoke key ``key_id`` whatever its account (an operator's revocation).
 
     Returns (its account id, the revocation), or None if there is no such key.
@@ -349,7 +355,7 @@ async def revoke_key_by_id(db: Db, key_id: uuid.UUID) -> tuple[uuid.UUID, Revoke
     account_id = await db.fetchval("SELECT account_id FROM api_keys WHERE id = $1", key_id)
     if account_id is None:
         return None
-    revoked = await revoke_api_key(db, account_id, key_id)
+    revoked = await revoke_api_key(db, account_id, key_id, budget_zone=budget_zone)
     return None if revoked is None else (account_id, revoked)
 
 

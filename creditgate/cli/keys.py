@@ -106,8 +106,9 @@ async def cmd_keys_revoke(args: argparse.Namespace) -> Outcome:
         key_id = uuid.UUID(args.key_id)
     except ValueError:
         raise CliError("VALIDATION_ERROR", f"KEY_ID: {args.key_id!r} is not a key id") from None
-    async with connected(settings().database_url) as conn:
-        done = await revoke_key_by_id(conn, key_id)
+    config = settings()
+    async with connected(config.database_url) as conn:
+        done = await revoke_key_by_id(conn, key_id, budget_zone=config.config.throttle.day_zone)
     if done is None:
         raise CliError("NOT_FOUND", f"no API key {key_id}")
     account_id, revoked = done

@@ -41,7 +41,7 @@ async def revoke_any_key(request: web.Request) -> web.Response:
         key_id = uuid.UUID(request.match_info["id"])
     except ValueError:
         raise NotFound("No such API key.") from None
-    done = await revoke_key_by_id(st.db, key_id)
+    done = await revoke_key_by_id(st.db, key_id, budget_zone=st.settings.config.throttle.day_zone)
     if done is None:
         raise NotFound("No such API key.")
     account_id, revoked = done

@@ -202,7 +202,10 @@ async def revoke_key(request: web.Request) -> web.Response:
         key_id = uuid.UUID(request.match_info["id"])
     except ValueError:
         raise NotFound("No such API key.") from None
-    revoked = await revoke_api_key(request.app[STATE].db, principal.account_id, key_id)
+    st = request.app[STATE]
+    revoked = await revoke_api_key(
+        st.db, principal.account_id, key_id, budget_zone=st.settings.config.throttle.day_zone
+    )
     if revoked is None:
         raise NotFound("No such API key.")
     # This process stops accepting it at once; others within the cache TTL.

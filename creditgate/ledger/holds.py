@@ -8,7 +8,10 @@ does nothing, and takes the account's balance row lock for the shortest time.
 Invariants (checked by ``verify``):
   * ``reserved`` = SUM(amount of live holds) of the account;
   * a settled hold has exactly one debit entry, a released one none;
-  * ``balance - reserved >= -overdraft_limit`` (CHECK on the row).
+  * ``balance - reserved >= -overdraft_limit`` (CHECK on the row);
+  * per budgeted API key and period (``key_budget_spend``): ``reserved`` =
+    SUM(its live holds), ``spent`` = SUM(their debits); the reserve keeps
+    ``spent + reserved <= budget`` (``ledger/budgets.py``).
 """
 
 from __future__ import annotations
@@ -201,10 +204,10 @@ async def refusal(
     Read after the refused statement (the refusal path only, never a
     success). ``key_refused``: the statement found the credits sufficient, so
     the budget refused. Otherwise, when both fall short now, the tighter one is
-    named. Both answers
-    carry what this call could hold now (``spendableMicros``: the smaller of
-    the account's room and the budget's), from which the proxy derives the
-    ``max_tokens`` the caller could still afford.
+    named. Both answers carry what this call could hold now
+    (``spendableMicros``: the smaller of the account's room and the budget's),
+    from which the proxy derives the ``max_tokens`` the caller could still
+    afford.
     """
     row = await db.fetchrow(_REFUSAL, account_id, key_id, budget_zone)
     if row is None:
@@ -223,9 +226,9 @@ async def refusal(
             resets = row["resets_at"]
             when = f" It resets at {_iso(resets)}." if resets is not None else ""
             return KeyBudgetExceeded(
-                "This API key's budget is used up: this request may cost up to "
-                f"{micros_to_credits(amount)} credits, {micros_to_credits(remaining)} of its "
-                f"{micros_to_credits(budget)} credits are left.{when}",
+                "This request does not fit this API key's budget: it may cost up to "
+                f"{micros_to_credits(amount)} credits, {micros_to_credits(remaining)} of the "
+                f"key's {micros_to_credits(budget)} credits are left.{when}",
                 details={
                     "budget": micros_to_credits(budget),
                     "budgetMicros": budget,
