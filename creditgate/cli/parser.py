@@ -179,7 +179,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_balance)
 
     s = sub.add_parser(
-        "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
+        "verify",
+        parents=[common],
+        help="check the ledger since its last checkpoint (--full: all of it); exit 1 on drift",
+    )
+    s.add_argument(
+        "--full",
+        action="store_true",
+        help="re-read every entry and hold instead of only what is new since the checkpoint",
     )
     s.set_defaults(run=cmd_verify)
 

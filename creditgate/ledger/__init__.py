@@ -55,7 +55,7 @@ from creditgate.ledger.reversals import (
     requested_total,
     reverse_up_to,
 )
-from creditgate.ledger.verify import Report, verify_ledger
+from creditgate.ledger.verify import Report, verify_incremental, verify_ledger
 
 __all__ = [
     "ENTRY_KINDS",
@@ -107,5 +107,6 @@ __all__ = [
     "settle_hold",
     "sweep_expired_holds",
     "sweep_expired_lots",
+    "verify_incremental",
     "verify_ledger",
 ]
