@@ -26,7 +26,7 @@ from creditgate.cli.keys import (
     cmd_limits,
     limit_flag,
 )
-from creditgate.cli.ops import cmd_doctor, cmd_reconcile
+from creditgate.cli.ops import cmd_doctor, cmd_prune, cmd_reconcile
 from creditgate.cli.servers import cmd_mock_upstream, cmd_serve
 from creditgate.config import LIMIT_NAMES
 
@@ -196,6 +196,16 @@ def parser() -> argparse.ArgumentParser:
         help="check configuration, database, migrations, Redis, upstreams, Polar, Clerk",
     )
     s.set_defaults(run=cmd_doctor)
+
+    s = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete operational rows (webhook ids, sent notifications) past their retention",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    s.set_defaults(run=cmd_prune)
 
     s = sub.add_parser(
         "reconcile",
