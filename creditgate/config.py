@@ -299,6 +299,8 @@ class Settings:
     database_url: str | None
     redis_url: str | None
     host: str = "127.0.0.1"
+    # A read replica for balance and usage reads (docs/deploying.md); None: the primary.
+    database_read_url: str | None = None
     port: int = 8080
     admin_token: str | None = None
     metrics_token: str | None = None
@@ -777,6 +779,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         config=load_config(env.get("CREDITGATE_CONFIG") or None, env),
         database_url=env.get("DATABASE_URL") or None,
+        database_read_url=env.get("DATABASE_READ_URL") or None,
         redis_url=env.get("REDIS_URL") or None,
         host=env.get("CREDITGATE_HOST", "127.0.0.1"),
         port=int(port_text),

@@ -116,6 +116,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "creditgate"},
         reset=_keep_session,
     )
+    st.read_db = st.db
+    if s.database_read_url is not None:
+        # Read-only by default at the session level: a write sent here by
+        # mistake fails loudly instead of landing on a replica's primary.
+        st.read_db = await asyncpg.create_pool(
+            s.database_read_url,
+            min_size=1,
+            max_size=10,
+            server_settings={
+                "application_name": "creditgate-read",
+                "default_transaction_read_only": "on",
+            },
+            reset=_keep_session,
+        )
     if s.config.ignored_keys:
         # Speculative upstream calls, unflushed reserves and the fixed hold TTL
         # are gone (nothing leaves before its hold is durable; a hold's TTL
@@ -174,6 +188,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await throttle_redis.aclose()
         await session.close()
         await st.redis.aclose()
+        if st.read_db is not st.db:
+            await st.read_db.close()
         await st.db.close()
 
 
