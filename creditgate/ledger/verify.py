@@ -348,21 +348,23 @@ _NEW_CHECKS: tuple[_NewCheck, ...] = (
     ),
     _NewCheck(
         _same_problem(2),
+        # Per touched hold, its debits by the unique hold_id index (a GROUP BY
+        # over the join would have the planner walk every hold in id order).
         f"""
         WITH {_NEW_ENTRIES},
-        touched AS (
+        touched AS MATERIALIZED (
             SELECT hold_id AS id FROM new_entries WHERE hold_id IS NOT NULL
             UNION SELECT id FROM holds WHERE created_at >= $2
             UNION SELECT id FROM holds WHERE ended_at IS NULL
         )
-        SELECT h.id AS hold_id, h.outcome, count(e.id) AS debits
-        FROM holds h JOIN touched t ON t.id = h.id
-        LEFT JOIN ledger_entries e ON e.hold_id = h.id
-        GROUP BY h.id, h.outcome
-        HAVING (h.outcome = 'settled' AND count(e.id) <> 1)
-            OR (h.outcome = 'released' AND count(e.id) <> 0)
-            OR (h.outcome = 'expired' AND count(e.id) > 1)
-            OR (h.outcome IS NULL AND count(e.id) <> 0)
+        SELECT h.id AS hold_id, h.outcome, d.debits
+        FROM touched t JOIN holds h ON h.id = t.id
+        CROSS JOIN LATERAL (SELECT count(*) AS debits FROM ledger_entries e
+                            WHERE e.hold_id = h.id) d
+        WHERE (h.outcome = 'settled' AND d.debits <> 1)
+           OR (h.outcome = 'released' AND d.debits <> 0)
+           OR (h.outcome = 'expired' AND d.debits > 1)
+           OR (h.outcome IS NULL AND d.debits <> 0)
         LIMIT $3
         """,  # noqa: S608 - constant fragments, never a value
         uses_holds_from=True,
@@ -461,16 +463,26 @@ _NEW_CHECKS: tuple[_NewCheck, ...] = (
 )
 
 # Where the next incremental run starts: this snapshot's xmin (every entry of
-# an older transaction is visible now), and its holds window — the oldest
-# live hold, less a margin for a reserve still in flight that this snapshot
-# cannot see (its created_at is its transaction's start). A transaction open
-# longer than the margin is far beyond any timeout the server sets.
+# an older transaction is visible now), and its holds window. A hold this
+# snapshot cannot see was created by a transaction running now or later, and
+# its created_at is that transaction's start (DEFAULT now()); so the window
+# opens at the oldest transaction start in this database, read just before
+# the snapshot is taken ($1), or at the oldest live hold, whichever is older.
+# Where some sessions' transactions cannot be seen (a role without
+# pg_read_all_stats sees only its own), it opens HOLDS_MARGIN earlier instead.
 HOLDS_MARGIN = "1 hour"
-_HIGH_WATER_SQL = f"""
-SELECT pg_snapshot_xmin(pg_current_snapshot()) AS tx_id,
-       LEAST(now(), (SELECT min(created_at) FROM holds WHERE ended_at IS NULL))
-       - interval '{HOLDS_MARGIN}' AS holds_from
+_OLDEST_TRANSACTION_SQL = f"""
+SELECT CASE WHEN bool_and(query IS DISTINCT FROM '<insufficient privilege>')
+            THEN LEAST(clock_timestamp(), min(xact_start))
+            ELSE clock_timestamp() - interval '{HOLDS_MARGIN}' END
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
 """  # noqa: S608 - constant fragments, never a value
+_HIGH_WATER_SQL = """
+SELECT pg_snapshot_xmin(pg_current_snapshot()) AS tx_id,
+       LEAST($1::timestamptz, (SELECT min(created_at) FROM holds WHERE ended_at IS NULL))
+       AS holds_from
+"""
 
 # Per account, what the checkpoint will cover after this run.
 _ADVANCE_INCREMENTAL_SQL = f"""
@@ -582,9 +594,10 @@ async def verify_ledger(db: Db, *, checkpoint: bool = False, writer: Db | None =
     """
     report = Report()
     async with connection(db) as conn:
+        oldest = await conn.fetchval(_OLDEST_TRANSACTION_SQL)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             seen = await _read_checkpoint(conn)
-            high = await conn.fetchrow(_HIGH_WATER_SQL)
+            high = await conn.fetchrow(_HIGH_WATER_SQL, oldest)
             counts = await conn.fetchrow(
                 "SELECT (SELECT count(*) FROM ledger_entries) AS entries,"
                 " (SELECT count(*) FROM holds) AS holds"
@@ -620,11 +633,12 @@ async def verify_incremental(db: Db, *, writer: Db | None = None) -> Report:
         if seen is None:
             return await verify_ledger(conn, checkpoint=True, writer=writer)
         report = Report(mode="incremental")
+        oldest = await conn.fetchval(_OLDEST_TRANSACTION_SQL)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             seen = await _read_checkpoint(conn)  # as this snapshot sees it
             if seen is None:  # pragma: no cover - a checkpoint is never deleted
                 raise RuntimeError("verify checkpoint vanished")
-            high = await conn.fetchrow(_HIGH_WATER_SQL)
+            high = await conn.fetchrow(_HIGH_WATER_SQL, oldest)
             report.checkpointed_entries = seen.entries
             await _common(conn, report)
             report.entries = await conn.fetchval(
