@@ -263,3 +263,30 @@ def test_the_cli_advances_the_checkpoint_through_the_owner_url(scratch: Scratch)
     assert third["mode"] == "incremental" and third["entries"] == 0
     full = cli("--full", MIGRATE_DATABASE_URL=owner_url)
     assert full["mode"] == "full" and full["checkpointAdvanced"] is True
+
+
+async def test_a_hold_written_by_a_transaction_open_at_the_checkpoint_is_checked_next(
+    scratch: Scratch,
+) -> None:
+    """The holds window opens at the oldest open transaction, whose holds it cannot see yet."""
+    db = scratch.owner
+    a = await _account(db, "user_a")
+    assert (await ledger.verify_incremental(db)).ok
+    async with db.acquire() as slow:
+        tx = slow.transaction()
+        await tx.start()
+        await slow.execute("SELECT 1")  # the transaction (and its now()) begins
+        # A hold "settled" with no debit (a bug), created_at = this transaction's start,
+        # which is older than the checkpoint taken before it commits.
+        await slow.execute(
+            "INSERT INTO holds (id, account_id, amount, expires_at, outcome, ended_at)"
+            " VALUES ($1, $2, 5000, now() + interval '1 minute', 'settled', now())",
+            uuid.uuid4(),
+            a,
+        )
+        await _calls(db, a, 1)
+        mid = await ledger.verify_incremental(db)
+        assert mid.ok and mid.checkpoint_advanced
+        await tx.commit()
+    report = await ledger.verify_incremental(db)
+    assert any(p.startswith("hold ended without exactly the debits") for p in _problems(report))
