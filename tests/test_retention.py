@@ -196,3 +196,26 @@ async def test_the_server_prunes_periodically(settings: Settings, db: asyncpg.Po
             await asyncio.sleep(0.05)
     left = {r["webhook_id"] for r in await db.fetch("SELECT webhook_id FROM webhook_events")}
     assert old not in left and recent in left
+
+
+async def test_prune_on_a_database_without_the_schema_is_a_clear_error(
+    services: Services,
+) -> None:
+    name = f"cg_bare_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(services.owner_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "creditgate", "prune", "--json"],
+            env={**os.environ, "DATABASE_URL": _admin_url(services.owner_url, name)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert json.loads(proc.stdout)["error"]["code"] == "CONFIG_ERROR"
+        assert "Traceback" not in proc.stderr
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

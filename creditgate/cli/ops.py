@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+import asyncpg
+
 from creditgate.cli.db import connected, settings
 from creditgate.cli.output import CliError, Outcome
 
@@ -57,7 +59,12 @@ async def cmd_prune(args: argparse.Namespace) -> Outcome:
     config = settings()
     retention = config.config.retention
     async with connected(config.database_url) as conn:
-        counts = await prune(conn, retention, now=datetime.now(UTC), dry_run=args.dry_run)
+        try:
+            counts = await prune(conn, retention, now=datetime.now(UTC), dry_run=args.dry_run)
+        except asyncpg.UndefinedTableError:
+            raise CliError(
+                "CONFIG_ERROR", "the database has no creditgate schema: run `creditgate migrate`"
+            ) from None
     verb = "would delete" if args.dry_run else "deleted"
     lines = []
     for rule in RULES:
