@@ -246,6 +246,57 @@ def _http_limits(t: dict[str, Any]) -> HttpLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """The ``[retention]`` table: how long operational rows are kept (docs/operations.md).
+
+    Never money: entries, holds and everything ``verify`` reads are kept.
+    A period of 0 days keeps the table's rows forever.
+    """
+
+    # Webhook deliveries processed or given up, by receipt: the id must be
+    # remembered longer than any sender redelivers (Svix, Polar: days).
+    webhook_events_days: int = 30
+    # Low-balance notifications sent, failed or skipped, by when they ended.
+    low_balance_alerts_days: int = 90
+    # How often each server process prunes (the CLI: `creditgate prune`).
+    interval_seconds: float = 3600.0
+    # Rows deleted per statement (short transactions, short locks).
+    batch_size: int = 5000
+
+
+# Shorter than this, a sender's redelivery could find its id forgotten.
+MIN_WEBHOOK_EVENTS_DAYS = 7
+
+
+def _retention_config(t: dict[str, Any]) -> RetentionConfig:
+    d = RetentionConfig()
+    _check_keys(t, set(RetentionConfig.__dataclass_fields__), "retention")
+    webhook_days = _int(
+        t.get("webhook_events_days", d.webhook_events_days), "retention.webhook_events_days"
+    )
+    if 0 < webhook_days < MIN_WEBHOOK_EVENTS_DAYS:
+        raise ConfigError(
+            f"retention.webhook_events_days: 0 (keep) or at least {MIN_WEBHOOK_EVENTS_DAYS}"
+            " (a redelivered webhook must still be recognised), got"
+            f" {webhook_days}"
+        )
+    interval = d.interval_seconds
+    if "interval_seconds" in t:
+        interval = _seconds(t["interval_seconds"], "retention.interval_seconds")
+    if interval < 1:
+        raise ConfigError(f"retention.interval_seconds: at least 1, got {interval}")
+    return RetentionConfig(
+        webhook_events_days=webhook_days,
+        low_balance_alerts_days=_int(
+            t.get("low_balance_alerts_days", d.low_balance_alerts_days),
+            "retention.low_balance_alerts_days",
+        ),
+        interval_seconds=interval,
+        batch_size=_int(t.get("batch_size", d.batch_size), "retention.batch_size", minimum=1),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """What the TOML file describes: upstreams, models, tiers, products."""
 
@@ -270,6 +321,7 @@ class Config:
     shutdown_timeout_seconds: int = 30
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +332,8 @@ class Settings:
     database_url: str | None
     redis_url: str | None
     host: str = "127.0.0.1"
+    # A read replica for balance and usage reads (docs/deploying.md); None: the primary.
+    database_read_url: str | None = None
     port: int = 8080
     admin_token: str | None = None
     metrics_token: str | None = None
@@ -505,6 +559,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
             "http",
             "throttle",
             "notifications",
+            "retention",
         },
         "config",
     )
@@ -700,6 +755,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         ),
         notifications=_notifications_config(_table(raw.get("notifications", {}), "notifications")),
         http_limits=_http_limits(http),
+        retention=_retention_config(_table(raw.get("retention", {}), "retention")),
     )
     return config
 
@@ -831,6 +887,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         config=load_config(env.get("CREDITGATE_CONFIG") or None, env),
         database_url=env.get("DATABASE_URL") or None,
+        database_read_url=env.get("DATABASE_READ_URL") or None,
         redis_url=env.get("REDIS_URL") or None,
         host=env.get("CREDITGATE_HOST", "127.0.0.1"),
         port=int(port_text),

@@ -181,7 +181,11 @@ async def db(services: Services) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(services.owner_url, min_size=1, max_size=10)
     try:
         yield pool
-        # Every test leaves a ledger that adds up.
+        # Every test leaves a ledger that adds up: the incremental check
+        # (advancing the session database's checkpoint test after test) and
+        # the full scan must both find it clean.
+        report = await ledger.verify_incremental(pool)
+        assert report.ok, report.problems
         report = await ledger.verify_ledger(pool)
         assert report.ok, report.problems
     finally:

@@ -411,6 +411,7 @@ kind = "pack"
 [throttle]
 [polar]
 [notifications]
+[retention]
 """
 
 
@@ -473,6 +474,7 @@ def test_documented_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch) ->
     actual = {
         "polar": parsed.polar,
         "notifications": parsed.notifications,
+        "retention": parsed.retention,
         "throttle": parsed.throttle,
         "ledger": parsed,
         "proxy": parsed,

@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "webhooks": 2,
     "preferences": 2,
     "notify": 2,
+    "retention": 2,
     # 3: the application: state, middlewares, route table, the error mapping.
     "http": 3,
     # 4: entry points.

@@ -1,8 +1,14 @@
-"""``doctor`` and ``reconcile``: checks that report a table and exit 1 when something is off."""
+"""``doctor`` and ``reconcile``: checks that report a table and exit 1 when something is off.
+
+Also ``prune``: the retention of operational tables, on demand.
+"""
 
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
+
+import asyncpg
 
 from creditgate.cli.db import connected, settings
 from creditgate.cli.output import CliError, Outcome
@@ -44,3 +50,30 @@ async def cmd_doctor(args: argparse.Namespace) -> Outcome:
     ok = all(c.status != "fail" for c in checks)
     result = {"ok": ok, "checks": [c.as_json() for c in checks]}
     return Outcome(result, "\n".join(c.line() for c in checks), 0 if ok else 1)
+
+
+async def cmd_prune(args: argparse.Namespace) -> Outcome:
+    """``prune [--dry-run]``: delete operational rows past their ``[retention]`` period."""
+    from creditgate.retention import RULES, prune
+
+    config = settings()
+    retention = config.config.retention
+    async with connected(config.database_url) as conn:
+        try:
+            counts = await prune(conn, retention, now=datetime.now(UTC), dry_run=args.dry_run)
+        except asyncpg.UndefinedTableError:
+            raise CliError(
+                "CONFIG_ERROR", "the database has no creditgate schema: run `creditgate migrate`"
+            ) from None
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = []
+    for rule in RULES:
+        days = rule.days(retention)
+        if days == 0:
+            lines.append(f"{rule.table}: kept forever (retention.{rule.setting} = 0)")
+        else:
+            lines.append(f"{rule.table}: {verb} {counts[rule.table]} row(s) older than {days} days")
+    return Outcome(
+        {"dryRun": args.dry_run, "deleted" if not args.dry_run else "wouldDelete": counts},
+        "\n".join(lines),
+    )

@@ -27,7 +27,7 @@ from creditgate.cli.keys import (
     cmd_limits,
     limit_flag,
 )
-from creditgate.cli.ops import cmd_doctor, cmd_reconcile
+from creditgate.cli.ops import cmd_doctor, cmd_prune, cmd_reconcile
 from creditgate.cli.servers import cmd_mock_upstream, cmd_serve
 from creditgate.config import LIMIT_NAMES
 
@@ -200,7 +200,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_balance)
 
     s = sub.add_parser(
-        "verify", parents=[common], help="recompute every balance from the ledger; exit 1 on drift"
+        "verify",
+        parents=[common],
+        help="check the ledger since its last checkpoint (--full: all of it); exit 1 on drift",
+    )
+    s.add_argument(
+        "--full",
+        action="store_true",
+        help="re-read every entry and hold instead of only what is new since the checkpoint",
     )
     s.set_defaults(run=cmd_verify)
 
@@ -210,6 +217,16 @@ def parser() -> argparse.ArgumentParser:
         help="check configuration, database, migrations, Redis, upstreams, Polar, Clerk",
     )
     s.set_defaults(run=cmd_doctor)
+
+    s = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete operational rows (webhook ids, sent notifications) past their retention",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    s.set_defaults(run=cmd_prune)
 
     s = sub.add_parser(
         "reconcile",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -40,6 +41,7 @@ from creditgate.proxy import routes as proxy
 from creditgate.proxy.ports import CHAT
 from creditgate.proxy.upstream import UpstreamClient
 from creditgate.resources import RESOURCES
+from creditgate.retention import prune
 from creditgate.throttle import DayZone, LimitsCache, Throttle
 from creditgate.throttle import admin as throttle_admin
 from creditgate.throttle.cluster import make_client, make_pipe
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_id_headers)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_hold_sweeper)
+    app.cleanup_ctx.append(_pruner)
     add_endpoints(app, ENDPOINTS)
     setup_billing(app)
     setup_webhooks(app)
@@ -115,6 +118,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         server_settings={"application_name": "creditgate"},
         reset=_keep_session,
     )
+    st.read_db = st.db
+    if s.database_read_url is not None:
+        # Read-only by default at the session level: a write sent here by
+        # mistake fails loudly instead of landing on a replica's primary.
+        st.read_db = await asyncpg.create_pool(
+            s.database_read_url,
+            min_size=1,
+            max_size=10,
+            server_settings={
+                "application_name": "creditgate-read",
+                "default_transaction_read_only": "on",
+            },
+            reset=_keep_session,
+        )
     if s.config.ignored_keys:
         # Speculative upstream calls, unflushed reserves and the fixed hold TTL
         # are gone (nothing leaves before its hold is durable; a hold's TTL
@@ -177,6 +194,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await throttle_redis.aclose()
         await session.close()
         await st.redis.aclose()
+        if st.read_db is not st.db:
+            await st.read_db.close()
         await st.db.close()
 
 
@@ -210,6 +229,35 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
                 log.info("expired credits written off", extra={"micros": written_off})
 
     task = asyncio.create_task(sweep_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _pruner(app: web.Application) -> AsyncIterator[None]:
+    """Delete operational rows past their ``[retention]`` period, every ``interval_seconds``.
+
+    Runs in every process (harmless: each row is deleted once); the first run
+    waits one interval, so a fleet restarting at once does not prune at once.
+    """
+    st = app[STATE]
+    retention = st.settings.config.retention
+
+    async def prune_forever() -> None:
+        while True:
+            await asyncio.sleep(retention.interval_seconds)
+            try:
+                counts = await prune(st.db, retention, now=datetime.now(UTC))
+            except Exception:
+                log.warning("retention prune failed", exc_info=True)
+                continue
+            if any(counts.values()):
+                log.info("operational rows pruned", extra={"deleted": counts})
+
+    task = asyncio.create_task(prune_forever())
     try:
         yield
     finally:

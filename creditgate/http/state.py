@@ -28,6 +28,9 @@ class State:
     settings: Settings
     # Made in the app's startup (http.app._resources):
     db: asyncpg.Pool = field(init=False)
+    # Balance and usage reads: a replica's pool (DATABASE_READ_URL), or db
+    # itself. Never used for anything a money decision rests on.
+    read_db: asyncpg.Pool = field(init=False)
     holds: GroupCommit = field(init=False)  # reserve/settle with group commit, on db
     redis: aioredis.Redis | RedisCluster = field(init=False)  # throttle.cluster.make_client
     throttle: Throttle = field(init=False)

@@ -32,10 +32,18 @@ _USAGE_PARAMS = ("limit", "cursor", "kind", "since", "until")
 
 
 async def balance(request: web.Request) -> web.Response:
-    """The balance object of DESIGN.md §9 for the caller's account."""
+    """The balance object of DESIGN.md §9 for the caller's account (replica when configured)."""
     st = request.app[STATE]
     principal = await authenticate(request)
-    bal = await ledger.get_balance(st.db, principal.account_id)
+    try:
+        # The replica when one is configured: a view, seconds stale at most
+        # by its lag; the reserve decides money on the primary.
+        bal = await ledger.get_balance(st.read_db, principal.account_id)
+    except ledger.AccountNotFound:
+        if st.read_db is st.db:
+            raise
+        # An account created moments ago may not have reached the replica.
+        bal = await ledger.get_balance(st.db, principal.account_id)
     return data_response(request, bal.as_json())
 
 
@@ -45,7 +53,7 @@ async def usage(request: web.Request) -> web.Response:
     Query: ``limit`` (1..200, default 50), ``cursor`` (a previous
     ``nextCursor``), ``kind`` (comma-separated or repeated), ``since``
     (inclusive) and ``until`` (exclusive) as ISO 8601 times. Only the caller's
-    account is ever read.
+    account is ever read, from the read replica when one is configured.
     """
     st = request.app[STATE]
     principal = await authenticate(request)
@@ -71,7 +79,7 @@ async def usage(request: web.Request) -> web.Response:
     if problems:
         raise ValidationError("The usage query has invalid parameters.", details=problems)
     page = await ledger.list_entries(
-        st.db,
+        st.read_db,  # the replica when configured (docs/deploying.md: its lag)
         principal.account_id,
         limit=limit,
         cursor=cursor,

@@ -63,7 +63,7 @@ from creditgate.ledger.reversals import (
     requested_total,
     reverse_up_to,
 )
-from creditgate.ledger.verify import Report, verify_ledger
+from creditgate.ledger.verify import Report, verify_incremental, verify_ledger
 
 __all__ = [
     "BUDGET_PERIODS",
@@ -121,5 +121,6 @@ __all__ = [
     "settle_hold",
     "sweep_expired_holds",
     "sweep_expired_lots",
+    "verify_incremental",
     "verify_ledger",
 ]

@@ -36,6 +36,9 @@ LEDGER_PRIVILEGES: Mapping[str, str] = {
     "accounts": "SELECT, INSERT, UPDATE",
     "schema_migrations": "SELECT",
     "ledger_guard_definitions": "SELECT",
+    # verify's checkpoints: only the owner advances them (ledger/verify.py).
+    "verify_checkpoint": "SELECT",
+    "verify_account_checkpoints": "SELECT",
 }
 # Every other table of the schema is operational state (keys, webhook inbox,
 # outboxes, preferences, Polar mirrors): full DML, never DDL or TRUNCATE.

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from creditgate.ledger.db import Db, connection
+import asyncpg
+
+from creditgate.ledger.db import Db, connection, transaction
 from creditgate.ledger.guards import (
     CHANGED_TRIGGERS_SQL,
     REQUIRED_TRIGGERS,
@@ -19,7 +21,13 @@ from creditgate.ledger.guards import (
     serving_role_warnings,
 )
 
-__all__ = ["REQUIRED_CONSTRAINTS", "REQUIRED_TRIGGERS", "Report", "verify_ledger"]
+__all__ = [
+    "REQUIRED_CONSTRAINTS",
+    "REQUIRED_TRIGGERS",
+    "Report",
+    "verify_incremental",
+    "verify_ledger",
+]
 
 _MAX_PER_CHECK = 100
 
@@ -47,6 +55,13 @@ class Report:
     # Not failures: the ledger adds up, but the deployment is weaker than it
     # should be (the serving role could change the guards itself).
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    # "full": every entry and hold; "incremental": what is new since the
+    # checkpoint (``entries``/``holds`` then count what was checked).
+    mode: str = "full"
+    # Entries the checkpoint covered before this run (incremental) and
+    # whether this run moved it forward.
+    checkpointed_entries: int = 0
+    checkpoint_advanced: bool = False
 
     @property
     def ok(self) -> bool:
@@ -61,6 +76,9 @@ class Report:
             "refundDebtMicros": self.refund_debt,
             "problems": self.problems,
             "warnings": self.warnings,
+            "mode": self.mode,
+            "checkpointedEntries": self.checkpointed_entries,
+            "checkpointAdvanced": self.checkpoint_advanced,
         }
 
 
@@ -326,11 +344,302 @@ _CHECKS: tuple[_Check, ...] = (
 )
 
 
+# What the incremental mode checks in place of the full scans. Every query
+# names the entries it checks ``new_entries``: those the checkpoint does not
+# cover (see 0014_verify_checkpoints.sql for why this finds each exactly).
+# $1 is the checkpoint's tx_id; $2, where used, its holds_from.
+_NEW_ENTRIES = """
+    new_entries AS (
+        SELECT e.* FROM ledger_entries e
+        LEFT JOIN verify_account_checkpoints c USING (account_id)
+        WHERE e.kind = 'debit' AND e.tx_id >= $1::xid8 AND e.seq > COALESCE(c.last_seq, 0)
+        UNION ALL
+        SELECT e.* FROM ledger_entries e
+        LEFT JOIN verify_account_checkpoints c USING (account_id)
+        WHERE e.kind <> 'debit' AND e.tx_id >= $1::xid8 AND e.seq > COALESCE(c.last_seq, 0)
+    )"""
+
+
+class _NewCheck(NamedTuple):
+    problem: str  # the same words as the full check's, so reports read alike
+    sql: str  # $1 tx_id, then $2 holds_from when uses_holds_from, then the LIMIT
+    uses_holds_from: bool = False
+
+
+_FULL = {c.problem: c for c in _CHECKS}
+# Checks whose cost grows with accounts, live holds, lots or refunds — not
+# with the entries' history — run unchanged in both modes.
+_SHARED = [
+    _FULL[p]
+    for p in (
+        "an account without exactly one balance row",
+        "reversal record differs from its entry (a refund takes back exactly what it records)",
+        "live credit lots hold more than the balance (SUM(remaining) <= max(0, balance))",
+        "an invariant's trigger is missing, not enabled, or not as the migrations installed it",
+        "refunds pending do not add up (per account, the pending of its reversals ="
+        " collected + written off + refund_pending; refund_pending <= reserved)",
+        "refund collection differs from its entry",
+        "an invariant's constraint is missing",
+    )
+]
+
+
+def _same_problem(index: int) -> str:
+    return _CHECKS[index].problem
+
+
+_NEW_CHECKS: tuple[_NewCheck, ...] = (
+    _NewCheck(
+        _same_problem(0),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT b.account_id, b.balance,
+               COALESCE(c.balance, 0) + COALESCE(n.total, 0) AS entries_total,
+               b.reserved, COALESCE(h.total, 0) AS live_holds_total, b.overdraft_limit
+        FROM account_balances b
+        LEFT JOIN verify_account_checkpoints c USING (account_id)
+        LEFT JOIN (SELECT account_id, SUM(amount)::bigint AS total FROM new_entries
+                   GROUP BY account_id) n USING (account_id)
+        LEFT JOIN (SELECT account_id, SUM(amount)::bigint AS total FROM holds
+                   WHERE ended_at IS NULL GROUP BY account_id) h USING (account_id)
+        WHERE b.balance <> COALESCE(c.balance, 0) + COALESCE(n.total, 0)
+           OR b.reserved <> COALESCE(h.total, 0)
+           OR b.balance - b.reserved < -b.overdraft_limit
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _same_problem(2),
+        # Per touched hold, its debits by the unique hold_id index (a GROUP BY
+        # over the join would have the planner walk every hold in id order).
+        f"""
+        WITH {_NEW_ENTRIES},
+        touched AS MATERIALIZED (
+            SELECT hold_id AS id FROM new_entries WHERE hold_id IS NOT NULL
+            UNION SELECT id FROM holds WHERE created_at >= $2
+            UNION SELECT id FROM holds WHERE ended_at IS NULL
+        )
+        SELECT h.id AS hold_id, h.outcome, d.debits
+        FROM touched t JOIN holds h ON h.id = t.id
+        CROSS JOIN LATERAL (SELECT count(*) AS debits FROM ledger_entries e
+                            WHERE e.hold_id = h.id) d
+        WHERE (h.outcome = 'settled' AND d.debits <> 1)
+           OR (h.outcome = 'released' AND d.debits <> 0)
+           OR (h.outcome = 'expired' AND d.debits > 1)
+           OR (h.outcome IS NULL AND d.debits <> 0)
+        LIMIT $3
+        """,  # noqa: S608 - constant fragments, never a value
+        uses_holds_from=True,
+    ),
+    _NewCheck(
+        _same_problem(3),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT e.id AS entry_id, e.kind, e.hold_id
+        FROM new_entries e LEFT JOIN holds h ON h.id = e.hold_id
+        WHERE (e.kind = 'debit') <> (e.hold_id IS NOT NULL)
+           OR (h.id IS NOT NULL AND h.account_id <> e.account_id)
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _same_problem(4),
+        """
+        SELECT id AS hold_id FROM holds
+        WHERE created_at >= $2 AND ended_at < created_at AND $1::xid8 IS NOT NULL
+        LIMIT $3
+        """,
+        uses_holds_from=True,
+    ),
+    _NewCheck(
+        _same_problem(5),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT account_id, id AS entry_id, seq, amount, balance_after, prev_balance_after
+        FROM (
+            SELECT n.account_id, n.id, n.seq, n.amount, n.balance_after,
+                   CASE WHEN row_number() OVER w = 1 THEN COALESCE(c.balance, 0)
+                        ELSE lag(n.balance_after) OVER w END AS prev_balance_after,
+                   row_number() OVER (PARTITION BY n.account_id ORDER BY n.seq DESC) AS from_end
+            FROM new_entries n
+            LEFT JOIN verify_account_checkpoints c USING (account_id)
+            WINDOW w AS (PARTITION BY n.account_id ORDER BY n.seq)
+        ) x
+        LEFT JOIN account_balances b USING (account_id)
+        WHERE (balance_after IS NOT NULL AND prev_balance_after IS NOT NULL
+               AND balance_after <> prev_balance_after + amount)
+           OR (from_end = 1 AND balance_after IS NOT NULL AND balance_after <> b.balance)
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _same_problem(6),
+        f"""
+        WITH {_NEW_ENTRIES},
+        touched AS (
+            SELECT cu.lot_id AS id FROM credit_lot_uses cu JOIN new_entries n ON n.id = cu.entry_id
+            UNION SELECT id FROM new_entries WHERE expires_at IS NOT NULL
+        )
+        SELECT l.id AS lot_id, l.initial, l.remaining, COALESCE(u.used, 0) AS used
+        FROM credit_lots l JOIN touched t ON t.id = l.id
+        LEFT JOIN (SELECT lot_id, SUM(amount)::bigint AS used FROM credit_lot_uses
+                   WHERE lot_id IN (SELECT id FROM touched) GROUP BY lot_id) u ON u.lot_id = l.id
+        LEFT JOIN ledger_entries g ON g.id = l.id
+        WHERE l.remaining <> l.initial - COALESCE(u.used, 0)
+           OR g.id IS NULL OR g.kind <> 'grant' OR g.account_id <> l.account_id
+           OR g.amount <> l.granted OR g.expires_at IS DISTINCT FROM l.expires_at
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _same_problem(8),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT e.id AS entry_id FROM new_entries e
+        LEFT JOIN credit_lots l ON l.id = e.id
+        WHERE e.expires_at IS NOT NULL AND l.id IS NULL
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _same_problem(9),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT e.id AS entry_id, e.kind, e.amount, COALESCE(u.used, 0) AS used
+        FROM new_entries e
+        LEFT JOIN (SELECT cu.entry_id, SUM(cu.amount)::bigint AS used,
+                          bool_or(l.account_id <> le.account_id) AS foreign_lot,
+                          bool_or(le.kind = 'expiry' AND (cu.lot_id <> le.lot_id
+                                  OR le.created_at < l.expires_at)) AS bad_expiry
+                   FROM credit_lot_uses cu
+                   JOIN credit_lots l ON l.id = cu.lot_id
+                   JOIN new_entries le ON le.id = cu.entry_id
+                   GROUP BY cu.entry_id) u ON u.entry_id = e.id
+        WHERE (e.amount >= 0 AND u.used IS NOT NULL)
+           OR (e.amount < 0 AND e.kind <> 'expiry' AND COALESCE(u.used, 0) > -e.amount)
+           OR (e.kind = 'expiry' AND COALESCE(u.used, 0) <> -e.amount)
+           OR u.foreign_lot OR u.bad_expiry
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+)
+
+# Where the next incremental run starts: this snapshot's xmin (every entry of
+# an older transaction is visible now), and its holds window. A hold this
+# snapshot cannot see was created by a transaction running now or later, and
+# its created_at is that transaction's start (DEFAULT now()); so the window
+# opens at the oldest transaction start in this database, read just before
+# the snapshot is taken ($1), or at the oldest live hold, whichever is older.
+# Where some sessions' transactions cannot be seen (a role without
+# pg_read_all_stats sees only its own), it opens HOLDS_MARGIN earlier instead.
+HOLDS_MARGIN = "1 hour"
+_OLDEST_TRANSACTION_SQL = f"""
+SELECT CASE WHEN bool_and(query IS DISTINCT FROM '<insufficient privilege>')
+            THEN LEAST(clock_timestamp(), min(xact_start))
+            ELSE clock_timestamp() - interval '{HOLDS_MARGIN}' END
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""  # noqa: S608 - constant fragments, never a value
+_HIGH_WATER_SQL = """
+SELECT pg_snapshot_xmin(pg_current_snapshot()) AS tx_id,
+       LEAST($1::timestamptz, (SELECT min(created_at) FROM holds WHERE ended_at IS NULL))
+       AS holds_from
+"""
+
+# Per account, what the checkpoint will cover after this run.
+_ADVANCE_INCREMENTAL_SQL = f"""
+WITH {_NEW_ENTRIES}
+SELECT n.account_id, max(n.seq) AS last_seq,
+       (COALESCE(c.balance, 0) + SUM(n.amount))::bigint AS balance,
+       COALESCE(c.entries, 0) + count(*) AS entries
+FROM new_entries n LEFT JOIN verify_account_checkpoints c USING (account_id)
+GROUP BY n.account_id, c.balance, c.entries
+"""  # noqa: S608 - constant fragments, never a value
+_ADVANCE_FULL_SQL = """
+SELECT account_id, max(seq) AS last_seq, SUM(amount)::bigint AS balance, count(*) AS entries
+FROM ledger_entries GROUP BY account_id
+"""
+
+
+class _Checkpoint(NamedTuple):
+    tx_id: Any  # asyncpg's xid8 is an int
+    holds_from: Any
+    entries: int
+
+
 def _jsonable(value: Any) -> Any:
     return value if isinstance(value, int | str | bool | None) else str(value)
 
 
-async def verify_ledger(db: Db) -> Report:
+def _record(report: Report, problem: str, rows: list[asyncpg.Record]) -> None:
+    for r in rows[:_MAX_PER_CHECK]:
+        report.problems.append(
+            {"problem": problem, **{k: _jsonable(v) for k, v in dict(r).items()}}
+        )
+    if len(rows) > _MAX_PER_CHECK:
+        report.problems.append({"problem": problem, "more": True})
+
+
+async def _read_checkpoint(conn: asyncpg.Connection) -> _Checkpoint | None:
+    row = await conn.fetchrow("SELECT tx_id, holds_from, entries FROM verify_checkpoint")
+    return None if row is None else _Checkpoint(row["tx_id"], row["holds_from"], row["entries"])
+
+
+async def _common(conn: asyncpg.Connection, report: Report) -> None:
+    report.accounts = await conn.fetchval("SELECT count(*) FROM account_balances")
+    report.refund_debt = await conn.fetchval(
+        "SELECT (SELECT COALESCE(SUM(debt), 0) FROM ledger_reversals)"
+        " + (SELECT COALESCE(SUM(written_off), 0) FROM refund_collections)"
+    )
+    report.warnings = [w.as_json() for w in await serving_role_warnings(conn)]
+
+
+async def _advance(
+    db: Db,
+    seen: _Checkpoint | None,
+    new: _Checkpoint,
+    accounts: list[asyncpg.Record],
+    full: bool,
+) -> bool:
+    """Write the checkpoint of a clean run; False when another run moved it first."""
+    try:
+        async with transaction(db) as conn:
+            current = await conn.fetchrow("SELECT tx_id FROM verify_checkpoint FOR UPDATE")
+            # Compare-and-set: two runs at once both read ``seen``; the first
+            # writes, the second leaves the checkpoint to it (its sums are of
+            # its own snapshot, which would not match the rows the first wrote).
+            if (current is None) != (seen is None) or (
+                current is not None and seen is not None and current["tx_id"] != seen.tx_id
+            ):
+                return False
+            await conn.execute(
+                "INSERT INTO verify_account_checkpoints (account_id, last_seq, balance, entries)"
+                " SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])"
+                " ON CONFLICT (account_id) DO UPDATE SET last_seq = EXCLUDED.last_seq,"
+                " balance = EXCLUDED.balance, entries = EXCLUDED.entries",
+                [r["account_id"] for r in accounts],
+                [r["last_seq"] for r in accounts],
+                [r["balance"] for r in accounts],
+                [r["entries"] for r in accounts],
+            )
+            await conn.execute(
+                "INSERT INTO verify_checkpoint (tx_id, holds_from, entries, full_scan)"
+                " VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (singleton) DO UPDATE SET tx_id = EXCLUDED.tx_id,"
+                " holds_from = EXCLUDED.holds_from, entries = EXCLUDED.entries,"
+                " full_scan = EXCLUDED.full_scan, verified_at = now()",
+                new.tx_id,
+                new.holds_from,
+                new.entries,
+                full,
+            )
+    except asyncpg.InsufficientPrivilegeError:
+        # The serving role may verify but never advances the checkpoint.
+        return False
+    return True
+
+
+async def verify_ledger(db: Db, *, checkpoint: bool = False, writer: Db | None = None) -> Report:
     """Check every invariant of DESIGN.md §3 and ARCHITECTURE.md on one snapshot.
 
     Balances and reservations recomputed from entries and holds; each hold
@@ -340,30 +649,77 @@ async def verify_ledger(db: Db) -> Report:
     enforce the rest still in place; every refund reversal's entry taking back
     exactly what its record says, and pending refunds adding up. A serving
     role able to change the triggers is a warning, not a problem.
+
+    With ``checkpoint``, a clean run also records its snapshot as the
+    checkpoint the next incremental run starts from — through ``writer`` when
+    given (the schema owner's connection: only the owner may write it).
     """
     report = Report()
-    async with connection(db) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        counts = await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM account_balances) AS accounts,"
-            " (SELECT count(*) FROM ledger_entries) AS entries,"
-            " (SELECT count(*) FROM holds) AS holds"
-        )
-        report.accounts, report.entries, report.holds = (
-            counts["accounts"],
-            counts["entries"],
-            counts["holds"],
-        )
-        report.refund_debt = await conn.fetchval(
-            "SELECT (SELECT COALESCE(SUM(debt), 0) FROM ledger_reversals)"
-            " + (SELECT COALESCE(SUM(written_off), 0) FROM refund_collections)"
-        )
-        report.warnings = [w.as_json() for w in await serving_role_warnings(conn)]
-        for problem, sql, args in _CHECKS:
-            rows = await conn.fetch(sql, *args, _MAX_PER_CHECK + 1)
-            for r in rows[:_MAX_PER_CHECK]:
-                report.problems.append(
-                    {"problem": problem, **{k: _jsonable(v) for k, v in dict(r).items()}}
-                )
-            if len(rows) > _MAX_PER_CHECK:
-                report.problems.append({"problem": problem, "more": True})
+    async with connection(db) as conn:
+        oldest = await conn.fetchval(_OLDEST_TRANSACTION_SQL)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            seen = await _read_checkpoint(conn)
+            high = await conn.fetchrow(_HIGH_WATER_SQL, oldest)
+            counts = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM ledger_entries) AS entries,"
+                " (SELECT count(*) FROM holds) AS holds"
+            )
+            report.entries, report.holds = counts["entries"], counts["holds"]
+            await _common(conn, report)
+            for problem, sql, args in _CHECKS:
+                _record(report, problem, await conn.fetch(sql, *args, _MAX_PER_CHECK + 1))
+            accounts = await conn.fetch(_ADVANCE_FULL_SQL) if checkpoint and report.ok else []
+        if checkpoint and report.ok:
+            new = _Checkpoint(high["tx_id"], high["holds_from"], report.entries)
+            report.checkpoint_advanced = await _advance(
+                writer or conn, seen, new, accounts, full=True
+            )
+    return report
+
+
+async def verify_incremental(db: Db, *, writer: Db | None = None) -> Report:
+    """Check what is new since the last checkpoint; the first run is a full one.
+
+    New entries are checked like the full scan checks every entry (running
+    balance from the account's checkpointed balance, debits against their
+    holds, credit lots they used or created), every balance row against its
+    checkpointed sum plus its new entries, the holds new entries name and those
+    created since the checkpoint's window, and the checks whose size does not
+    grow with history (live holds, live lots, refunds, triggers, constraints)
+    as in full. Old entries are not re-read: their triggers forbid any change,
+    and ``verify --full`` re-reads them all. A clean run advances the
+    checkpoint, through ``writer`` when given (only the owner may write it).
+    """
+    async with connection(db) as conn:
+        seen = await _read_checkpoint(conn)
+        if seen is None:
+            return await verify_ledger(conn, checkpoint=True, writer=writer)
+        report = Report(mode="incremental")
+        oldest = await conn.fetchval(_OLDEST_TRANSACTION_SQL)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            seen = await _read_checkpoint(conn)  # as this snapshot sees it
+            if seen is None:  # pragma: no cover - a checkpoint is never deleted
+                raise RuntimeError("verify checkpoint vanished")
+            high = await conn.fetchrow(_HIGH_WATER_SQL, oldest)
+            report.checkpointed_entries = seen.entries
+            await _common(conn, report)
+            report.entries = await conn.fetchval(
+                f"WITH {_NEW_ENTRIES} SELECT count(*) FROM new_entries",  # noqa: S608
+                seen.tx_id,
+            )
+            report.holds = await conn.fetchval(
+                "SELECT count(*) FROM holds WHERE created_at >= $1 OR ended_at IS NULL",
+                seen.holds_from,
+            )
+            for problem, sql, uses_holds_from in _NEW_CHECKS:
+                args = (seen.tx_id, seen.holds_from) if uses_holds_from else (seen.tx_id,)
+                _record(report, problem, await conn.fetch(sql, *args, _MAX_PER_CHECK + 1))
+            for problem, sql, static in _SHARED:
+                _record(report, problem, await conn.fetch(sql, *static, _MAX_PER_CHECK + 1))
+            accounts = await conn.fetch(_ADVANCE_INCREMENTAL_SQL, seen.tx_id) if report.ok else []
+        if report.ok:
+            new = _Checkpoint(high["tx_id"], high["holds_from"], seen.entries + report.entries)
+            report.checkpoint_advanced = await _advance(
+                writer or conn, seen, new, accounts, full=False
+            )
     return report
