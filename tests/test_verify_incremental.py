@@ -147,6 +147,30 @@ async def test_tampering_with_a_new_entry_is_found(scratch: Scratch) -> None:
     assert not (await ledger.verify_incremental(db)).ok
 
 
+async def test_a_tampered_breakdown_of_a_new_debit_is_found(scratch: Scratch) -> None:
+    db = scratch.owner
+    a = await _account(db, "user_b")
+    assert (await ledger.verify_incremental(db)).ok
+    hold = uuid.uuid4()
+    await ledger.reserve_hold(db, hold_id=hold, account_id=a, amount=5_000, ttl_seconds=60)
+    kinds = (("input", 10), ("output", 20), ("cached_input", 4))
+    await ledger.settle_hold(db, hold, ledger.Usage(10, 20, 1_000, breakdown=kinds))
+    assert (await ledger.verify_incremental(db)).ok
+    hold = uuid.uuid4()
+    await ledger.reserve_hold(db, hold_id=hold, account_id=a, amount=5_000, ttl_seconds=60)
+    await ledger.settle_hold(db, hold, ledger.Usage(10, 20, 1_000, breakdown=kinds))
+    await db.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only")
+    await db.execute(
+        """UPDATE ledger_entries SET breakdown = '{"input": 10, "output": 20, "cached_input": 11}'
+        WHERE hold_id = $1""",
+        hold,
+    )
+    await db.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_append_only")
+    report = await ledger.verify_incremental(db)
+    assert not report.ok and report.mode == "incremental"
+    assert any("tokens by kind" in p["problem"] for p in report.problems)
+
+
 async def test_old_entries_are_left_to_full(scratch: Scratch) -> None:
     """Documented: the incremental run does not re-read checkpointed entries."""
     db = scratch.owner

@@ -524,6 +524,88 @@ _NEW_CHECKS: tuple[_NewCheck, ...] = (
     ),
 )
 
+
+def _problem_with(words: str) -> str:
+    (problem,) = [c.problem for c in _CHECKS if words in c.problem]
+    return problem
+
+
+# Checks added after incremental verify was written, in its terms: a debit's
+# tokens by kind on new entries only; a key budget's spend for each (key,
+# period) that a new hold, a live hold or a new entry's hold belongs to,
+# recounted over all that period's holds (index holds_key_budget_period).
+_NEW_CHECKS += (
+    _NewCheck(
+        _problem_with("tokens by kind"),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT entry_id, kind, input_tokens, output_tokens, breakdown::text AS breakdown
+        FROM (
+            SELECT e.id AS entry_id, e.kind, e.input_tokens, e.output_tokens, e.breakdown,
+                   (SELECT COALESCE(bool_and(jsonb_typeof(v) = 'number' AND v::text !~ '[-.eE]'),
+                                    true)
+                    FROM jsonb_each(e.breakdown) AS kv(k, v)
+                    WHERE k <> 'upstream_cost') AS counts_ok
+            FROM new_entries e
+            WHERE e.breakdown IS NOT NULL
+        ) x
+        WHERE kind <> 'debit' OR NOT counts_ok
+           OR breakdown -> 'input' IS DISTINCT FROM to_jsonb(input_tokens)
+           OR breakdown -> 'output' IS DISTINCT FROM to_jsonb(output_tokens)
+           OR CASE WHEN counts_ok THEN
+                  COALESCE((breakdown ->> 'cached_input')::numeric, 0)
+                  + COALESCE((breakdown ->> 'cache_write')::numeric, 0)
+                  + COALESCE((breakdown ->> 'audio_input')::numeric, 0)
+                      > (breakdown ->> 'input')::numeric
+               OR COALESCE((breakdown ->> 'audio_output')::numeric, 0)
+                  + COALESCE((breakdown ->> 'reasoning')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+               OR COALESCE((breakdown ->> 'accepted_prediction')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+               OR COALESCE((breakdown ->> 'rejected_prediction')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+              ELSE false END
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+    _NewCheck(
+        _problem_with("key budget spend"),
+        f"""
+        WITH {_NEW_ENTRIES},
+        touched AS MATERIALIZED (
+            SELECT hold_id AS id FROM new_entries WHERE hold_id IS NOT NULL
+            UNION SELECT id FROM holds WHERE created_at >= $2
+            UNION SELECT id FROM holds WHERE ended_at IS NULL
+        ),
+        pairs AS MATERIALIZED (
+            SELECT DISTINCT h.key_id, h.budget_period_start AS period_start
+            FROM touched t JOIN holds h ON h.id = t.id
+            WHERE h.budget_period_start IS NOT NULL
+        ),
+        h AS (
+            SELECT h.key_id, h.budget_period_start AS period_start,
+                   COALESCE(SUM(h.amount) FILTER (WHERE h.ended_at IS NULL), 0)::bigint
+                       AS reserved,
+                   COALESCE(SUM(-e.amount), 0)::bigint AS spent,
+                   bool_or(k.account_id IS DISTINCT FROM h.account_id) AS foreign_key
+            FROM pairs p
+            JOIN holds h ON h.key_id = p.key_id AND h.budget_period_start = p.period_start
+            LEFT JOIN ledger_entries e ON e.hold_id = h.id
+            LEFT JOIN api_keys k ON k.id = h.key_id
+            GROUP BY h.key_id, h.budget_period_start
+        )
+        SELECT h.key_id, h.period_start, s.spent, s.reserved,
+               h.spent AS holds_spent, h.reserved AS holds_reserved
+        FROM h
+        LEFT JOIN key_budget_spend s ON s.key_id = h.key_id AND s.period_start = h.period_start
+        WHERE s.key_id IS NULL OR h.foreign_key
+           OR s.spent <> h.spent OR s.reserved <> h.reserved
+        LIMIT $3
+        """,  # noqa: S608 - constant fragments, never a value
+        uses_holds_from=True,
+    ),
+)
+
 # Where the next incremental run starts: this snapshot's xmin (every entry of
 # an older transaction is visible now), and its holds window. A hold this
 # snapshot cannot see was created by a transaction running now or later, and
