@@ -90,6 +90,43 @@ class _Check(NamedTuple):
 
 _CONSTRAINT_ARGS = ([t for t, _ in REQUIRED_CONSTRAINTS], [n for _, n in REQUIRED_CONSTRAINTS])
 
+
+def _breakdown_sql(entries: str, limit: str) -> str:
+    """Migration 0012: a debit's tokens by kind, over ``entries`` (a table or
+    CTE name). Only counts (JSON numbers ≥ 0) besides the reported cost; the
+    totals are the entry's own columns; the parts fit their totals. Casts run
+    only on entries whose counts are numbers."""
+    return f"""
+        SELECT entry_id, kind, input_tokens, output_tokens, breakdown::text AS breakdown
+        FROM (
+            SELECT e.id AS entry_id, e.kind, e.input_tokens, e.output_tokens, e.breakdown,
+                   (SELECT COALESCE(bool_and(jsonb_typeof(v) = 'number' AND v::text !~ '[-.eE]'),
+                                    true)
+                    FROM jsonb_each(e.breakdown) AS kv(k, v)
+                    WHERE k <> 'upstream_cost') AS counts_ok
+            FROM {entries} e
+            WHERE e.breakdown IS NOT NULL
+        ) x
+        WHERE kind <> 'debit' OR NOT counts_ok
+           OR breakdown -> 'input' IS DISTINCT FROM to_jsonb(input_tokens)
+           OR breakdown -> 'output' IS DISTINCT FROM to_jsonb(output_tokens)
+           OR CASE WHEN counts_ok THEN
+                  COALESCE((breakdown ->> 'cached_input')::numeric, 0)
+                  + COALESCE((breakdown ->> 'cache_write')::numeric, 0)
+                  + COALESCE((breakdown ->> 'audio_input')::numeric, 0)
+                      > (breakdown ->> 'input')::numeric
+               OR COALESCE((breakdown ->> 'audio_output')::numeric, 0)
+                  + COALESCE((breakdown ->> 'reasoning')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+               OR COALESCE((breakdown ->> 'accepted_prediction')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+               OR COALESCE((breakdown ->> 'rejected_prediction')::numeric, 0)
+                      > (breakdown ->> 'output')::numeric
+              ELSE false END
+        LIMIT {limit}
+        """  # noqa: S608 - constant names, never a value
+
+
 # One row per offence; each query is self-contained.
 _CHECKS: tuple[_Check, ...] = (
     _Check(
@@ -268,40 +305,9 @@ _CHECKS: tuple[_Check, ...] = (
         """,
     ),
     _Check(
-        # Migration 0012: a debit's tokens by kind. Only counts (JSON numbers ≥ 0)
-        # besides the reported cost; the totals are the entry's own columns; the
-        # parts fit their totals. Casts run only on entries whose counts are numbers.
         "a debit's tokens by kind do not add up (totals not its input/output tokens,"
         " parts above their total, a count not a number ≥ 0, or on another kind)",
-        """
-        SELECT entry_id, kind, input_tokens, output_tokens, breakdown::text AS breakdown
-        FROM (
-            SELECT e.id AS entry_id, e.kind, e.input_tokens, e.output_tokens, e.breakdown,
-                   (SELECT COALESCE(bool_and(jsonb_typeof(v) = 'number' AND v::text !~ '[-.eE]'),
-                                    true)
-                    FROM jsonb_each(e.breakdown) AS kv(k, v)
-                    WHERE k <> 'upstream_cost') AS counts_ok
-            FROM ledger_entries e
-            WHERE e.breakdown IS NOT NULL
-        ) x
-        WHERE kind <> 'debit' OR NOT counts_ok
-           OR breakdown -> 'input' IS DISTINCT FROM to_jsonb(input_tokens)
-           OR breakdown -> 'output' IS DISTINCT FROM to_jsonb(output_tokens)
-           OR CASE WHEN counts_ok THEN
-                  COALESCE((breakdown ->> 'cached_input')::numeric, 0)
-                  + COALESCE((breakdown ->> 'cache_write')::numeric, 0)
-                  + COALESCE((breakdown ->> 'audio_input')::numeric, 0)
-                      > (breakdown ->> 'input')::numeric
-               OR COALESCE((breakdown ->> 'audio_output')::numeric, 0)
-                  + COALESCE((breakdown ->> 'reasoning')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-               OR COALESCE((breakdown ->> 'accepted_prediction')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-               OR COALESCE((breakdown ->> 'rejected_prediction')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-              ELSE false END
-        LIMIT $1
-        """,
+        _breakdown_sql("ledger_entries", "$1"),
     ),
     _Check(
         "key budget spend differs from its holds (per key and period: reserved = SUM(live"
@@ -537,36 +543,7 @@ def _problem_with(words: str) -> str:
 _NEW_CHECKS += (
     _NewCheck(
         _problem_with("tokens by kind"),
-        f"""
-        WITH {_NEW_ENTRIES}
-        SELECT entry_id, kind, input_tokens, output_tokens, breakdown::text AS breakdown
-        FROM (
-            SELECT e.id AS entry_id, e.kind, e.input_tokens, e.output_tokens, e.breakdown,
-                   (SELECT COALESCE(bool_and(jsonb_typeof(v) = 'number' AND v::text !~ '[-.eE]'),
-                                    true)
-                    FROM jsonb_each(e.breakdown) AS kv(k, v)
-                    WHERE k <> 'upstream_cost') AS counts_ok
-            FROM new_entries e
-            WHERE e.breakdown IS NOT NULL
-        ) x
-        WHERE kind <> 'debit' OR NOT counts_ok
-           OR breakdown -> 'input' IS DISTINCT FROM to_jsonb(input_tokens)
-           OR breakdown -> 'output' IS DISTINCT FROM to_jsonb(output_tokens)
-           OR CASE WHEN counts_ok THEN
-                  COALESCE((breakdown ->> 'cached_input')::numeric, 0)
-                  + COALESCE((breakdown ->> 'cache_write')::numeric, 0)
-                  + COALESCE((breakdown ->> 'audio_input')::numeric, 0)
-                      > (breakdown ->> 'input')::numeric
-               OR COALESCE((breakdown ->> 'audio_output')::numeric, 0)
-                  + COALESCE((breakdown ->> 'reasoning')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-               OR COALESCE((breakdown ->> 'accepted_prediction')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-               OR COALESCE((breakdown ->> 'rejected_prediction')::numeric, 0)
-                      > (breakdown ->> 'output')::numeric
-              ELSE false END
-        LIMIT $2
-        """,  # noqa: S608 - constant fragments, never a value
+        f"WITH {_NEW_ENTRIES} " + _breakdown_sql("new_entries", "$2"),
     ),
     _NewCheck(
         _problem_with("key budget spend"),
