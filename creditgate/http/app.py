@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -199,6 +200,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await st.db.close()
 
 
+@contextlib.asynccontextmanager
+async def _in_background(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """Run ``work`` as a task for the duration of the block, cancelled at its end."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
     """Release holds a crashed process left behind, and write off expired credits.
 
@@ -228,13 +241,8 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
                 CREDITS_EXPIRED.inc(written_off)
                 log.info("expired credits written off", extra={"micros": written_off})
 
-    task = asyncio.create_task(sweep_forever())
-    try:
+    async with _in_background(sweep_forever()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _pruner(app: web.Application) -> AsyncIterator[None]:
@@ -257,10 +265,5 @@ async def _pruner(app: web.Application) -> AsyncIterator[None]:
             if any(counts.values()):
                 log.info("operational rows pruned", extra={"deleted": counts})
 
-    task = asyncio.create_task(prune_forever())
-    try:
+    async with _in_background(prune_forever()):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
