@@ -612,7 +612,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     unmetered (it generates nothing); authenticated like every route."""
     request[ERROR_SHAPE] = "anthropic"
     st = request.app[CHAT]
-    await authenticate(request)
+    principal = await authenticate(request)
     body = await read_json_object(request)
     name = body.get("model")
     if not isinstance(name, str) or not name:
@@ -627,13 +627,20 @@ async def count_tokens(request: web.Request) -> web.Response:
             details=[{"path": "model", "message": "unknown model"}],
         )
     check_api(model, MESSAGES)
-    status, answer = await st.upstream.forward(
-        model,
-        "/messages/count_tokens",
-        body,
-        MESSAGES.upstream_headers(request),
-        seconds=min(COUNT_TOKENS_TIMEOUT, model.timeouts.total),
-    )
+    # Free, but a call to the operator's upstream all the same: it counts as a
+    # request (per minute, and in flight), never as tokens or a daily message.
+    limits = await st.limits.get(principal.account_id, principal.key_id)
+    admission = await st.throttle.admit(limits, 0)
+    try:
+        status, answer = await st.upstream.forward(
+            model,
+            "/messages/count_tokens",
+            body,
+            MESSAGES.upstream_headers(request),
+            seconds=min(COUNT_TOKENS_TIMEOUT, model.timeouts.total),
+        )
+    finally:
+        await st.throttle.finish(admission, None)
     return web.Response(body=answer, status=status, content_type="application/json")
 
 

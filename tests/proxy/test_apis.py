@@ -433,6 +433,24 @@ async def test_count_tokens_is_passed_through_unmetered(
     assert resp.status == 401 and (await resp.json())["type"] == "error"
 
 
+async def test_count_tokens_counts_as_a_request_against_the_throttle(
+    gw: TestClient, db, customer_factory
+) -> None:
+    c = await customer_factory(10, tier="tight")  # 2 requests per minute
+    client = claude(gw, c.key)
+    for _ in range(2):
+        await client.messages.count_tokens(model="claude", messages=ANTHROPIC_MESSAGES)
+    resp = await gw.post(
+        "/v1/messages/count_tokens",
+        json={"model": "claude", "messages": ANTHROPIC_MESSAGES},
+        headers={"x-api-key": c.key},
+    )
+    assert resp.status == 429
+    body = await resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert await outcome(db, c.account.id) == Outcome(GRANT, 0, [], [])
+
+
 # ---------------------------------------------------------------- which API serves a model
 
 
