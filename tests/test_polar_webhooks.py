@@ -200,6 +200,27 @@ async def test_paid_then_refunded_nets_to_zero(
     assert await ledger.account_debt(db, c.account.id) == 0
 
 
+async def test_refunds_with_one_refunded_amount_but_other_shares_both_apply(
+    app: TestClient, db: asyncpg.Pool, customer_factory
+) -> None:
+    c = await customer_factory(0)
+    order = new_order(c)
+    _, paid = await deliver(app, "order.paid", order)
+    await applied(db, paid)
+    # The same refunded amount against two refundable amounts: 30 % of the
+    # order, then 60 % of what Polar then counts (an adjusted order).
+    for refundable, left in ((700, 7), (200, 4)):
+        event = order | {
+            "status": "partially_refunded",
+            "refunded_amount": 300,
+            "refundable_amount": refundable,
+        }
+        _, refund = await deliver(app, "order.refunded", event)
+        row = await applied(db, refund)
+        assert row["status"] == "processed", row["outcome"]
+        assert (await balance(app, c))["balanceMicros"] == left * CREDIT
+
+
 async def test_a_refund_of_spent_credits_takes_what_remains_and_records_debt(
     app: TestClient, db: asyncpg.Pool, customer_factory
 ) -> None:

@@ -309,7 +309,10 @@ async def _refund_order(conn: asyncpg.Connection, config: Config, facts: dict[st
         conn,
         account_id=order.account_id,
         amount=delta,
-        idempotency_key=f"polar:refund:{order.order_id}:{facts.get('refunded_amount') or 0}",
+        # Keyed by the total to have taken back: two events with one refunded
+        # amount but other refundable amounts are two targets, not a conflict
+        # (the order's row lock serialises them, so each adds only its delta).
+        idempotency_key=f"polar:refund:{order.order_id}:target:{target}",
         reverses=grant_key,
         reason=f"Polar refund of order {order.order_id}",
     )
