@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +17,7 @@ from polar.v2026_10 import PolarAsync
 from tenacity import RetryCallState
 
 from creditgate.billing.client import _WaitHonouringRetryAfter
-from creditgate.billing.export import PendingDebit, UsageExporter, usage_event
+from creditgate.billing.export import GAUGE_INTERVAL, PendingDebit, UsageExporter, usage_event
 from creditgate.billing.metrics import USAGE_PARKED
 from creditgate.config import PolarConfig
 from tests.billing_support import (
@@ -127,6 +129,44 @@ async def test_each_settled_debit_reaches_polar_once_with_its_usage(
         c.account.id,
     )
     assert (totals["n"], totals["c"]) == (10, sum(costs))
+
+
+async def test_catching_up_counts_the_backlog_at_most_every_few_seconds(
+    db: asyncpg.Pool, fake: FakePolar, cfg: PolarConfig, customer_factory
+) -> None:
+    c = await customer_factory(100)
+    ids = [await settle_debit(db, c.account.id, cost=100) for _ in range(70)]  # 10 batches
+    # Idle rounds far apart, so every count seen is a catching-up one or the last.
+    patient = dataclasses.replace(cfg, export_interval_seconds=60.0)
+    counts: list[str] = []
+    async with (
+        PolarAsync(TOKEN, base_url=fake.url, timeout=cfg.request_timeout_seconds) as polar,
+        db.acquire() as conn,
+    ):
+        conn.add_query_logger(lambda r: counts.append(r.query) if "count(*)" in r.query else None)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task = asyncio.create_task(UsageExporter(polar, patient)._export_while_holding(conn))
+        try:
+            await eventually(lambda: _none_left(db, ids), what="the export to catch up")
+            await eventually(lambda: _seen(counts), what="the gauges once caught up")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        elapsed = loop.time() - started
+    assert_exported_once(fake, c.account.id, ids)
+    # The first round's, one per GAUGE_INTERVAL while catching up, the last:
+    # never one per batch (10 here).
+    assert len(counts) <= 2 + int(elapsed / GAUGE_INTERVAL)
+
+
+async def _none_left(db: asyncpg.Pool, ids: list[uuid.UUID]) -> bool:
+    return await unexported(db, ids) == 0
+
+
+async def _seen(counts: list[str]) -> bool:
+    return bool(counts)
 
 
 async def test_every_kind_of_polar_failure_still_delivers_each_debit_once(

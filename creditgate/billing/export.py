@@ -76,6 +76,9 @@ LIMIT $3
 # The kinds of a debit's breakdown that are parts of its two totals.
 TOKEN_KINDS = frozenset(KINDS) - {"input", "output"}
 
+# Seconds between two backlog counts while the export catches up.
+GAUGE_INTERVAL = 5.0
+
 _BACKLOG = """
 SELECT count(*) AS pending,
        COALESCE(EXTRACT(EPOCH FROM now() - min(e.created_at)), 0)::float8 AS oldest_s
@@ -378,6 +381,8 @@ class UsageExporter:
 
     async def _export_while_holding(self, conn: asyncpg.Connection) -> None:
         failures = 0
+        loop = asyncio.get_running_loop()
+        gauges_due = 0.0  # loop time of the next gauge update while catching up
         while True:
             try:
                 settled = await self.export_once(conn)
@@ -395,7 +400,12 @@ class UsageExporter:
                     },
                 )
                 settled = 0
-            await self.update_gauges(conn)
+            # The backlog count reads every pending debit: after each round
+            # once caught up, but at most every GAUGE_INTERVAL while catching
+            # up (per batch it made a long catch-up quadratic).
+            if settled < self._cfg.batch_size or loop.time() >= gauges_due:
+                await self.update_gauges(conn)
+                gauges_due = loop.time() + GAUGE_INTERVAL
             if settled < self._cfg.batch_size:
                 # Caught up (or Polar is failing: back off up to the retry ceiling).
                 pause = self._cfg.export_interval_seconds
