@@ -186,6 +186,10 @@ async def test_when_polar_cannot_refresh_the_stored_state_is_served(
     data = await view(app, session)
     assert (data["status"], data["refreshedAt"]) == ("active", None)
     assert fake.subscription_calls("GET", plan.id) == 1
+    # Within the back-off the stored state is served without asking again.
+    for _ in range(3):
+        assert (await view(app, session))["status"] == "active"
+    assert fake.subscription_calls("GET", plan.id) == 1
 
 
 async def test_who_may_see_and_cancel(

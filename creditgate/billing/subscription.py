@@ -17,6 +17,7 @@ not call Polar again.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from typing import Any
 
@@ -110,10 +111,32 @@ async def _current(db: Any, st: Resources, account_id: uuid.UUID) -> asyncpg.Rec
     return row
 
 
+# After a failed refresh a subscription is not asked for again for this long
+# (per process): while Polar is down, GETs serve the stored state at once
+# instead of each waiting on Polar's retries.
+REFRESH_BACKOFF_SECONDS = 30.0
+_MAX_BACKOFFS = 10_000  # bounded memory: the whole map is forgotten beyond it
+_refresh_failed: dict[str, float] = {}  # subscription id → monotonic time to retry
+
+
+def _backing_off(subscription_id: str) -> bool:
+    until = _refresh_failed.get(subscription_id)
+    return until is not None and time.monotonic() < until
+
+
+def _failed(subscription_id: str) -> None:
+    if len(_refresh_failed) >= _MAX_BACKOFFS:
+        _refresh_failed.clear()
+    _refresh_failed[subscription_id] = time.monotonic() + REFRESH_BACKOFF_SECONDS
+
+
 async def refresh_from_polar(st: Resources, polar: PolarAsync, subscription_id: str) -> bool:
-    """Apply Polar's current state of the subscription as its webhook would; False on failure."""
+    """Apply Polar's current state of the subscription as its webhook would; False on
+    failure, or without asking while a recent failure's back-off lasts."""
     cfg = st.settings.config.polar
     ids = {"subscription_id": subscription_id}
+    if _backing_off(subscription_id):
+        return False
     try:
         current = await call_with_retries(
             cfg,
@@ -122,6 +145,7 @@ async def refresh_from_polar(st: Resources, polar: PolarAsync, subscription_id: 
             max_wait_seconds=2.0,
         )
     except PolarError as e:
+        _failed(subscription_id)
         log.warning(
             "subscription refresh from Polar failed; serving the stored state",
             extra={**ids, "error": type(e).__name__, "status": getattr(e, "status_code", None)},
@@ -137,11 +161,13 @@ async def refresh_from_polar(st: Resources, polar: PolarAsync, subscription_id: 
                 "UPDATE subscriptions SET refreshed_at = now() WHERE id = $1", subscription_id
             )
     except (RetryLater, Unprocessable) as e:
+        _failed(subscription_id)
         log.warning(
             "subscription refresh not applicable; serving the stored state",
             extra={**ids, "error": str(e)[:200]},
         )
         return False
+    _refresh_failed.pop(subscription_id, None)
     log.info("subscription refreshed from Polar", extra={**ids, "outcome": outcome})
     return True
 
