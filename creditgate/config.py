@@ -571,6 +571,8 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         base_url = up.get("base_url")
         if name == "main" and env.get("UPSTREAM_BASE_URL"):
             base_url = env["UPSTREAM_BASE_URL"]  # the documented override
+        if name == "anthropic" and env.get("ANTHROPIC_UPSTREAM_BASE_URL"):
+            base_url = env["ANTHROPIC_UPSTREAM_BASE_URL"]  # its Messages twin
         key_env = up.get("api_key_env")
         api_key = env.get(_str(key_env, f"{where}.api_key_env")) if key_env else None
         up_kind: UpstreamKind

@@ -118,6 +118,23 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
             cost = r.json()["usage"]["cost_micros"]
             after = http.get("/api/user/balance").json()["data"]["balanceMicros"]
             assert before - after == cost > 0
+            # Every API is tried out the same way: Messages on mock-claude,
+            # Responses and embeddings on mock-model.
+            calls = {
+                "/v1/messages": {
+                    "model": "mock-claude",
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                },
+                "/v1/responses": {"model": "mock-model", "input": "Hi", "store": False},
+                "/v1/embeddings": {"model": "mock-model", "input": "Hi"},
+            }
+            for path, body in calls.items():
+                r = http.post(path, json=body, headers={"anthropic-version": "2023-06-01"})
+                assert r.status_code == 200, (path, r.text)
+                assert r.json()["usage"]["cost_micros"] > 0, path
+            ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+            assert {"mock-model", "mock-claude"} <= ids
     finally:
         proc.send_signal(signal.SIGINT)
         try:

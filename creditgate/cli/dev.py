@@ -132,6 +132,8 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
             await web.TCPSite(mock, "127.0.0.1", 0).start()
             port = mock.addresses[0][1]  # the port the system chose
             env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
+            # The mock speaks Anthropic's Messages API too (mock-claude).
+            env.setdefault("ANTHROPIC_UPSTREAM_BASE_URL", env["UPSTREAM_BASE_URL"])
         try:
             settings = replace(load_settings(env), dev=True)
         except ConfigError as e:
