@@ -63,8 +63,8 @@ class RedisClusterNodes:
     def start(self) -> None:
         for port in self.ports:
             self._start_node(port)
-        for port in self.ports:
-            self._wait_up(port)
+        for i, port in enumerate(self.ports):
+            self.ports[i] = self._listening(port)
         subprocess.run(
             [
                 self.cli,
@@ -114,17 +114,35 @@ class RedisClusterNodes:
             stderr=subprocess.DEVNULL,
         )
 
-    def _wait_up(self, port: int) -> None:
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    def _listening(self, port: int) -> int:
+        """The node's port once it answers. A port is free when chosen but any
+        process's outgoing connection may take it (or its bus port) before the
+        node binds it: then the node exits and starts again on a fresh port."""
+        for _ in range(5):
+            if self._up(port):
+                return port
+            proc = self.procs.pop(port)
+            proc.kill()
+            proc.wait()
+            port = _free_port()
+            self._start_node(port)
+        raise AssertionError("no redis-server node could start on five ports")
+
+    def _up(self, port: int) -> bool:
+        client = redis.Redis(port=port, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, f"redis-server on {port} did not start"
-                time.sleep(0.05)
-        client.close()
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    client.ping()
+                    return True
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    if self.procs[port].poll() is not None:
+                        return False  # it exited: the port was taken
+                    time.sleep(0.05)
+            return False
+        finally:
+            client.close()
 
     def client(self, port: int) -> redis.Redis:
         """A plain (non-cluster) client of one node."""
