@@ -52,6 +52,15 @@ def test_promtool_accepts_the_alert_rules() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_drift_alert_watches_the_windowed_drift_not_consumed_units() -> None:
+    """Polar resets ``consumed_units`` every billing cycle; the drift alert reads
+    the reconciler's gauge of units outside the lag, computed by event window."""
+    rules = {r["alert"]: r for g in _alerts()["groups"] for r in g["rules"] if "alert" in r}
+    expr = rules["CreditgateMeterDrift"]["expr"]
+    assert "creditgate_polar_meter_drift_units" in expr
+    assert "consumed" not in json.dumps(_alerts())
+
+
 async def test_every_metric_the_dashboard_and_alerts_name_is_exposed(
     cg: TestClient, customer_factory
 ) -> None:

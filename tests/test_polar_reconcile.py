@@ -130,6 +130,32 @@ async def test_after_a_billing_cycle_reset_the_drift_is_zero(
     assert METER_DRIFT_ACCOUNTS._value.get() == 0
 
 
+async def test_a_loss_before_a_cycle_reset_is_not_masked_by_the_reset(
+    db: asyncpg.Pool, fake: FakePolar, polar: PolarAsync, cfg: PolarConfig, customer_factory
+) -> None:
+    """An event lost in one billing cycle is still reported after Polar resets the
+    meter: the reset zeroes ``consumed_units``, never the quantities by event time."""
+    c = await customer_factory(50)
+    customer = str(c.account.id)
+    cycle = past_hour(days=10)
+    await settle_debit(db, c.account.id, cost=2_000_000)
+    lost = await settle_debit(db, c.account.id, cost=77_777)
+    fake.lose(str(lost))
+    await export_everything(db, polar, cfg, at(cycle + timedelta(minutes=10)))
+    fake.reset_meter(customer)  # the invoice of the cycle
+    await settle_debit(db, c.account.id, cost=300_000)
+    await export_everything(db, polar, cfg, at(cycle + timedelta(minutes=70)))
+
+    meters = await polar.customer_meters.list(external_customer_id=customer)
+    assert [m.consumed_units for m in meters.items] == [300_000.0]  # the reset happened
+
+    report = await reconcile(db, polar, cfg, since=cycle, until=cycle + timedelta(hours=2))
+    assert rows(report, customer) == [(cycle, 2_077_777, 2_000_000.0, True)], report.as_table()
+    assert not report.ok
+    assert METER_DRIFT._value.get() == 77_777
+    assert METER_DRIFT_ACCOUNTS._value.get() == 1
+
+
 async def test_a_lost_event_is_reported_for_exactly_its_customer_and_window(
     db: asyncpg.Pool, fake: FakePolar, polar: PolarAsync, cfg: PolarConfig, customer_factory
 ) -> None:
