@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -56,6 +57,10 @@ async def test_headers_aiohttp_refuses_are_logged_without_their_credentials(
         for request in hostile_headers(key, session):
             answer = send_raw("127.0.0.1", port, request)
             assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+            # Answered in the error envelope, like every other refusal.
+            envelope = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert envelope["error"]["code"] == "VALIDATION_ERROR", answer[:300]
+            assert envelope["error"]["type"] == "invalid_request_error"
     finally:
         stop(proc)
     text = log_path.read_text("utf-8", errors="replace")

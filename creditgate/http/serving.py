@@ -9,7 +9,10 @@ bound on a client that never finishes its headers. This module runs the app as
   it fires while no complete request has arrived — so it bounds unfinished
   headers and idle keep-alive connections alike;
 * a cap on open connections per process: one past it is answered 503 at once
-  and closed, before any byte of it is parsed.
+  and closed, before any byte of it is parsed;
+* requests aiohttp refuses before any handler runs (a request line or header
+  over 8,190 bytes, a control character in a header) answered in the error
+  envelope like every other error, not in aiohttp's plain text.
 
 Bodies are bounded where they are read (``webkit.envelope.read_body``).
 """
@@ -24,7 +27,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
+from creditgate import errors
 from creditgate.http.metrics import CONNECTIONS_REFUSED
 
 
@@ -49,12 +54,48 @@ def _refusal() -> bytes:
 REFUSAL = _refusal()
 
 
+def _unparsable(status: int) -> web.Response:
+    """The envelope for a request aiohttp could not parse (almost always a 400)."""
+    if status == 400:
+        error: errors.ApiError = errors.ValidationError(
+            "The request line or a header could not be parsed: each must be at most"
+            " 8,190 bytes, and header values may not hold control characters."
+        )
+    elif status == 413:
+        error = errors.PayloadTooLarge("The request is too large.")
+    else:
+        error = errors.InternalError("The request could not be handled.")
+    body = orjson.dumps({"error": error.body(), "correlationId": None})
+    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp.force_close()
+    return resp
+
+
+class EnvelopeRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own refusals in the envelope."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Log as aiohttp does (through the redacting formatter), answer in JSON."""
+        super().handle_error(request, status, exc, message)  # logs; raises if sent
+        return _unparsable(status)
+
+
 class CappedServer(web.Server):
     """aiohttp's protocol factory, refusing connections past ``max_connections``."""
 
     def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+
+    def __call__(self) -> RequestHandler:
+        """A connection's handler: aiohttp's, with envelope refusals."""
+        return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         """Register the connection; answer 503 and close it when it is one too many."""
