@@ -191,6 +191,13 @@ def test_amounts_in_the_grammar_and_json_numbers_parse_exactly(value: object, mi
     assert credits_to_micros(value) == micros
 
 
+@pytest.mark.parametrize("value", [1e-7, 0.0000015, 1.2345678, float("nan"), float("inf"), True])
+def test_a_json_number_past_six_decimals_or_not_finite_is_refused(value: object) -> None:
+    # JSON numbers follow the text grammar: at most 6 decimals, finite, never a bool.
+    with pytest.raises(MoneyError):
+        credits_to_micros(value)
+
+
 def test_a_polar_time_that_is_not_iso_8601_is_unprocessable() -> None:
     from creditgate.billing.polar_events import Unprocessable, _ts
 
