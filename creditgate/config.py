@@ -662,7 +662,7 @@ def parse_config(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError("models: at least one model is required")
 
     tiers: dict[str, Tier] = {}
-    tier_fields = ("requests_per_minute", "tokens_per_minute", "max_parallel", "messages_per_day")
+    tier_fields = LIMIT_NAMES
     for name, t in _table(raw.get("tiers", {}), "tiers").items():
         where = f"tiers.{name}"
         t = _table(t, where)

@@ -27,7 +27,7 @@ from creditgate.proxy.upstream import Stream
 SEND_TIMEOUT = 60.0  # seconds one write to the client may wait (the proxy passes the model's idle)
 
 # How a relayed stream ended (the stream_ends metric's label, the logs' "end");
-# "shutdown" is the drain's cut (http.drain.SHUTDOWN_END).
+# "shutdown" is the drain's cut (webkit.drain.SHUTDOWN_END).
 StreamEnd = Literal[
     "done",
     "eof",
@@ -39,6 +39,7 @@ StreamEnd = Literal[
     "client_gone",
     "stalled",
     "shutdown",
+    "cancelled",
 ]
 DONE_END: Final = "done"  # the upstream sent [DONE]
 EOF_END: Final = "eof"  # the upstream closed the stream without [DONE]
@@ -49,6 +50,7 @@ MALFORMED: Final = "malformed"  # an event whose data is not JSON
 ERROR_EVENT: Final = "error_event"  # the upstream sent an error object
 CLIENT_GONE: Final = "client_gone"  # a write to the client failed
 STALLED: Final = "stalled"  # a write to the client timed out: it stopped reading
+CANCELLED: Final = "cancelled"  # aiohttp cancelled the handler: the client left
 
 
 class Relay:

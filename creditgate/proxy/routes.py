@@ -312,7 +312,7 @@ async def _stream(
             _stream_ends(model.name, SHUTDOWN_END).inc()
             return await _finish_stream(call, relay, SHUTDOWN_END, request.transport, dialect)
         # aiohttp cancelled us (the client left): what was generated is owed.
-        _stream_ends(model.name, "cancelled").inc()
+        _stream_ends(model.name, ends.CANCELLED).inc()
         await call.settle(relay.usage, relay.text_bytes)
         raise
     except BaseException:
