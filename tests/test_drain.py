@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from creditgate.http.drain import SHUTDOWN_MARGIN_SECONDS
-from creditgate.proxy.pricing import estimate_text_tokens
-from tests.conftest import Services
+from creditgate.proxy.pricing import TokenCounts, cost_of, estimate_text_tokens
+from tests.conftest import Services, make_settings
 from tests.logcapture import log_file
 from tests.procs import free_port, server_env, start_mock_upstream, stop, wait_http, write_config
 
@@ -179,7 +179,7 @@ async def test_sigterm_finishes_short_streams_and_cuts_long_ones_at_the_timeout(
     assert refused.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
 
     rows = await db.fetch(
-        "SELECT output_tokens, estimated, -amount AS debited FROM ledger_entries"
+        "SELECT input_tokens, output_tokens, estimated, -amount AS debited FROM ledger_entries"
         " WHERE account_id = $1 AND kind = 'debit'",
         c.account.id,
     )
@@ -187,6 +187,14 @@ async def test_sigterm_finishes_short_streams_and_cuts_long_ones_at_the_timeout(
     assert len(rows) == 9
     exact = sorted(r["output_tokens"] for r in rows if not r["estimated"])
     assert exact == [5, 5, 5, 5]  # the finished streams: the upstream's usage
+    model = make_settings(services, upstream).config.models["mock-model"]
+    for r in rows:  # each finished stream charged its exact price, to the µc
+        if not r["estimated"]:
+            counts = TokenCounts(input=r["input_tokens"], output=r["output_tokens"])
+            assert r["debited"] == cost_of(model, counts), dict(r)
+    for seen in short[1::2]:  # asked for usage: the cost it reports is the debit
+        assert seen.usage is not None and not seen.usage.get("estimated")
+        assert seen.usage["cost_micros"] in {r["debited"] for r in rows if not r["estimated"]}
     # The cut ones: the text their clients received, estimated (the upstream sent no usage).
     estimated = sorted(r["output_tokens"] for r in rows if r["estimated"])
     texts = [s.text for s in long] + [sdk_text]
@@ -230,3 +238,28 @@ def test_the_supervisor_kills_only_a_worker_still_running_past_its_drain() -> No
     finally:
         stop(stuck)
         stop(drains)
+
+
+def test_the_supervisor_exits_1_when_it_had_to_kill_a_worker(tmp_path: Path) -> None:
+    """A kill is the last resort, and the exit code says it happened."""
+    script = tmp_path / "supervise_stuck.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from creditgate import supervisor\n"
+        "stuck = ('import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);'\n"
+        "         ' time.sleep(60)')\n"
+        "supervisor._spawn = lambda host, port, env: subprocess.Popen(\n"
+        "    [sys.executable, '-c', stuck], env=env)\n"
+        "supervisor.SHUTDOWN_MARGIN_SECONDS = 0.5\n"
+        "print('ready', flush=True)\n"
+        "sys.exit(supervisor.supervise(2, '127.0.0.1', 9, 0.5))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(1.0)  # both workers started and ignore SIGTERM
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    assert code == 1
