@@ -21,6 +21,7 @@ from creditgate.config import Config, Tier, load_config
 from creditgate.errors import ServiceUnavailable
 from creditgate.ledger import Hold, Settlement, Usage
 from creditgate.ledger.errors import HoldEnded, HoldNotFound
+from creditgate.proxy import metering
 from creditgate.proxy.metering import MeteredCall
 from creditgate.proxy.ports import Admissions, HoldBook
 from creditgate.proxy.pricing import cost_micros
@@ -194,7 +195,64 @@ async def test_settle_retries_stop_when_the_holds_margin_is_spent(config: Config
 
     with pytest.raises(OSError, match="still down"):
         await call.settle({"prompt_tokens": 1, "completion_tokens": 1}, 1)
-    assert len(holds.settled) == 2  # the first try and one retry: then given up
+    # The call gave up (the first try and one retry); its settlement goes on in
+    # the background, failing here for good, and is cancelled at shutdown.
+    assert await metering.finish_late_settlements(0.05) == 1
+
+
+async def test_a_settlement_given_up_on_goes_on_in_the_background_until_it_commits(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Served usage is never forgiven: the call fails, its settlement does not stop."""
+    monkeypatch.setattr(metering, "LATE_SETTLE_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(metering, "LATE_SETTLE_MAX_WAIT", 0.02)
+    done = Settlement(uuid.uuid4(), 3, 0, replayed=False)
+    failures: list[Settlement | BaseException] = [OSError(f"down {i}") for i in range(5)]
+    holds, throttle = FakeHolds([*failures, done]), FakeThrottle()
+    call = _call(config, holds, throttle, deadline_in=-(config.settle_margin_seconds + 1))
+
+    with pytest.raises(OSError, match="down 1"):
+        await call.settle({"prompt_tokens": 1, "completion_tokens": 1}, 1)
+    assert await metering.finish_late_settlements(5.0) == 0  # committed, none left
+    assert len(holds.settled) == 6  # retried until the sixth try committed
+    assert {hold_id for hold_id, _ in holds.settled} == {call.hold.id}
+    assert {usage for _, usage in holds.settled} == {holds.settled[0][1]}  # same usage each time
+    await call.close()
+    assert holds.released == []  # never released: it was settled
+
+
+async def test_a_background_settlement_stops_at_a_refusal(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metering, "LATE_SETTLE_FIRST_WAIT", 0.01)
+    refused: list[Settlement | BaseException] = [
+        OSError("down"),
+        OSError("still down"),
+        OSError("down again"),
+        HoldEnded("hold already ended (released)"),
+    ]
+    holds, throttle = FakeHolds(refused), FakeThrottle()
+    call = _call(config, holds, throttle, deadline_in=-(config.settle_margin_seconds + 1))
+
+    with pytest.raises(OSError, match="still down"):
+        await call.settle({"prompt_tokens": 1, "completion_tokens": 1}, 1)
+    assert await metering.finish_late_settlements(5.0) == 0
+    assert len(holds.settled) == 4 and holds.outcomes == []  # stopped at the refusal
+
+
+async def test_shutdown_cancels_a_background_settlement_still_failing(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metering, "LATE_SETTLE_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(metering, "LATE_SETTLE_MAX_WAIT", 0.02)
+    failing: list[Settlement | BaseException] = [OSError("down")] * 10_000
+    holds, throttle = FakeHolds(failing), FakeThrottle()
+    call = _call(config, holds, throttle, deadline_in=-(config.settle_margin_seconds + 1))
+
+    with pytest.raises(OSError):
+        await call.settle({"prompt_tokens": 1, "completion_tokens": 1}, 1)
+    assert await metering.finish_late_settlements(0.2) == 1  # cancelled; the sweeper's turn
+    assert not metering._late_settlements
 
 
 async def test_a_refusal_is_final_not_retried(config: Config) -> None:

@@ -38,6 +38,7 @@ from creditgate.logs import log
 from creditgate.notify import setup_notifications
 from creditgate.preferences import DefaultModels
 from creditgate.proxy import apis as proxy_apis
+from creditgate.proxy import metering
 from creditgate.proxy import routes as proxy
 from creditgate.proxy.ports import CHAT
 from creditgate.proxy.upstream import UpstreamClient
@@ -52,6 +53,11 @@ from creditgate.webkit.envelope import BODY_TIMEOUT
 from creditgate.webkit.openapi import add_endpoints
 
 # Every route, from the tables beside their handlers (they also make /openapi.json).
+# At shutdown, how long settlements still retrying in the background (the
+# database was failing) get to commit before the pools close; only spent when
+# some are pending, and within the drain's margin (webkit.drain).
+LATE_SETTLE_SHUTDOWN_SECONDS = 1.0
+
 ENDPOINTS = (
     *proxy.ENDPOINTS,
     *proxy_apis.ENDPOINTS,
@@ -87,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     app[AUTH] = Authenticator(settings)
     app.on_response_prepare.append(add_id_headers)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_late_settlements)
     app.cleanup_ctx.append(_hold_sweeper)
     app.cleanup_ctx.append(_pruner)
     add_endpoints(app, ENDPOINTS)
@@ -198,6 +205,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if st.read_db is not st.db:
             await st.read_db.close()
         await st.db.close()
+
+
+async def _late_settlements(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, before the pools close: let background settlements commit."""
+    yield
+    await metering.finish_late_settlements(LATE_SETTLE_SHUTDOWN_SECONDS)
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ from tenacity import (
     AsyncRetrying,
     retry_if_not_exception_type,
     stop_after_delay,
+    stop_never,
     wait_exponential_jitter,
 )
 
@@ -47,6 +48,13 @@ PROGRESS_INTERVAL = 1.0  # seconds between two progress records of one stream
 # Of the settle margin (the hold's life after the call's deadline), the share
 # settlement retries may use: the rest is slack before the sweeper's turn.
 SETTLE_RETRY_SHARE = 0.8
+# A settlement still failing when that share is spent goes on in the
+# background until it commits (served usage is never forgiven): waits grow to
+# this cap. Past the hold's expiry it commits as a late debit (ledger.holds);
+# if the sweeper charged the hold's recorded progress first, that one stands.
+LATE_SETTLE_MAX_WAIT = 30.0
+LATE_SETTLE_FIRST_WAIT = 0.5
+_late_settlements: set[asyncio.Task[None]] = set()
 
 _tokens = cached_labels(TOKENS)
 _credits_charged = cached_labels(CREDITS_CHARGED)
@@ -251,15 +259,51 @@ class MeteredCall:
         loop = asyncio.get_running_loop()
         margin = self.settings.settle_margin_seconds
         budget = max(0.0, self.deadline + margin * SETTLE_RETRY_SHARE - loop.time())
-        async for attempt in AsyncRetrying(
-            stop=stop_after_delay(budget),
-            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
-            retry=retry_if_not_exception_type(DomainError),
-            reraise=True,
-        ):
-            with attempt:
-                return await self.holds.settle(self.hold.id, usage)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(budget),
+                wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+                retry=retry_if_not_exception_type(DomainError),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self.holds.settle(self.hold.id, usage)
+        except DomainError:
+            raise
+        except Exception:
+            # The call fails now; its usage is still owed, so keep settling.
+            task = asyncio.create_task(self._settle_late(usage))
+            _late_settlements.add(task)
+            task.add_done_callback(_late_settlements.discard)
+            raise
         raise AssertionError("unreachable: tenacity returns or raises")
+
+    async def _settle_late(self, usage: ledger.Usage) -> None:
+        """Retry a settlement the call gave up on until it commits or is refused."""
+        log.warning("settlement still failing; retrying in the background", extra=self.log_ids())
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_never,
+                wait=wait_exponential_jitter(
+                    multiplier=LATE_SETTLE_FIRST_WAIT, max=LATE_SETTLE_MAX_WAIT, jitter=0.1
+                ),
+                retry=retry_if_not_exception_type(DomainError),
+                reraise=True,
+            ):
+                with attempt:
+                    settlement = await self.holds.settle(self.hold.id, usage)
+        except DomainError:
+            # No such hold (a restored backup) or released: nothing more to do here.
+            log.warning("late settlement refused", exc_info=True, extra=self.log_ids())
+            return
+        except asyncio.CancelledError:
+            # Shutdown: the sweeper charges the hold's recorded progress, if any.
+            log.warning("late settlement abandoned at shutdown", extra=self.log_ids())
+            raise
+        log.info(
+            "late settlement committed",
+            extra={**self.log_ids(), "debited_micros": settlement.debited},
+        )
 
     def progress(self, text_bytes: int) -> None:
         """A stream delivered text: record what it owes so far, once it has
@@ -306,3 +350,17 @@ class MeteredCall:
     async def close(self) -> None:
         """Release the hold if the call was neither settled nor released."""
         await self.release()
+
+
+async def finish_late_settlements(grace: float) -> int:
+    """Give background settlements up to ``grace`` seconds to commit, then
+    cancel the rest (at shutdown); returns how many were still pending."""
+    pending = set(_late_settlements)
+    if not pending:
+        return 0
+    _done, still = await asyncio.wait(pending, timeout=grace)
+    for task in still:
+        task.cancel()
+    if still:
+        await asyncio.wait(still)
+    return len(still)
