@@ -273,6 +273,27 @@ async def test_an_estimate_without_usage_is_clamped_to_n_times_max_tokens(
     assert got.debits == [Debit(charged, prompt_estimate(MESSAGES), 2, True, 0)]
 
 
+async def test_an_estimate_without_usage_for_n_choices_is_clamped_to_n_times_max_tokens(
+    gw: TestClient, db, customer_factory, key: str
+) -> None:
+    c = await customer_factory(10)
+    # Three choices of 3,000 bytes each, max_tokens 2: at most 3 × 2 output tokens.
+    payload = {
+        **body("pricey", key, no_usage=True, content="z" * 3000),
+        "max_tokens": 2,
+        "n": 3,
+    }
+    resp = await gw.post("/v1/chat/completions", json=payload, headers=c.auth)
+    assert resp.status == 200
+    answer = await resp.json()
+    assert len(answer["choices"]) == 3
+    usage = answer["usage"]
+    assert usage["estimated"] is True and usage["completion_tokens"] == 6
+    got = await outcome(db, c.account.id)
+    charged = cost("pricey", prompt_estimate(MESSAGES), 6)
+    assert got.debits == [Debit(charged, prompt_estimate(MESSAGES), 6, True, 0)]
+
+
 # ---------------------------------------------------------------- the hold bounds the charge
 
 
