@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -135,6 +138,8 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
                 assert r.json()["usage"]["cost_micros"] > 0, path
             ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
             assert {"mock-model", "mock-claude"} <= ids
+        # It serves as an application role that owns nothing, as production should.
+        assert asyncio.run(_serving_role(info)) == "creditgate_dev_app"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -147,6 +152,30 @@ def test_dev_starts_from_nothing_and_serves_the_printed_key(tmp_path: Path) -> N
     # The embedded Postgres stopped with it.
     time.sleep(0.5)
     assert not (tmp_path / "dev" / "pg" / "postmaster.pid").exists()
+
+
+async def _serving_role(info: dict[str, Any]) -> str:
+    """The role ``dev`` serves as; it must not be able to touch the ledger's guards."""
+    conn = await asyncpg.connect(info["servingDatabaseUrl"])
+    try:
+        role = str(await conn.fetchval("SELECT current_user"))
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ALL")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE ledger_entries SET amount = amount")
+    finally:
+        await conn.close()
+    owner = await asyncpg.connect(info["databaseUrl"])
+    try:
+        users = await owner.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await owner.close()
+    # The server's own pooled connections are all the application role's.
+    assert {u["usename"] for u in users} == {role}, users
+    return role
 
 
 def test_expiring_grant_overdraft_and_usage_commands(services: Services) -> None:
