@@ -250,6 +250,29 @@ async def test_serving_with_the_owner_url_works_and_warns_at_start(
     assert guards.OWNER not in [r.getMessage() for r in caplog.records]
 
 
+async def test_a_serving_role_that_can_truncate_the_ledger_is_warned_about(
+    services: Services,
+) -> None:
+    """Not a superuser, but TRUNCATE (or ownership) lets it bypass the row triggers."""
+    role = f"cg_trunc_{uuid.uuid4().hex[:10]}"
+    owner = await asyncpg.connect(services.owner_url)
+    try:
+        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        await owner.execute(f'GRANT SELECT, TRUNCATE ON ledger_entries TO "{role}"')
+        conn = await asyncpg.connect(roles.url_as(services.owner_url, role))
+        try:
+            warnings = await guards.serving_role_warnings(conn)
+        finally:
+            await conn.close()
+        assert [(w.message, w.role, w.tables) for w in warnings] == [
+            (guards.OWNER, role, ("ledger_entries",))
+        ]
+    finally:
+        await owner.execute(f'REVOKE ALL ON ledger_entries FROM "{role}"')
+        await owner.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await owner.close()
+
+
 # ---------------------------------------------------------------- migrate with two URLs
 
 
