@@ -255,6 +255,32 @@ async def test_shutdown_cancels_a_background_settlement_still_failing(
     assert not metering._late_settlements
 
 
+async def test_a_stream_records_its_progress_at_its_first_text_then_at_most_each_interval(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed a moment into a stream still owes the prompt and that text:
+    the first record is made at the first text, however short the stream."""
+    holds, throttle = FakeHolds([]), FakeThrottle()
+    call = _call(config, holds, throttle)
+    call.progress(0)  # no text yet: nothing owed beyond the hold's own record
+    await asyncio.sleep(0)
+    assert holds.progress == []
+    call.progress(30)
+    await asyncio.sleep(0)
+    assert [(h, u.input_tokens, u.estimated) for h, u in holds.progress] == [
+        (call.hold.id, call.chat.prompt_tokens_estimate, True)
+    ]
+    first = holds.progress[0][1]
+    assert first.output_tokens > 0 and first.cost > 0
+    call.progress(60)  # within the interval: not yet
+    await asyncio.sleep(0)
+    assert len(holds.progress) == 1
+    monkeypatch.setattr(metering, "PROGRESS_INTERVAL", 0.0)
+    call.progress(90)  # the interval passed: a new, larger record
+    await asyncio.sleep(0)
+    assert len(holds.progress) == 2 and holds.progress[1][1].cost > first.cost
+
+
 async def test_a_refusal_is_final_not_retried(config: Config) -> None:
     holds, throttle = FakeHolds([HoldEnded("hold already ended (released)")]), FakeThrottle()
     call = _call(config, holds, throttle)

@@ -135,7 +135,7 @@ class MeteredCall:
         self.throttle = throttle
         self.settings = settings
         self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
-        self._progress_at = 0.0  # loop time of the first text, then of the last record
+        self._progress_at = 0.0  # loop time of the last progress record (0: none yet)
         self._progress_task: asyncio.Task[None] | None = None
         # The call's parsed request, of whichever API (the name is chat's, the first).
         self.chat = chat
@@ -306,19 +306,17 @@ class MeteredCall:
         )
 
     def progress(self, text_bytes: int) -> None:
-        """A stream delivered text: record what it owes so far, once it has
-        streamed ``PROGRESS_INTERVAL`` and then at most that often, one record
-        in flight. If this process dies, the sweeper charges the last record
-        (ledger.holds). Streams shorter than the interval write nothing: the
-        hot path's cost stays that of a call without progress (BENCHMARKS.md)."""
+        """A stream delivered text: record what it owes so far, at its first
+        text and then at most every ``PROGRESS_INTERVAL``, one record in
+        flight. If this process dies, the sweeper charges the last record
+        (ledger.holds): the prompt and the text up to it are never forgiven,
+        however short the stream. One upsert per stream (off the latency path,
+        in a task) is the price; BENCHMARKS.md measures it."""
         if text_bytes <= 0 or self._ended:
             return
         now = asyncio.get_running_loop().time()
-        if not self._progress_at:
-            self._progress_at = now  # the first text: the interval starts
-            return
         running = self._progress_task is not None and not self._progress_task.done()
-        if running or now - self._progress_at < PROGRESS_INTERVAL:
+        if self._progress_at and (running or now - self._progress_at < PROGRESS_INTERVAL):
             return
         self._progress_at = now
         measured, _ = self.measure(None, text_bytes)
