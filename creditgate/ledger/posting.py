@@ -159,9 +159,7 @@ def posting_statement(
         if target in ("balance", "reserved", "overdraft_limit", "updated_at"):
             raise ValueError(f"{target} is set by the template")
     cols = sorted(entries.values)
-    exprs = ", ".join(
-        f"CAST(({entries.values[c]}) AS {COLUMN_TYPES[c]}) AS {c}" for c in cols
-    )
+    exprs = ", ".join(f"CAST(({entries.values[c]}) AS {COLUMN_TYPES[c]}) AS {c}" for c in cols)
     amount = entries.values["amount"]
     if entries.running_order is None:
         balance_after = f"locked.balance + ({amount})"
