@@ -23,6 +23,13 @@ every entry of every write path, single or batched:
    from the statement's snapshot version before it re-reads a concurrently
    updated one, so ``a.balance - x`` can fail ``available_within_overdraft``
    spuriously on a busy account (tests/test_group_commit.py found it).
+5. **Keys before entries.** ``ledger_entries`` is partitioned by month
+   (migration 0017), so what must be unique for all time — the entry's id,
+   idempotency key and hold — is inserted first into ``ledger_entry_keys``
+   (not partitioned), in the same statement, and only the entries whose key
+   row was inserted go into ``ledger_entries``: a replayed key (``ON
+   CONFLICT DO NOTHING`` is on the key table) inserts no entry and changes
+   no balance, however old its first entry.
 
 What a caller may vary — which rows to lock, the CTEs computing amounts from
 ``locked``, the entry columns other than the template's own, what else changes
