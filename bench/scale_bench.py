@@ -136,6 +136,12 @@ async def _generate(
     per = total // len(accounts)
     t0 = time.perf_counter()
     async with pool.acquire() as conn:
+        # The months of the generated history (migrate made this one and later).
+        await conn.execute(
+            "SELECT creditgate_ledger_partition(m) FROM generate_series("
+            " now() - make_interval(days => $1), now(), interval '1 month') AS m",
+            days + 31,
+        )
         # Bulk load only (this scratch database): triggers off for speed; every
         # row written is what the triggers would have let through, and a full
         # verify checks the whole result below.
@@ -163,8 +169,10 @@ async def _generate(
                         HOLD,
                         days,
                     )
+                    # Each entry with its key row (migration 0017), same created_at.
                     await conn.execute(
                         """
+                        WITH e AS (
                         INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key,
                             fingerprint, hold_id, request_id, model, input_tokens, output_tokens,
                             balance_after, created_at)
@@ -179,6 +187,10 @@ async def _generate(
                         JOIN account_balances b ON b.account_id = a.id,
                              generate_series(1, $2) AS k
                         ORDER BY a.n, k
+                        RETURNING id, idempotency_key, hold_id, created_at
+                        )
+                        INSERT INTO ledger_entry_keys (id, idempotency_key, hold_id, created_at)
+                        SELECT id, idempotency_key, hold_id, created_at FROM e
                         """,
                         ids,
                         per,

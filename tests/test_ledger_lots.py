@@ -187,7 +187,12 @@ async def _raw_entry(db: asyncpg.Pool, acct: uuid.UUID, **cols: object) -> None:
     }
     names = ", ".join(values)
     marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-    await db.execute(f"INSERT INTO ledger_entries ({names}) VALUES ({marks})", *values.values())
+    # An entry needs its key row (migration 0017), written in the same statement.
+    await db.execute(
+        f"WITH k AS (INSERT INTO ledger_entry_keys (id, idempotency_key) VALUES ($1, $3))"
+        f" INSERT INTO ledger_entries ({names}) VALUES ({marks})",
+        *values.values(),
+    )
 
 
 async def test_database_refuses_entries_that_break_the_rules(db: asyncpg.Pool) -> None:

@@ -18,7 +18,7 @@ from creditgate.logs import log
 
 async def cmd_migrate(args: argparse.Namespace) -> Outcome:
     """Apply migrations as the owner; then grant the application role what serving needs."""
-    from creditgate.ledger import roles
+    from creditgate.ledger import partitions, roles
 
     try:
         target = roles.migrate_target(os.environ)
@@ -30,11 +30,12 @@ async def cmd_migrate(args: argparse.Namespace) -> Outcome:
             if target.app_role is not None:
                 await roles.ensure_app_role(conn, target.app_role, target.app_password)
                 await roles.grant_app_role(conn, target.app_role)
+            made = await partitions.ensure_ahead(conn)
         except migrations.MigrationError as e:
             raise CliError("MIGRATION_ERROR", str(e)) from None
         except asyncpg.InsufficientPrivilegeError as e:
             raise CliError("MIGRATION_ERROR", f"the owner role may not do this: {e}") from None
-    return Outcome({"applied": applied, "appRole": target.app_role})
+    return Outcome({"applied": applied, "appRole": target.app_role, "partitionsMade": made})
 
 
 async def cmd_accounts_create(args: argparse.Namespace) -> Outcome:

@@ -32,6 +32,7 @@ from creditgate.http.metrics import CREDITS_EXPIRED, HOLDS_ACTIVE, HOLDS_EXPIRED
 from creditgate.http.middlewares import add_id_headers, envelope_middleware
 from creditgate.http.state import STATE, State
 from creditgate.invalidation import CacheInvalidation
+from creditgate.ledger import partitions
 from creditgate.ledger.group_commit import GroupCommit
 from creditgate.ledger.guards import serving_role_warnings
 from creditgate.logs import log
@@ -261,6 +262,8 @@ async def _hold_sweeper(app: web.Application) -> AsyncIterator[None]:
 async def _pruner(app: web.Application) -> AsyncIterator[None]:
     """Delete operational rows past their ``[retention]`` period, every ``interval_seconds``.
 
+    Each round also makes the ledger's partitions ahead (ledger/partitions.py).
+
     Runs in every process (harmless: each row is deleted once); the first run
     waits one interval, so a fleet restarting at once does not prune at once.
     """
@@ -277,6 +280,15 @@ async def _pruner(app: web.Application) -> AsyncIterator[None]:
                 continue
             if any(counts.values()):
                 log.info("operational rows pruned", extra={"deleted": counts})
+            # The ledger's monthly partitions, MONTHS_AHEAD ahead (one look
+            # per month when they exist; ledger/partitions.py).
+            try:
+                made = await partitions.ensure_ahead(st.db)
+            except Exception:
+                log.warning("making ledger partitions ahead failed", exc_info=True)
+            else:
+                if made:
+                    log.info("ledger partitions made", extra={"partitions": made})
 
     async with _in_background(prune_forever()):
         yield

@@ -145,8 +145,10 @@ async def _replay(
         """
         SELECT e.id, e.account_id, e.kind, e.amount, e.fingerprint, e.expires_at, e.created_at,
                COALESCE(e.balance_after, a.balance) AS balance
-        FROM ledger_entries e JOIN account_balances a USING (account_id)
-        WHERE e.idempotency_key = $1
+        FROM ledger_entry_keys k
+        JOIN ledger_entries e ON e.id = k.id AND e.created_at = k.created_at
+        JOIN account_balances a USING (account_id)
+        WHERE k.idempotency_key = $1
         """,
         idempotency_key,
     )

@@ -187,8 +187,10 @@ _FIND = """
 SELECT e.id, e.hold_id, e.account_id, e.fingerprint, -e.amount AS cost, e.balance_after,
        e.model, e.input_tokens, e.output_tokens, e.created_at, r.occurred_at, r.metadata,
        e.breakdown
-FROM ledger_entries e JOIN usage_records r ON r.entry_id = e.id
-WHERE e.idempotency_key = $1
+FROM ledger_entry_keys k
+JOIN ledger_entries e ON e.id = k.id AND e.created_at = k.created_at
+JOIN usage_records r ON r.entry_id = e.id
+WHERE k.idempotency_key = $1
 """
 
 

@@ -26,6 +26,9 @@ REQUIRED_TRIGGERS = (
     ("ledger_entries", "ledger_entries_append_only"),
     ("ledger_entries", "ledger_entries_no_truncate"),
     ("ledger_entries", "ledger_entries_allocate_lots"),
+    # Migration 0017: the keys that make an entry unique for all time.
+    ("ledger_entry_keys", "ledger_entry_keys_append_only"),
+    ("ledger_entry_keys", "ledger_entry_keys_no_truncate"),
     ("holds", "holds_end_once"),
     ("holds", "holds_no_delete"),
     ("holds", "holds_no_truncate"),

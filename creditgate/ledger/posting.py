@@ -23,6 +23,13 @@ every entry of every write path, single or batched:
    from the statement's snapshot version before it re-reads a concurrently
    updated one, so ``a.balance - x`` can fail ``available_within_overdraft``
    spuriously on a busy account (tests/test_group_commit.py found it).
+5. **Keys before entries.** ``ledger_entries`` is partitioned by month
+   (migration 0017), so what must be unique for all time — the entry's id,
+   idempotency key and hold — is inserted first into ``ledger_entry_keys``
+   (not partitioned), in the same statement, and only the entries whose key
+   row was inserted go into ``ledger_entries``: a replayed key (``ON
+   CONFLICT DO NOTHING`` is on the key table) inserts no entry and changes
+   no balance, however old its first entry.
 
 What a caller may vary — which rows to lock, the CTEs computing amounts from
 ``locked``, the entry columns other than the template's own, what else changes
@@ -65,6 +72,27 @@ ENTRY_COLUMNS = frozenset(
     }
 )
 REQUIRED_COLUMNS = frozenset({"id", "kind", "amount", "idempotency_key", "fingerprint"})
+# Each caller's expression is cast to its column's type: the entries are
+# computed once in a CTE (no INSERT target to infer a parameter's type from).
+COLUMN_TYPES: Mapping[str, str] = {
+    "id": "uuid",
+    "kind": "text",
+    "amount": "bigint",
+    "idempotency_key": "text",
+    "fingerprint": "bytea",
+    "hold_id": "uuid",
+    "request_id": "text",
+    "model": "text",
+    "input_tokens": "integer",
+    "output_tokens": "integer",
+    "estimated": "boolean",
+    "uncollected": "bigint",
+    "reason": "text",
+    "expires_at": "timestamptz",
+    "lot_id": "uuid",
+    "breakdown": "jsonb",
+}
+assert set(COLUMN_TYPES) == ENTRY_COLUMNS
 
 _LITERAL = re.compile(r"^'([a-z]+)'$")
 
@@ -138,23 +166,24 @@ def posting_statement(
         if target in ("balance", "reserved", "overdraft_limit", "updated_at"):
             raise ValueError(f"{target} is set by the template")
     cols = sorted(entries.values)
-    exprs = ", ".join(entries.values[c] for c in cols)
+    exprs = ", ".join(f"CAST(({entries.values[c]}) AS {COLUMN_TYPES[c]}) AS {c}" for c in cols)
     amount = entries.values["amount"]
     if entries.running_order is None:
         balance_after = f"locked.balance + ({amount})"
-        order = ""
+        order = "locked.account_id"
     else:
         balance_after = (
             f"locked.balance + SUM({amount}) OVER"
             f" (PARTITION BY locked.account_id ORDER BY {entries.running_order})"
         )
-        order = f"\n    ORDER BY locked.account_id, {entries.running_order}"
+        order = f"locked.account_id, {entries.running_order}"
     source = "locked"
     if entries.source is not None:
         source = f"{entries.source} JOIN locked USING (account_id)"
     conflict = ""
     if entries.on_conflict_do_nothing:
         conflict = "\n    ON CONFLICT (idempotency_key) DO NOTHING"
+    hold = "hold_id" if "hold_id" in entries.values else "NULL::uuid"
     returning = ", ".join(["account_id", "amount", *entries.returning])
     # S608: every fragment is a constant of the package, never a value.
     locked = f"""locked AS (
@@ -164,10 +193,26 @@ def posting_statement(
     ORDER BY account_id
     FOR UPDATE
 )"""  # noqa: S608
+    # The entries once (read by both inserts below), numbered in seq order.
+    # Their keys go to ledger_entry_keys (migration 0017): an entry whose
+    # idempotency key, id or hold is taken there conflicts, however old the
+    # first entry and whatever partition it is in; with ON CONFLICT DO
+    # NOTHING a taken idempotency key inserts no key and so no entry.
+    rows = f"""entry_rows AS (
+    SELECT locked.account_id, {exprs}, {balance_after} AS balance_after,
+           row_number() OVER (ORDER BY {order}) AS entry_ord
+    FROM {source}
+)"""  # noqa: S608
+    keyed = f"""entry_keys AS (
+    INSERT INTO ledger_entry_keys (id, idempotency_key, hold_id)
+    SELECT id, idempotency_key, {hold} FROM entry_rows ORDER BY entry_ord{conflict}
+    RETURNING id
+)"""  # noqa: S608
     posted = f"""posted AS (
     INSERT INTO ledger_entries (account_id, {", ".join(cols)}, balance_after)
-    SELECT locked.account_id, {exprs}, {balance_after}
-    FROM {source}{order}{conflict}
+    SELECT r.account_id, {", ".join("r." + c for c in cols)}, r.balance_after
+    FROM entry_rows r JOIN entry_keys USING (id)
+    ORDER BY r.entry_ord
     RETURNING {returning}
 )"""  # noqa: S608
     sets = ",\n        ".join(
@@ -188,5 +233,5 @@ def posting_statement(
     WHERE a.account_id = locked.account_id AND ({balance_where})
     RETURNING a.account_id, a.balance
 )"""  # noqa: S608
-    ctes = [*before_lock, locked, *before_entries, posted, *after_entries, balanced]
+    ctes = [*before_lock, locked, *before_entries, rows, keyed, posted, *after_entries, balanced]
     return "WITH " + ",\n".join(ctes) + "\n" + result

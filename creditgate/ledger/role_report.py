@@ -14,6 +14,8 @@ _NEEDED = (
     ("account_balances", "UPDATE"),
     ("ledger_entries", "INSERT"),
     ("ledger_entries", "SELECT"),
+    ("ledger_entry_keys", "INSERT"),
+    ("ledger_entry_keys", "SELECT"),
     ("holds", "INSERT"),
     ("api_keys", "SELECT"),
 )

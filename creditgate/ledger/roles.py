@@ -24,6 +24,10 @@ import asyncpg
 # others are updated only by statements the triggers and CHECKs police.
 LEDGER_PRIVILEGES: Mapping[str, str] = {
     "ledger_entries": "SELECT, INSERT",
+    # What must be unique across partitions (migration 0017), written with each entry.
+    "ledger_entry_keys": "SELECT, INSERT",
+    # The partitions made; only the owner (or its partition function) adds one.
+    "ledger_partitions": "SELECT",
     "credit_lot_uses": "SELECT, INSERT",
     "ledger_reversals": "SELECT, INSERT",
     "refund_collections": "SELECT, INSERT",
@@ -131,24 +135,43 @@ async def grant_app_role(conn: asyncpg.Connection, role: str) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _GRANT_LOCK_KEY)
         schema = await conn.fetchval("SELECT current_schema()")
         database = await conn.fetchval("SELECT current_database()")
-        tables = [
-            r["tablename"]
-            for r in await conn.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename", schema
-            )
-        ]
+        # Partitions get SELECT only: rows are written through their parent,
+        # whose privileges PostgreSQL checks; a write grant on a partition
+        # would let the role write it around the parent. (Reading one is
+        # what verify does to count the DEFAULT partition's rows.)
+        rows = await conn.fetch(
+            "SELECT t.tablename, c.relispartition FROM pg_tables t"
+            " JOIN pg_class c ON c.oid = format('%I.%I', t.schemaname, t.tablename)::regclass"
+            " WHERE t.schemaname = $1 ORDER BY t.tablename",
+            schema,
+        )
+        tables = [r["tablename"] for r in rows if not r["relispartition"]]
+        partitions = [r["tablename"] for r in rows if r["relispartition"]]
         q_role: str = await conn.fetchval("SELECT quote_ident($1)", role)
         q_schema: str = await conn.fetchval("SELECT quote_ident($1)", schema)
         q_db: str = await conn.fetchval("SELECT quote_ident($1)", database)
         await conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA {q_schema} FROM {q_role}")
         await conn.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {q_schema} FROM {q_role}")
+        await conn.execute(f"REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {q_schema} FROM {q_role}")
         await conn.execute(f"GRANT CONNECT ON DATABASE {q_db} TO {q_role}")
         await conn.execute(f"GRANT USAGE ON SCHEMA {q_schema} TO {q_role}")
         for table in tables:
             privileges = LEDGER_PRIVILEGES.get(table, OPERATIONAL_PRIVILEGES)
             q_table = await conn.fetchval("SELECT quote_ident($1)", table)
             await conn.execute(f"GRANT {privileges} ON {q_schema}.{q_table} TO {q_role}")
+        for table in partitions:
+            q_table = await conn.fetchval("SELECT quote_ident($1)", table)
+            await conn.execute(f"GRANT SELECT ON {q_schema}.{q_table} TO {q_role}")
         await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {q_schema} TO {q_role}")
+        # Partitions made ahead by every server (ledger/partitions.py): the
+        # function runs as the owner and only ever adds empty future months.
+        if await conn.fetchval(
+            "SELECT to_regprocedure('creditgate_ledger_partitions_ahead(integer)') IS NOT NULL"
+        ):
+            await conn.execute(
+                "GRANT EXECUTE ON FUNCTION"
+                f" {q_schema}.creditgate_ledger_partitions_ahead(integer) TO {q_role}"
+            )
 
 
 def url_as(url: str, role: str) -> str:

@@ -40,7 +40,72 @@ REQUIRED_CONSTRAINTS = (
     ("ledger_entries", "ledger_entries_debit_has_hold"),
     ("ledger_entries", "ledger_entries_expiry_names_its_lot"),
     ("account_balances", "refund_pending_not_negative"),
+    # Migration 0017: an entry's id, idempotency key and hold unique for all time.
+    ("ledger_entries", "ledger_entries_key_fk"),
+    ("ledger_entries", "ledger_entries_id_created"),
+    ("ledger_entry_keys", "ledger_entry_keys_pkey"),
+    ("ledger_entry_keys", "ledger_entry_keys_idempotency_key_key"),
+    ("ledger_entry_keys", "ledger_entry_keys_hold_id_key"),
 )
+
+# The partitions' guards (migration 0017): the row triggers of the parent,
+# cloned onto each partition and enabled there, and each partition's own
+# TRUNCATE guard (a TRUNCATE of one partition does not fire the parent's).
+_PARTITION_GUARDS_SQL = """
+WITH parent AS (SELECT to_regclass('ledger_entries') AS oid),
+parts AS (
+    SELECT c.oid, c.relname
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid, parent
+    WHERE i.inhparent = parent.oid
+),
+want AS (
+    SELECT p.oid, p.relname, w.name
+    FROM parts p CROSS JOIN unnest(ARRAY['ledger_entries_append_only',
+        'ledger_entries_allocate_lots', 'ledger_entries_no_truncate']) AS w(name)
+),
+found AS (
+    SELECT want.relname AS partition, want.name AS trigger_name,
+           CASE WHEN t.oid IS NULL THEN 'missing'
+                WHEN pt.oid IS NULL THEN 'missing on ledger_entries itself'
+                WHEN t.tgenabled <> 'O'
+                    THEN 'not enabled (tgenabled = ' || t.tgenabled::text || ')'
+                WHEN want.name <> 'ledger_entries_no_truncate' AND t.tgparentid <> pt.oid
+                    THEN 'not the clone of the parent''s trigger'
+                WHEN want.name = 'ledger_entries_no_truncate'
+                     AND (t.tgtype <> pt.tgtype OR t.tgfoid <> pt.tgfoid
+                          OR t.tgqual IS NOT NULL)
+                    THEN 'not the parent''s TRUNCATE guard'
+           END AS state
+    FROM want CROSS JOIN parent
+    LEFT JOIN pg_trigger t ON t.tgrelid = want.oid AND t.tgname = want.name
+    LEFT JOIN pg_trigger pt ON pt.tgrelid = parent.oid AND pt.tgname = want.name
+)
+SELECT * FROM found WHERE state IS NOT NULL
+LIMIT $1
+"""
+
+# Every partition made is still attached (a detached month takes its entries
+# out of the ledger; rows gone, sums wrong, replays still refused by their
+# keys), every attached one was made by creditgate_ledger_partition, and
+# the DEFAULT partition is there.
+_PARTITIONS_ATTACHED_SQL = """
+WITH attached AS (
+    SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = to_regclass('ledger_entries')
+)
+SELECT r.name AS partition, 'made but not attached (detached or dropped)' AS state
+FROM ledger_partitions r LEFT JOIN attached a ON a.relname = r.name
+WHERE a.relname IS NULL
+UNION ALL
+SELECT a.relname, 'attached but not made by creditgate_ledger_partition'
+FROM attached a LEFT JOIN ledger_partitions r ON r.name = a.relname
+WHERE r.name IS NULL AND a.bound <> 'DEFAULT'
+UNION ALL
+SELECT 'ledger_entries_default', 'the DEFAULT partition is missing'
+WHERE NOT EXISTS (SELECT 1 FROM attached WHERE bound = 'DEFAULT')
+LIMIT $1
+"""
 
 
 @dataclass(slots=True)
@@ -347,6 +412,33 @@ _CHECKS: tuple[_Check, ...] = (
         """,
         _CONSTRAINT_ARGS,
     ),
+    _Check(
+        "an entry and its key row (ledger_entry_keys) differ: one without the other, or"
+        " another idempotency key, hold or created_at",
+        """
+        SELECT COALESCE(e.id, k.id) AS entry_id, e.idempotency_key,
+               k.idempotency_key AS key_idempotency_key, e.hold_id, k.hold_id AS key_hold_id,
+               e.created_at, k.created_at AS key_created_at
+        FROM ledger_entries e FULL JOIN ledger_entry_keys k ON k.id = e.id
+        WHERE e.id IS NULL OR k.id IS NULL OR e.idempotency_key <> k.idempotency_key
+           OR e.hold_id IS DISTINCT FROM k.hold_id OR e.created_at <> k.created_at
+        LIMIT $1
+        """,
+    ),
+    _Check(
+        "two entries share a seq",
+        "SELECT seq, count(*) AS entries FROM ledger_entries GROUP BY seq HAVING count(*) > 1"
+        " LIMIT $1",
+    ),
+    _Check(
+        "a partition of ledger_entries lacks a guard (the parent's row triggers, enabled, and"
+        " its own TRUNCATE guard)",
+        _PARTITION_GUARDS_SQL,
+    ),
+    _Check(
+        "a partition of ledger_entries is not attached as made",
+        _PARTITIONS_ATTACHED_SQL,
+    ),
 )
 
 
@@ -386,6 +478,9 @@ _SHARED = [
         " collected + written off + refund_pending; refund_pending <= reserved)",
         "refund collection differs from its entry",
         "an invariant's constraint is missing",
+        "a partition of ledger_entries lacks a guard (the parent's row triggers, enabled, and"
+        " its own TRUNCATE guard)",
+        "a partition of ledger_entries is not attached as made",
     )
 ]
 
@@ -583,6 +678,23 @@ _NEW_CHECKS += (
     ),
 )
 
+# The new entries against their key rows (the key rows without an entry are
+# left to the full scan: they can refuse a key, never count one twice).
+_NEW_CHECKS += (
+    _NewCheck(
+        _problem_with("its key row"),
+        f"""
+        WITH {_NEW_ENTRIES}
+        SELECT n.id AS entry_id, n.idempotency_key, k.idempotency_key AS key_idempotency_key,
+               n.hold_id, k.hold_id AS key_hold_id, n.created_at, k.created_at AS key_created_at
+        FROM new_entries n LEFT JOIN ledger_entry_keys k ON k.id = n.id
+        WHERE k.id IS NULL OR n.idempotency_key <> k.idempotency_key
+           OR n.hold_id IS DISTINCT FROM k.hold_id OR n.created_at <> k.created_at
+        LIMIT $2
+        """,  # noqa: S608 - constant fragments, never a value
+    ),
+)
+
 # Where the next incremental run starts: this snapshot's xmin (every entry of
 # an older transaction is visible now), and its holds window. A hold this
 # snapshot cannot see was created by a transaction running now or later, and
@@ -651,6 +763,18 @@ async def _common(conn: asyncpg.Connection, report: Report) -> None:
         " + (SELECT COALESCE(SUM(written_off), 0) FROM refund_collections)"
     )
     report.warnings = [w.as_json() for w in await serving_role_warnings(conn)]
+    # Rows outside every month made (ledger/partitions.py): not wrong, but a
+    # month cannot be made while the DEFAULT partition holds rows of it.
+    if await conn.fetchval("SELECT to_regclass('ledger_entries_default') IS NOT NULL"):
+        stray = await conn.fetchval("SELECT count(*) FROM ledger_entries_default")
+        if stray:
+            report.warnings.append(
+                {
+                    "warning": "entries in the DEFAULT partition: make their months'"
+                    " partitions (docs/operations.md#ledger-partitions)",
+                    "rows": stray,
+                }
+            )
 
 
 async def _advance(
