@@ -255,16 +255,18 @@ async def test_shutdown_cancels_a_background_settlement_still_failing(
     assert not metering._late_settlements
 
 
-async def test_a_stream_records_its_progress_at_its_first_text_then_at_most_each_interval(
+async def test_a_stream_records_its_progress_soon_after_its_first_text_then_each_interval(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process killed a moment into a stream still owes the prompt and that text:
-    the first record is made at the first text, however short the stream."""
+    the first record falls due FIRST_PROGRESS_DELAY after the first text."""
     holds, throttle = FakeHolds([]), FakeThrottle()
     call = _call(config, holds, throttle)
     call.progress(0)  # no text yet: nothing owed beyond the hold's own record
+    call.progress(10)  # the first text: its record is not due yet
     await asyncio.sleep(0)
     assert holds.progress == []
+    await asyncio.sleep(metering.FIRST_PROGRESS_DELAY * 1.5)
     call.progress(30)
     await asyncio.sleep(0)
     assert [(h, u.input_tokens, u.estimated) for h, u in holds.progress] == [

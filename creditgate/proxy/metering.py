@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 _SETTLE_LATENCY = LEDGER_LATENCY.labels("settle")
 PROGRESS_INTERVAL = 1.0  # seconds between two progress records of one stream
+# Seconds of text before a stream's first record: a process killed later than
+# this into a stream still owes its prompt and what went out.
+FIRST_PROGRESS_DELAY = 0.1
 # Of the settle margin (the hold's life after the call's deadline), the share
 # settlement retries may use: the rest is slack before the sweeper's turn.
 SETTLE_RETRY_SHARE = 0.8
@@ -135,7 +138,7 @@ class MeteredCall:
         self.throttle = throttle
         self.settings = settings
         self.deadline = deadline  # loop time: the call is cut here; its hold lives longer
-        self._progress_at = 0.0  # loop time of the last progress record (0: none yet)
+        self._progress_at = 0.0  # loop time of the last progress record (0: no text yet)
         self._progress_task: asyncio.Task[None] | None = None
         # The call's parsed request, of whichever API (the name is chat's, the first).
         self.chat = chat
@@ -306,17 +309,22 @@ class MeteredCall:
         )
 
     def progress(self, text_bytes: int) -> None:
-        """A stream delivered text: record what it owes so far, at its first
-        text and then at most every ``PROGRESS_INTERVAL``, one record in
-        flight. If this process dies, the sweeper charges the last record
-        (ledger.holds): the prompt and the text up to it are never forgiven,
-        however short the stream. One upsert per stream (off the latency path,
-        in a task) is the price; BENCHMARKS.md measures it."""
+        """A stream delivered text: record what it owes so far, first once it
+        has streamed ``FIRST_PROGRESS_DELAY``, then at most every
+        ``PROGRESS_INTERVAL``, one record in flight (a task, off the latency
+        path). If this process dies, the sweeper charges the last record
+        (ledger.holds): the prompt and the text up to it are not forgiven.
+        Streams that end within the first delay (a mock's, a benchmark's)
+        write nothing; a model's stream lasts longer (BENCHMARKS.md)."""
         if text_bytes <= 0 or self._ended:
             return
         now = asyncio.get_running_loop().time()
+        if not self._progress_at:
+            # The first text: as if a record had been made, so that the first
+            # real one falls due FIRST_PROGRESS_DELAY from now.
+            self._progress_at = now - PROGRESS_INTERVAL + FIRST_PROGRESS_DELAY
         running = self._progress_task is not None and not self._progress_task.done()
-        if self._progress_at and (running or now - self._progress_at < PROGRESS_INTERVAL):
+        if running or now - self._progress_at < PROGRESS_INTERVAL:
             return
         self._progress_at = now
         measured, _ = self.measure(None, text_bytes)
