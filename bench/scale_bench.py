@@ -380,6 +380,8 @@ async def _statement_wal(pool: asyncpg.Pool, accounts: list[uuid.UUID], n: int) 
             None,
             None,
             600,
+            None,  # no API key: no budget
+            "UTC",
         )
         b, f = wal(got)
         totals["reserve"][0] += b
@@ -393,6 +395,7 @@ async def _statement_wal(pool: asyncpg.Pool, accounts: list[uuid.UUID], n: int) 
             usage.input_tokens,
             usage.output_tokens,
             usage.estimated,
+            None,  # no breakdown
         )
         b, f = wal(got)
         totals["settle"][0] += b
