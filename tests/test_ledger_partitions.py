@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -18,52 +17,20 @@ import pytest
 
 from creditgate import ledger, migrations
 from creditgate.config import RetentionConfig
-from creditgate.ledger import partitions, roles
+from creditgate.ledger import partitions
 from creditgate.ledger.entries import _fingerprint
 from creditgate.retention import prune
-from tests.conftest import Services, _admin_url
+from tests.conftest import Services
+from tests.scratch_db import Scratch, create_database, drop_database, scratch_ledger
 
 MONTHS = 6  # the generated ledger spans this month and the five before it
 GRANT = 1_000_000_000
 
 
-@dataclass(frozen=True)
-class Scratch:
-    owner: asyncpg.Pool
-    app_url: str
-    owner_url: str
-
-
-async def _database(services: Services, prefix: str) -> tuple[str, str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(services.owner_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return name, _admin_url(services.owner_url, name)
-
-
-async def _drop(services: Services, name: str) -> None:
-    admin = await asyncpg.connect(services.owner_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def scratch(services: Services) -> AsyncIterator[Scratch]:
-    name, owner_url = await _database(services, "cg_part")
-    pool = await asyncpg.create_pool(owner_url, min_size=1, max_size=4)
-    try:
-        async with pool.acquire() as conn:
-            await migrations.migrate(conn)
-            await roles.grant_app_role(conn, services.app_role)
-        yield Scratch(pool, roles.url_as(owner_url, services.app_role), owner_url)
-    finally:
-        await pool.close()
-        await _drop(services, name)
+    async with scratch_ledger(services, "cg_part") as db:
+        yield db
 
 
 def _month_start(months_back: int) -> datetime:
@@ -408,7 +375,7 @@ async def test_retention_prunes_only_what_its_rules_name(scratch: Scratch) -> No
 async def test_migration_0017_keeps_an_existing_ledger(services: Services) -> None:
     """Entries written before 0017 are copied in place: same rows, seq continuing,
     foreign keys to entries re-pointed, replays recognised, verify clean."""
-    name, owner_url = await _database(services, "cg_part_mig")
+    name, owner_url = await create_database(services, "cg_part_mig")
     shipped = migrations.available()
     try:
         conn = await asyncpg.connect(owner_url)
@@ -468,7 +435,7 @@ async def test_migration_0017_keeps_an_existing_ledger(services: Services) -> No
         finally:
             await conn.close()
     finally:
-        await _drop(services, name)
+        await drop_database(services, name)
 
 
 async def _migrate(conn: asyncpg.Connection, shipped: list[migrations.Migration]) -> None:

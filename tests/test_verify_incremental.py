@@ -12,40 +12,20 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
-from creditgate import ledger, migrations
-from creditgate.ledger import roles
-from tests.conftest import Services, _admin_url
-
-
-@dataclass(frozen=True)
-class Scratch:
-    owner: asyncpg.Pool
-    app_url: str
-    owner_url: str
+from creditgate import ledger
+from tests.conftest import Services
+from tests.scratch_db import Scratch, scratch_ledger
 
 
 @pytest.fixture
 async def scratch(services: Services) -> AsyncIterator[Scratch]:
-    name = f"cg_verify_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(services.owner_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    owner_url = _admin_url(services.owner_url, name)
-    pool = await asyncpg.create_pool(owner_url, min_size=1, max_size=4)
-    try:
-        async with pool.acquire() as conn:
-            await migrations.migrate(conn)
-            await roles.grant_app_role(conn, services.app_role)
-        yield Scratch(pool, roles.url_as(owner_url, services.app_role), owner_url)
-    finally:
-        await pool.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_ledger(services, "cg_verify") as db:
+        yield db
 
 
 async def _account(db: asyncpg.Pool, name: str, credits: int = 100) -> uuid.UUID:
