@@ -34,6 +34,7 @@ import asyncpg
 
 from creditgate import ledger, migrations
 from creditgate.ledger.group_commit import GroupCommit
+from creditgate.ledger.ids import time_ordered_id
 
 HOLD = 50_000  # µc reserved per call (a worst case)
 COST = 12_345  # µc actually charged
@@ -138,7 +139,7 @@ async def _scenario(
             account = random.choice(accounts)
             t0 = time.perf_counter()
             hold = await api.reserve(
-                hold_id=uuid.uuid4(),
+                hold_id=time_ordered_id(),
                 account_id=account,
                 amount=HOLD,
                 ttl_seconds=600,

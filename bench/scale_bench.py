@@ -12,8 +12,10 @@ Not a test: a measurement, printed as one JSON object per phase on stdout.
 3. **generate**: ``--entries`` ledger entries written in SQL
    (``generate_series``): for each account a run of settled holds and their
    debits, with a correct running balance, spread over the past
-   ``--days`` days; the user triggers are off during the bulk load (for
-   speed; they are put back, and a full ``verify`` checks the result).
+   ``--days`` days, with time-ordered ids as the server makes them
+   (ledger/ids.py); the user triggers are off during the bulk load (for
+   speed; they are put back, and a full ``verify`` checks the result), and
+   the indexes are rebuilt after it to the shape right-most appends give.
 4. ``verify --full`` on the whole ledger (its time), which also writes the
    checkpoint.
 5. **loaded**: step 2 again, against the big ledger.
@@ -46,6 +48,7 @@ from ledger_bench import _backend_pids, _database, _fund, _pct, _proc_cpu
 
 from creditgate import ledger, migrations
 from creditgate.ledger.group_commit import GroupCommit
+from creditgate.ledger.ids import time_ordered_id
 
 HOLD = 50_000  # µc reserved per call
 COST = 12_345  # µc charged per call
@@ -63,7 +66,7 @@ async def _pairs(
             account = random.choice(accounts)
             t0 = time.perf_counter()
             hold = await api.reserve(
-                hold_id=uuid.uuid4(), account_id=account, amount=HOLD, ttl_seconds=600
+                hold_id=time_ordered_id(), account_id=account, amount=HOLD, ttl_seconds=600
             )
             t1 = time.perf_counter()
             await api.settle(hold.id, ledger.Usage(100, 20, COST))
@@ -142,6 +145,22 @@ async def _generate(
             " now() - make_interval(days => $1), now(), interval '1 month') AS m",
             days + 31,
         )
+        # The server's ids are time-ordered (ledger/ids.py): so are the
+        # history's, made from each row's own time (UUIDv7 layout: 48 bits of
+        # milliseconds, version 7, variant 10, the rest from a seed).
+        await conn.execute(
+            """
+            CREATE FUNCTION pg_temp.uuid7_at(ts timestamptz, seed uuid) RETURNS uuid
+            LANGUAGE sql IMMUTABLE AS $$
+            SELECT encode(set_byte(set_byte(
+                overlay(uuid_send(seed) PLACING
+                        substring(int8send(floor(extract(epoch FROM ts) * 1000)::bigint) FROM 3)
+                        FROM 1 FOR 6),
+                6, (get_byte(uuid_send(seed), 6) & 15) | 112),
+                8, (get_byte(uuid_send(seed), 8) & 63) | 128), 'hex')::uuid
+            $$
+            """
+        )
         # Bulk load only (this scratch database): triggers off for speed; every
         # row written is what the triggers would have let through, and a full
         # verify checks the whole result below.
@@ -157,7 +176,8 @@ async def _generate(
                         """
                         INSERT INTO holds (id, account_id, amount, request_id, model,
                                            created_at, expires_at, outcome, ended_at)
-                        SELECT md5(a.id::text || ':' || k)::uuid, a.id, $3, 'gen-' || k,
+                        SELECT pg_temp.uuid7_at(t, md5(a.id::text || ':' || k)::uuid), a.id, $3,
+                               'gen-' || k,
                                'mock-model', t, t + interval '10 minutes', 'settled',
                                t + interval '1 second'
                         FROM unnest($1::uuid[]) AS a(id), generate_series(1, $2) AS k,
@@ -176,16 +196,19 @@ async def _generate(
                         INSERT INTO ledger_entries (id, account_id, kind, amount, idempotency_key,
                             fingerprint, hold_id, request_id, model, input_tokens, output_tokens,
                             balance_after, created_at)
-                        SELECT gen_random_uuid(), a.id, 'debit', -$3::bigint,
-                               'settle:' || md5(a.id::text || ':' || k), '\\x00'::bytea,
-                               md5(a.id::text || ':' || k)::uuid, 'gen-' || k, 'mock-model',
-                               100, 20, b.balance - k * $3::bigint,
-                               now() - make_interval(days => $4)
-                               + (k::float8 / $2) * make_interval(days => $4)
-                               + interval '1 second'
+                        SELECT pg_temp.uuid7_at(t + interval '1 second',
+                                                md5('entry:' || a.id::text || ':' || k)::uuid),
+                               a.id, 'debit', -$3::bigint,
+                               'hold:' || h.id::text, '\\x00'::bytea,
+                               h.id, 'gen-' || k, 'mock-model',
+                               100, 20, b.balance - k * $3::bigint, t + interval '1 second'
                         FROM unnest($1::uuid[]) WITH ORDINALITY AS a(id, n)
                         JOIN account_balances b ON b.account_id = a.id,
-                             generate_series(1, $2) AS k
+                             generate_series(1, $2) AS k,
+                             LATERAL (SELECT now() - make_interval(days => $4)
+                                      + (k::float8 / $2) * make_interval(days => $4) AS t) ts,
+                             LATERAL (SELECT pg_temp.uuid7_at(t, md5(a.id::text || ':' || k)::uuid)
+                                      AS id) h
                         ORDER BY a.n, k
                         RETURNING id, idempotency_key, hold_id, created_at
                         )
@@ -212,7 +235,13 @@ async def _generate(
         finally:
             await conn.execute("ALTER TABLE ledger_entries ENABLE TRIGGER USER")
             await conn.execute("ALTER TABLE holds ENABLE TRIGGER USER")
+        # Rows were loaded account by account, so the time-ordered id indexes
+        # took inserts all over and split half-full; a server appends them at
+        # the right-most page (90% full). Rebuilt to the server's shape.
+        for table in ("ledger_entries", "ledger_entry_keys", "holds"):
+            await conn.execute(f"REINDEX TABLE {table}")
         await conn.execute("VACUUM ANALYZE ledger_entries")
+        await conn.execute("VACUUM ANALYZE ledger_entry_keys")
         await conn.execute("VACUUM ANALYZE holds")
         size = await conn.fetchval(
             "SELECT pg_total_relation_size('ledger_entries') + pg_total_relation_size('holds')"
@@ -231,7 +260,7 @@ async def _calls(pool: asyncpg.Pool, accounts: list[uuid.UUID], n: int) -> None:
 
     async def one(account: uuid.UUID) -> None:
         hold = await api.reserve(
-            hold_id=uuid.uuid4(), account_id=account, amount=HOLD, ttl_seconds=600
+            hold_id=time_ordered_id(), account_id=account, amount=HOLD, ttl_seconds=600
         )
         await api.settle(hold.id, ledger.Usage(100, 20, COST))
 
@@ -371,7 +400,7 @@ async def _statement_wal(pool: asyncpg.Pool, accounts: list[uuid.UUID], n: int) 
     totals = {"reserve": [0, 0], "settle": [0, 0]}
     usage = ledger.Usage(100, 20, COST)
     for _ in range(n):
-        hold = uuid.uuid4()
+        hold = time_ordered_id()
         got = await pool.fetchval(
             "EXPLAIN (ANALYZE, WAL, FORMAT JSON) " + _RESERVE,
             hold,
@@ -390,7 +419,7 @@ async def _statement_wal(pool: asyncpg.Pool, accounts: list[uuid.UUID], n: int) 
             "EXPLAIN (ANALYZE, WAL, FORMAT JSON) " + _SETTLE,
             hold,
             usage.cost,
-            uuid.uuid4(),
+            time_ordered_id(),
             settle_fingerprint(usage),
             usage.input_tokens,
             usage.output_tokens,

@@ -299,3 +299,32 @@ async def test_balance_shape(cg: TestClient, db, customer_factory) -> None:
         "plan": None,
     }
     assert ledger.micros_to_credits(12_500_000) == body["balance"]
+
+
+async def test_calls_write_time_ordered_ids(cg: TestClient, db, customer_factory) -> None:
+    """Holds and entries get UUIDv7 ids in the order they were made (ledger/ids.py): the
+    reason their indexes take inserts at the right-most page at any ledger size."""
+    c = await customer_factory(10)
+    client = sdk(cg, c.key)
+    for _ in range(3):
+        await client.chat.completions.create(model="mock-model", messages=MESSAGES)
+    rows = await db.fetch(
+        "SELECT e.id AS entry, e.hold_id AS hold, k.id AS key_id FROM ledger_entries e"
+        " JOIN ledger_entry_keys k ON k.id = e.id WHERE e.account_id = $1 ORDER BY e.seq",
+        c.account.id,
+    )
+    assert [r["entry"].version for r in rows] == [7, 7, 7, 7]  # the grant and three debits
+    assert [r["hold"].version for r in rows[1:]] == [7, 7, 7]
+    entries = [r["entry"] for r in rows]
+    holds = [r["hold"] for r in rows[1:]]
+    assert entries == sorted(entries) and holds == sorted(holds)
+    # An id's first 48 bits are its creation time (ms): within the grant's and the last
+    # call's commit times.
+    times = await db.fetchrow(
+        "SELECT min(created_at) AS lo, max(created_at) AS hi FROM ledger_entries"
+        " WHERE account_id = $1",
+        c.account.id,
+    )
+    lo_ms = int(times["lo"].timestamp() * 1000) - 1000
+    hi_ms = int(times["hi"].timestamp() * 1000) + 1000
+    assert all(lo_ms <= (e.int >> 80) <= hi_ms for e in entries + holds)

@@ -11,6 +11,7 @@ import asyncpg
 
 from creditgate.ledger.db import Db
 from creditgate.ledger.errors import AccountNotFound, CreditsExhausted, IdempotencyConflict
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.kinds import ENTRY_KINDS as ENTRY_KINDS  # re-exported
 from creditgate.ledger.kinds import EntryKind, PostedKind
 from creditgate.ledger.money import micros_to_credits
@@ -103,7 +104,7 @@ async def post_entry(
     assert amount != 0 and (kind != "grant" or amount > 0), (kind, amount)
     assert expires_at is None or (kind == "grant" and expires_at.tzinfo is not None), expires_at
     fingerprint = _fingerprint(account_id, kind, amount, reason, expires_at)
-    entry_id = uuid.uuid4()
+    entry_id = time_ordered_id()
     try:
         row = await db.fetchrow(
             _POST,

@@ -19,6 +19,7 @@ import hashlib
 import uuid
 
 from creditgate.ledger.db import Db, transaction
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.posting import Entries, posting_statement
 
 # The posting rule (ledger/posting.py); the row is already locked by
@@ -68,7 +69,7 @@ async def expire_lot(db: Db, lot_id: uuid.UUID) -> int:
         key = f"expiry:{lot_id}:{lot['remaining']}"
         written = await conn.fetchval(
             _WRITE_OFF,
-            uuid.uuid4(),
+            time_ordered_id(),
             account_id,
             amount,
             key,

@@ -29,6 +29,7 @@ from creditgate.ledger.db import Db
 from creditgate.ledger.entries import iso
 from creditgate.ledger.errors import AccountNotFound, CreditsExhausted, IdempotencyConflict
 from creditgate.ledger.history import camel
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.money import micros_to_credits
 from creditgate.ledger.posting import Entries, posting_statement
 
@@ -208,7 +209,7 @@ async def record_usage(db: Db, record: UsageRecord) -> Recorded:
     found = await _replay(db, key, print_)
     if found is not None:
         return found
-    entry_id, hold_id = uuid.uuid4(), uuid.uuid4()
+    entry_id, hold_id = time_ordered_id(), time_ordered_id()
     try:
         row = await db.fetchrow(
             _RECORD,

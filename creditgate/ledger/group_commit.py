@@ -59,6 +59,7 @@ from creditgate.ledger.holds import (
     settle_fingerprint,
     settle_hold,
 )
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.posting import Entries, posting_statement
 from creditgate.ledger.progress import record_progress
 from creditgate.logs import log
@@ -479,7 +480,7 @@ class GroupCommit:
 
     async def _run_settles(self, batch: list[tuple[_Settle, asyncio.Future[Settlement]]]) -> None:
         settled: set[uuid.UUID] = set()
-        entry_ids = {s.hold_id: uuid.uuid4() for s, _ in batch}
+        entry_ids = {s.hold_id: time_ordered_id() for s, _ in batch}
         if len(batch) > 1 and len(entry_ids) == len(batch):
             items = [s for s, _ in batch]
             try:

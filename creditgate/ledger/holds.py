@@ -34,6 +34,7 @@ from creditgate.ledger.errors import (
     IdempotencyConflict,
     KeyBudgetExceeded,
 )
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.kinds import HoldOutcome
 from creditgate.ledger.money import micros_to_credits
 from creditgate.ledger.posting import Entries, posting_statement
@@ -365,7 +366,7 @@ async def settle_hold(db: Db, hold_id: uuid.UUID, usage: Usage) -> Settlement:
     """
     assert usage.cost >= 0 and usage.input_tokens >= 0 and usage.output_tokens >= 0, usage
     fingerprint = settle_fingerprint(usage)
-    entry_id = uuid.uuid4()
+    entry_id = time_ordered_id()
     args = (
         hold_id,
         usage.cost,

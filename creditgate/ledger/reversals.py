@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from creditgate.ledger.db import Db
 from creditgate.ledger.errors import AccountNotFound, IdempotencyConflict
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.ledger.posting import Entries, posting_statement
 
 
@@ -111,7 +112,7 @@ async def reverse_up_to(
     """
     assert amount > 0, amount
     fingerprint = hashlib.sha256(f"{account_id}|reversal|{amount}|{reason}".encode()).digest()
-    entry_id = uuid.uuid4()
+    entry_id = time_ordered_id()
     row = await db.fetchrow(
         _REVERSE, entry_id, account_id, amount, idempotency_key, reverses, reason, fingerprint
     )

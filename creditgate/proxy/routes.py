@@ -42,6 +42,7 @@ from creditgate.config import Config, Model
 from creditgate.domain_errors import DomainError
 from creditgate.errors import ModelNotFound
 from creditgate.ledger.errors import CreditsExhausted, KeyBudgetExceeded
+from creditgate.ledger.ids import time_ordered_id
 from creditgate.logs import log
 from creditgate.metrics import (
     LEDGER_LATENCY,
@@ -119,7 +120,7 @@ async def serve_metered(request: web.Request, dialect: Dialect) -> web.StreamRes
     # own clock at commit (later still): the hold outlives the call by construction.
     deadline = asyncio.get_running_loop().time() + chat.model.timeouts.total
     started = time.perf_counter()
-    hold_id = uuid.uuid4()
+    hold_id = time_ordered_id()
     holding = st.holds.reserve_soon(
         hold_id=hold_id,
         account_id=account_id,
