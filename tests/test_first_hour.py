@@ -28,7 +28,7 @@ import pytest
 
 from creditgate.cli import _parser
 from tests.conftest import Services
-from tests.logcapture import log_file, remember_secret
+from tests.logcapture import hostile_headers, log_file, remember_secret, send_raw
 from tests.procs import free_port, run_cli, write_config
 
 DEV_ENV_DROP = ("DATABASE_URL", "REDIS_URL", "UPSTREAM_BASE_URL", "CREDITGATE_CONFIG")
@@ -202,6 +202,12 @@ def test_a_second_dev_exits_in_one_line_and_the_first_keeps_working(dev_dir: Pat
                 json={"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}]},
             )
             assert r.status_code == 200, r.text
+        # Requests aiohttp refuses before any handler get the error envelope, as in `serve`.
+        for request in hostile_headers(info["apiKey"], "eyJhbGciOiJSUzI1NiJ9.e30.sig"):
+            answer = send_raw("127.0.0.1", port, request)
+            assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+            envelope = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert envelope["error"]["code"] == "VALIDATION_ERROR", answer[:300]
         assert len(_services_of(dev_dir)) >= 2  # its Postgres and Redis still run
     finally:
         code, err = _stop_dev(first, signal.SIGTERM)
@@ -209,6 +215,9 @@ def test_a_second_dev_exits_in_one_line_and_the_first_keeps_working(dev_dir: Pat
     assert _wait_no_services(dev_dir) == []
     # Dev's own noise is gone: no Polar warning at start, no Redis complaint at stop.
     assert "POLAR_ACCESS_TOKEN" not in err and "shutdown failed" not in err
+    # The refused headers were logged, with their credentials redacted.
+    assert '"logger":"aiohttp.server"' in err and "[redacted]" in err
+    assert info["apiKey"] not in err and info["apiKey"][3:20] not in err
 
 
 @pytest.mark.slow

@@ -121,6 +121,7 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
 
     from creditgate.auth import create_api_key, revoke_named_keys
     from creditgate.http.app import create_app
+    from creditgate.http.serving import CappedRunner
     from creditgate.proxy.mock_upstream import create_mock_app
 
     runners: list[web.AppRunner] = []
@@ -156,10 +157,14 @@ async def _dev(args: argparse.Namespace, env: dict[str, str], sock: socket.socke
             key = await create_api_key(conn, account.id, "dev")
             balance = await ledger.get_balance(conn, account.id)
 
-        app = web.AppRunner(
+        # The runner `serve` uses: the connection cap, and aiohttp's own
+        # refusals (a header too long, a control character) in the envelope.
+        limits = settings.config.http_limits
+        app = CappedRunner(
             create_app(settings),
+            max_connections=limits.max_connections,
             access_log=None,
-            keepalive_timeout=settings.config.http_limits.header_timeout_seconds,
+            keepalive_timeout=limits.header_timeout_seconds,
         )
         await app.setup()
         runners.append(app)
