@@ -43,8 +43,14 @@ class Check:
 
 
 def where(url: str) -> str:
-    """``host:port`` of a URL: enough to recognise it, never its password."""
+    """``host:port`` of a URL (each seed's, for a Redis Cluster): enough to recognise
+    it, never its password."""
+    from creditgate.throttle.cluster import is_cluster_url, parse_cluster_url
+
     try:
+        if is_cluster_url(url):
+            seeds = parse_cluster_url(url).seeds
+            return "cluster " + ",".join(f"{host}:{port}" for host, port in seeds)
         parts = urlsplit(url)
         if parts.scheme == "unix":
             return parts.path
@@ -110,18 +116,21 @@ async def _database(settings: Settings) -> list[Check]:
 
 
 async def _redis(settings: Settings) -> Check:
-    import redis.asyncio as aioredis
+    from creditgate.throttle.cluster import make_client
 
     url = settings.redis_url
     if url is None:
         return Check("redis", "fail", "REDIS_URL is not set")
-    client = aioredis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+    client = None
     try:
+        # The client the server uses: RedisCluster for a redis+cluster:// URL.
+        client = make_client(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
         await client.ping()
-    except Exception as e:  # any failure is the answer: not reachable
+    except Exception as e:  # any failure is the answer: not reachable (or not a Redis URL)
         return Check("redis", "fail", f"cannot reach {where(url)}: {type(e).__name__}")
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
     return Check("redis", "ok", f"reachable at {where(url)}")
 
 

@@ -300,9 +300,25 @@ def test_migrate_as_owner_creates_and_grants_the_app_role(services: Services) ->
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["appRole"] == role and len(out["applied"]) == len(migrations.available())
-        # Again: nothing to apply, grants recomputed, still fine.
+        assert out["partitionsMade"] == 0  # the migration made this month and twelve ahead
+
+        async def drop_newest_partition() -> None:
+            conn = await asyncpg.connect(owner_url)
+            try:
+                newest = await conn.fetchval(
+                    "DELETE FROM ledger_partitions WHERE range_from ="
+                    " (SELECT max(range_from) FROM ledger_partitions) RETURNING name"
+                )
+                await conn.execute(f'DROP TABLE "{newest}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop_newest_partition())
+        # Again: nothing to apply, grants recomputed, the missing month made, still fine.
         proc = _cli(env, "migrate")
-        assert proc.returncode == 0 and json.loads(proc.stdout)["applied"] == []
+        assert proc.returncode == 0, proc.stderr
+        again = json.loads(proc.stdout)
+        assert again["applied"] == [] and again["partitionsMade"] == 1, again
         # The operator commands and verify work as the app role, without a warning.
         app_env = {"DATABASE_URL": app_url}
         assert _cli(app_env, "accounts", "create", "--user", "user_roles").returncode == 0

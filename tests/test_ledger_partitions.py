@@ -8,19 +8,21 @@ Every test ends with ``verify`` (incremental and full) clean, or says why not.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from creditgate import ledger, migrations
-from creditgate.config import RetentionConfig
+from creditgate.config import RetentionConfig, Settings
 from creditgate.ledger import partitions
 from creditgate.ledger.entries import _fingerprint
 from creditgate.retention import prune
-from tests.conftest import Services
+from tests.conftest import Services, running
 from tests.scratch_db import Scratch, create_database, drop_database, scratch_ledger
 
 MONTHS = 6  # the generated ledger spans this month and the five before it
@@ -444,3 +446,72 @@ async def _migrate(conn: asyncpg.Connection, shipped: list[migrations.Migration]
 
     with mock.patch.object(migrations, "available", lambda: shipped):
         await migrations.migrate(conn)
+
+
+async def test_the_server_makes_partitions_ahead_even_when_its_prune_fails(
+    scratch: Scratch, settings: Settings, services: Services
+) -> None:
+    db = scratch.owner
+    newest = f"ledger_entries_p{_month_start(-12):%Y%m}"  # the furthest month migrate made
+    await db.execute(f'DROP TABLE "{newest}"')
+    await db.execute("DELETE FROM ledger_partitions WHERE name = $1", newest)
+    # The serving role may no longer delete webhook events: every prune fails.
+    await db.execute(f'REVOKE DELETE ON webhook_events FROM "{services.app_role}"')
+    fast = replace(settings.config, retention=RetentionConfig(interval_seconds=0.1))
+    async with running(replace(settings, database_url=scratch.app_url, config=fast)):
+        for _ in range(200):
+            if await db.fetchval("SELECT 1 FROM ledger_partitions WHERE name = $1", newest):
+                break
+            await asyncio.sleep(0.05)
+    guards = await db.fetchval(
+        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " WHERE c.relname = $1"
+        " AND t.tgname IN ('ledger_entries_no_truncate', 'ledger_entries_append_only')",
+        newest,
+    )
+    assert guards == 2, f"{newest} was not made again with its guards"
+    await _clean(db)
+
+
+async def test_checks_and_guards_hold_on_an_old_partition(scratch: Scratch) -> None:
+    """Every CHECK of the parent is on each partition, and a row of an old month is
+    refused a bad value and an UPDATE or DELETE even by the owner, triggers on."""
+    db = scratch.owner
+    async with db.acquire() as conn:
+        [account] = await generate(conn, accounts=1, per_account=10)
+    oldest = await _partition_of_oldest_month(db)
+    checks = (
+        "SELECT array_agg(conname::text ORDER BY conname) FROM pg_constraint"
+        " WHERE conrelid = $1::regclass AND contype = 'c'"
+    )
+    parent = await db.fetchval(checks, "ledger_entries")
+    assert len(parent) >= 8 and await db.fetchval(checks, oldest) == parent
+    when = _month_start(MONTHS - 1) + timedelta(days=2)
+    # A negative grant; an expiry date on a debit.
+    for kind, amount, expires in (("grant", -5, None), ("debit", -5, when)):
+        # Routed by the parent, or written to the partition itself (which has no
+        # identity of its own: the seq is given).
+        for table, seq_col, seq in (("ledger_entries", "", ""), (oldest, ", seq", ", 10000000")):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await db.execute(
+                    f"INSERT INTO {table} (id, account_id, kind, amount, idempotency_key,"
+                    f" fingerprint, hold_id, expires_at, created_at, balance_after{seq_col})"
+                    f" VALUES ($1, $2, $3, $4, $5, '\\x00', $6, $7, $8, 0{seq})",
+                    uuid.uuid4(),
+                    account,
+                    kind,
+                    amount,
+                    f"bad-{uuid.uuid4()}",
+                    uuid.uuid4() if kind == "debit" else None,
+                    expires,
+                    when,
+                )
+    row = await db.fetchval(f"SELECT id FROM {oldest} WHERE kind = 'debit' LIMIT 1")
+    for statement in (
+        f"UPDATE {oldest} SET amount = amount - 1 WHERE id = $1",
+        f"DELETE FROM {oldest} WHERE id = $1",
+        "UPDATE ledger_entries SET reason = 'edited' WHERE id = $1",
+    ):
+        with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
+            await db.execute(statement, row)
+    await _clean(db)

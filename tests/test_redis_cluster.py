@@ -357,3 +357,24 @@ async def test_a_cluster_that_refuses_keyed_calls_keeps_the_throttle_degraded(
     finally:
         await throttle.aclose()
         await pipe.aclose()
+
+
+async def test_doctor_checks_a_cluster_url(
+    services: Services, cluster: RedisClusterNodes, tmp_path: Path
+) -> None:
+    """`creditgate doctor` pings a cluster the way the server reaches it, and a dead
+    cluster is a failed check, not a crash."""
+    from tests.procs import free_port, write_config
+    from tests.test_first_hour import _doctor, _serve_env
+
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1")
+    _, report, err = await _doctor(_serve_env(services, config, REDIS_URL=cluster.url))
+    redis_check = next(c for c in report["checks"] if c["name"] == "redis")
+    assert redis_check["status"] == "ok", (redis_check, err[-500:])
+    assert redis_check["detail"].startswith("reachable at cluster 127.0.0.1:"), redis_check
+
+    dead = f"redis+cluster://:pw-c7@127.0.0.1:{free_port()}"
+    code, report, err = await _doctor(_serve_env(services, config, REDIS_URL=dead))
+    redis_check = next(c for c in report["checks"] if c["name"] == "redis")
+    assert code == 1 and redis_check["status"] == "fail", redis_check
+    assert "Traceback" not in err and "pw-c7" not in str(report) + err

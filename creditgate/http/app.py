@@ -273,15 +273,9 @@ async def _pruner(app: web.Application) -> AsyncIterator[None]:
     async def prune_forever() -> None:
         while True:
             await asyncio.sleep(retention.interval_seconds)
-            try:
-                counts = await prune(st.db, retention, now=datetime.now(UTC))
-            except Exception:
-                log.warning("retention prune failed", exc_info=True)
-                continue
-            if any(counts.values()):
-                log.info("operational rows pruned", extra={"deleted": counts})
             # The ledger's monthly partitions, MONTHS_AHEAD ahead (one look
-            # per month when they exist; ledger/partitions.py).
+            # per month when they exist; ledger/partitions.py). First, and on
+            # its own: a failing prune must not keep the months from being made.
             try:
                 made = await partitions.ensure_ahead(st.db)
             except Exception:
@@ -289,6 +283,13 @@ async def _pruner(app: web.Application) -> AsyncIterator[None]:
             else:
                 if made:
                     log.info("ledger partitions made", extra={"partitions": made})
+            try:
+                counts = await prune(st.db, retention, now=datetime.now(UTC))
+            except Exception:
+                log.warning("retention prune failed", exc_info=True)
+            else:
+                if any(counts.values()):
+                    log.info("operational rows pruned", extra={"deleted": counts})
 
     async with _in_background(prune_forever()):
         yield
