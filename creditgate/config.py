@@ -249,7 +249,8 @@ def _http_limits(t: dict[str, Any]) -> HttpLimits:
 class RetentionConfig:
     """The ``[retention]`` table: how long operational rows are kept (docs/operations.md).
 
-    Never money: entries, holds and everything ``verify`` reads are kept.
+    Never money: entries, settled or charged holds and everything ``verify``
+    sums are kept; a hold that moved no money may go (``unbilled_holds_days``).
     A period of 0 days keeps the table's rows forever.
     """
 
@@ -258,6 +259,9 @@ class RetentionConfig:
     webhook_events_days: int = 30
     # Low-balance notifications sent, failed or skipped, by when they ended.
     low_balance_alerts_days: int = 90
+    # Holds released or expired with nothing charged, by when they ended
+    # (migration 0018; never less than 7 days, whatever is set).
+    unbilled_holds_days: int = 90
     # How often each server process prunes (the CLI: `creditgate prune`).
     interval_seconds: float = 3600.0
     # Rows deleted per statement (short transactions, short locks).
@@ -266,6 +270,9 @@ class RetentionConfig:
 
 # Shorter than this, a sender's redelivery could find its id forgotten.
 MIN_WEBHOOK_EVENTS_DAYS = 7
+# The floor migration 0018's function applies anyway: a hold's late
+# settlement or replayed reserve comes within minutes, never days.
+MIN_UNBILLED_HOLDS_DAYS = 7
 
 
 def _retention_config(t: dict[str, Any]) -> RetentionConfig:
@@ -280,6 +287,14 @@ def _retention_config(t: dict[str, Any]) -> RetentionConfig:
             " (a redelivered webhook must still be recognised), got"
             f" {webhook_days}"
         )
+    holds_days = _int(
+        t.get("unbilled_holds_days", d.unbilled_holds_days), "retention.unbilled_holds_days"
+    )
+    if 0 < holds_days < MIN_UNBILLED_HOLDS_DAYS:
+        raise ConfigError(
+            f"retention.unbilled_holds_days: 0 (keep) or at least {MIN_UNBILLED_HOLDS_DAYS}"
+            f" (a late settlement must still find its hold), got {holds_days}"
+        )
     interval = d.interval_seconds
     if "interval_seconds" in t:
         interval = _seconds(t["interval_seconds"], "retention.interval_seconds")
@@ -291,6 +306,7 @@ def _retention_config(t: dict[str, Any]) -> RetentionConfig:
             t.get("low_balance_alerts_days", d.low_balance_alerts_days),
             "retention.low_balance_alerts_days",
         ),
+        unbilled_holds_days=holds_days,
         interval_seconds=interval,
         batch_size=_int(t.get("batch_size", d.batch_size), "retention.batch_size", minimum=1),
     )

@@ -2,9 +2,12 @@
 
 Each rule names one table, the rows it may delete — finished ones, older than
 the table's period in ``[retention]`` — and nothing else. Money is never
-pruned: ledger entries, holds, lots, reversals, usage records and everything
-``verify`` reads are kept (docs/operations.md, "Retention", says why holds
-stay). Progress rows of ended holds are already deleted by the hold sweeper.
+pruned: ledger entries, lots, reversals, usage records, settled or charged
+holds and everything ``verify`` sums are kept (docs/operations.md,
+"Retention", says why). Holds that moved no money (released, or expired
+uncharged) go through the owner's function of migration 0018, which the
+serving role may call and which checks each row again. Progress rows of ended
+holds are already deleted by the hold sweeper.
 
 Deletes run in batches of ``batch_size`` rows, each its own short statement,
 so a large backlog never holds locks for long; running it in several
@@ -35,6 +38,9 @@ class Rule:
     condition: str
     # The row's key, to delete a batch by (a constant column list).
     key: str
+    # Instead of a DELETE of this module: the database function that deletes
+    # (or counts) a batch, called as fn(cutoff, batch, dry_run).
+    function: str = ""
 
     def days(self, config: RetentionConfig) -> int:
         """This rule's period under ``config``."""
@@ -59,6 +65,16 @@ RULES: tuple[Rule, ...] = (
         "status IN ('sent', 'failed', 'skipped') AND finished_at < $1",
         "id",
     ),
+    # Holds released or expired with nothing charged: the record that a call
+    # was reserved and charged nothing. Deleted by migration 0018's function,
+    # which keeps any hold an entry names and any that ended within 7 days.
+    Rule(
+        "holds",
+        "unbilled_holds_days",
+        "outcome IN ('released', 'expired') AND ended_at < $1",
+        "id",
+        function="creditgate_prune_unbilled_holds",
+    ),
 )
 
 
@@ -80,6 +96,9 @@ async def prune(
         if days == 0:
             continue
         cutoff = now - timedelta(days=days)
+        if rule.function:
+            done[rule.table] = await _by_function(conn, rule.function, cutoff, config, dry_run)
+            continue
         if dry_run:
             done[rule.table] = await conn.fetchval(
                 f"SELECT count(*) FROM {rule.table} WHERE {rule.condition}",  # noqa: S608 - constants
@@ -106,3 +125,23 @@ async def prune(
                 break
         done[rule.table] = total
     return done
+
+
+async def _by_function(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    function: str,
+    cutoff: datetime,
+    config: RetentionConfig,
+    dry_run: bool,
+) -> int:
+    """A rule carried out by its database function: batch by batch, or counted."""
+    call = f"SELECT {function}($1, $2, $3)"  # a constant of this module
+    if dry_run:
+        counted: int = await conn.fetchval(call, cutoff, 0, True)
+        return counted
+    total = 0
+    while True:
+        deleted: int = await conn.fetchval(call, cutoff, config.batch_size, False)
+        total += deleted
+        if deleted < config.batch_size:
+            return total

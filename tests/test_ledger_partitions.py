@@ -363,7 +363,7 @@ async def test_retention_prunes_only_what_its_rules_name(scratch: Scratch) -> No
             status,
         )
     done = await prune(db, RetentionConfig(), now=datetime.now(UTC) + timedelta(days=3650))
-    assert done == {"webhook_events": 1, "low_balance_alerts": 0}
+    assert done == {"webhook_events": 1, "low_balance_alerts": 0, "holds": 0}
     assert await db.fetchval("SELECT count(*) FROM webhook_events") == 1  # the pending one
     after = await db.fetchrow(
         "SELECT (SELECT count(*) FROM ledger_entries) AS entries,"

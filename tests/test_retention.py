@@ -115,13 +115,17 @@ async def test_prune_deletes_only_finished_rows_past_their_period(
     )
 
     would = await prune(db, config, now=NOW, dry_run=True)
-    assert would == {"webhook_events": 3, "low_balance_alerts": 4}
+    assert would == {"webhook_events": 3, "low_balance_alerts": 4, "holds": 0}
     assert await _left(db) == (gone_hooks | kept_hooks, gone_alerts | kept_alerts)
 
     done = await prune(db, config, now=NOW)  # batches of 2: several statements each
-    assert done == {"webhook_events": 3, "low_balance_alerts": 4}
+    assert done == {"webhook_events": 3, "low_balance_alerts": 4, "holds": 0}
     assert await _left(db) == (kept_hooks, kept_alerts)
-    assert await prune(db, config, now=NOW) == {"webhook_events": 0, "low_balance_alerts": 0}
+    assert await prune(db, config, now=NOW) == {
+        "webhook_events": 0,
+        "low_balance_alerts": 0,
+        "holds": 0,
+    }
     assert (
         await db.fetchrow(
             "SELECT (SELECT count(*) FROM ledger_entries) AS e, (SELECT count(*) FROM holds) AS h"
@@ -131,11 +135,78 @@ async def test_prune_deletes_only_finished_rows_past_their_period(
     assert (await ledger.verify_ledger(db)).ok
 
 
+async def _ended_long_ago(db: asyncpg.Pool, holds: list[uuid.UUID], days: int) -> None:
+    """Move holds' times ``days`` into the past (the owner, its end-once guard off
+    for the statement: a scratch database)."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("ALTER TABLE holds DISABLE TRIGGER holds_end_once")
+        await conn.execute(
+            "UPDATE holds SET created_at = created_at - $2 * interval '1 day',"
+            " expires_at = expires_at - $2 * interval '1 day',"
+            " ended_at = ended_at - $2 * interval '1 day' WHERE id = ANY($1::uuid[])",
+            holds,
+            days,
+        )
+        await conn.execute("ALTER TABLE holds ENABLE TRIGGER holds_end_once")
+
+
+async def test_only_holds_that_moved_no_money_are_pruned(
+    scratch: tuple[asyncpg.Pool, str],
+) -> None:
+    db, app_url = scratch
+    acct = await ledger.ensure_account(db, "user", "user_unbilled")
+    await ledger.post_entry(
+        db, account_id=acct.id, amount=9_000_000, kind="grant", idempotency_key="g", reason="t"
+    )
+    holds = {name: uuid.uuid4() for name in ("released", "expired", "settled", "charged", "new")}
+    for hold in holds.values():
+        await ledger.reserve_hold(db, hold_id=hold, account_id=acct.id, amount=100, ttl_seconds=60)
+    await ledger.release_hold(db, holds["released"])
+    await ledger.release_hold(db, holds["expired"], expired=True)
+    await ledger.settle_hold(db, holds["settled"], ledger.Usage(1, 1, 50))
+    # Expired by the sweeper, then its late settlement: an expired hold with a debit.
+    await ledger.release_hold(db, holds["charged"], expired=True)
+    assert (await ledger.settle_hold(db, holds["charged"], ledger.Usage(1, 1, 40))).debited == 40
+    await ledger.release_hold(db, holds["new"])  # ended today: inside every period
+    old = [holds[n] for n in ("released", "expired", "settled", "charged")]
+    await _ended_long_ago(db, old, 100)
+    balance_before = await ledger.get_balance(db, acct.id)
+    config = RetentionConfig(unbilled_holds_days=30, batch_size=1)
+    now = datetime.now(UTC)
+
+    # The serving role may not delete a hold itself; the owner neither, outside the function.
+    app = await asyncpg.connect(app_url)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute("DELETE FROM holds WHERE id = $1", holds["released"])
+        assert (await prune(app, config, now=now, dry_run=True))["holds"] == 2
+        # The function's own floor: whatever the caller asks, 7 days.
+        assert (
+            await app.fetchval(
+                "SELECT creditgate_prune_unbilled_holds(now() + interval '1 day', 10, true)"
+            )
+            == 2
+        )
+        done = await prune(app, config, now=now)  # as every server does: the serving role
+    finally:
+        await app.close()
+    with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
+        await db.execute("DELETE FROM holds WHERE id = $1", holds["settled"])
+    assert done["holds"] == 2
+    left = {r["id"] for r in await db.fetch("SELECT id FROM holds WHERE account_id = $1", acct.id)}
+    assert left == {holds[n] for n in ("settled", "charged", "new")}
+    # Nothing the money rests on moved, and the ledger still checks out in full.
+    assert await ledger.get_balance(db, acct.id) == balance_before
+    report = await ledger.verify_ledger(db)
+    assert report.ok, report.problems
+    assert (await prune(db, config, now=now))["holds"] == 0
+
+
 async def test_a_period_of_zero_keeps_the_table(scratch: tuple[asyncpg.Pool, str]) -> None:
     db, _ = scratch
     await _webhook(db, "processed", NOW - 3650 * DAY)
     config = RetentionConfig(webhook_events_days=0)
-    assert await prune(db, config, now=NOW) == {"low_balance_alerts": 0}
+    assert await prune(db, config, now=NOW) == {"low_balance_alerts": 0, "holds": 0}
     assert len((await _left(db))[0]) == 1
 
 
@@ -144,6 +215,8 @@ async def test_a_period_of_zero_keeps_the_table(scratch: tuple[asyncpg.Pool, str
     [
         ({"webhook_events_days": 3}, "retention.webhook_events_days: 0 (keep) or at least 7"),
         ({"low_balance_alerts_days": -1}, "retention.low_balance_alerts_days"),
+        ({"unbilled_holds_days": 6}, "retention.unbilled_holds_days: 0 (keep) or at least 7"),
+        ({"unbilled_holds_days": -1}, "retention.unbilled_holds_days"),
         ({"interval_seconds": 0}, "retention.interval_seconds"),
         ({"batch_size": 0}, "retention.batch_size"),
         ({"days": 3}, "retention"),
@@ -178,10 +251,13 @@ async def test_the_cli_prunes_what_is_old_as_the_serving_role(
         return out
 
     dry = await asyncio.to_thread(cli, "--dry-run")
-    assert dry["wouldDelete"] == {"webhook_events": 1, "low_balance_alerts": 0}
+    assert dry["wouldDelete"] == {"webhook_events": 1, "low_balance_alerts": 0, "holds": 0}
     assert (await _left(db))[0] == {old, new}
     done = await asyncio.to_thread(cli)
-    assert done == {"dryRun": False, "deleted": {"webhook_events": 1, "low_balance_alerts": 0}}
+    assert done == {
+        "dryRun": False,
+        "deleted": {"webhook_events": 1, "low_balance_alerts": 0, "holds": 0},
+    }
     assert (await _left(db))[0] == {new}
 
 

@@ -165,13 +165,14 @@ async def grant_app_role(conn: asyncpg.Connection, role: str) -> None:
         await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {q_schema} TO {q_role}")
         # Partitions made ahead by every server (ledger/partitions.py): the
         # function runs as the owner and only ever adds empty future months.
-        if await conn.fetchval(
-            "SELECT to_regprocedure('creditgate_ledger_partitions_ahead(integer)') IS NOT NULL"
+        # Retention of unbilled holds (migration 0018): the function runs as the
+        # owner and deletes only holds that moved no money, ended over 7 days ago.
+        for function in (
+            "creditgate_ledger_partitions_ahead(integer)",
+            "creditgate_prune_unbilled_holds(timestamptz, integer, boolean)",
         ):
-            await conn.execute(
-                "GRANT EXECUTE ON FUNCTION"
-                f" {q_schema}.creditgate_ledger_partitions_ahead(integer) TO {q_role}"
-            )
+            if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", function):
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {q_schema}.{function} TO {q_role}")
 
 
 def url_as(url: str, role: str) -> str:
