@@ -53,6 +53,14 @@ def accounts_on(cluster: RedisClusterNodes, masters: list[int]) -> dict[int, uui
     return found
 
 
+def account_on(cluster: RedisClusterNodes, master: int) -> uuid.UUID:
+    """An account id whose keys (tag ``{id}``) sit on ``master``'s shard, as it sees it."""
+    while True:
+        acct = uuid.uuid4()
+        if cluster.master_of(f"cg:{{{acct}}}", via=master) == master:
+            return acct
+
+
 async def burst(throttle: Throttle, limits: Limits, n: int) -> Counter[str]:
     """``n`` concurrent admissions (never finished): how many were admitted/refused."""
 
@@ -378,3 +386,52 @@ async def test_doctor_checks_a_cluster_url(
     redis_check = next(c for c in report["checks"] if c["name"] == "redis")
     assert code == 1 and redis_check["status"] == "fail", redis_check
     assert "Traceback" not in err and "pw-c7" not in str(report) + err
+
+
+async def test_the_local_policy_admits_locally_through_a_failover(
+    cluster: RedisClusterNodes,
+) -> None:
+    """The default Redis-down policy on a cluster: while a shard fails over, its
+    accounts are decided by the process's own buckets (never an error), then by
+    Redis again once the replica is promoted."""
+    pipe = ClusterPipe(cluster.url, connect_timeout=0.5)
+    throttle = Throttle(pipe, policy="local", timeout_ms=300, probe_interval=0.1)
+    await throttle.start()
+    try:
+        victim = cluster.ports[0]
+        acct = account_on(cluster, victim)
+        stop = asyncio.Event()
+        stores: list[str] = []
+
+        async def load() -> None:
+            limits = resolve(acct, None, Tier("t", 10**6, 10**9, 10**6, 10**6))
+            while not stop.is_set():
+                admission = await throttle.admit(limits, 1)  # never raises under "local"
+                stores.append(admission.store)
+                await throttle.finish(admission, 1)
+                await asyncio.sleep(0.005)
+
+        loader = asyncio.create_task(load())
+        await asyncio.sleep(0.3)
+        replica = cluster.replica_of(victim)
+        cluster.kill(victim)  # the replica is elected after the node timeout
+        async with asyncio.timeout(20):
+            while "local" not in stores:
+                await asyncio.sleep(0.05)
+            while stores[-1] != "redis":
+                await asyncio.sleep(0.05)
+        stop.set()
+        await loader
+        assert stores[0] == "redis" and not throttle.degraded
+        first = stores.index("local")
+        last = len(stores) - 1 - stores[::-1].index("local")
+        assert set(stores[first : last + 1]) == {"local"}, stores  # no flapping
+        # Back on Redis: the promoted shard's limits hold exactly.
+        fresh = account_on(cluster, replica)
+        assert await burst(throttle, ten_a_minute(fresh), 2 * R) == {
+            "admitted": R,
+            "refused": R,
+        }
+    finally:
+        await throttle.aclose()
+        await pipe.aclose()
