@@ -275,26 +275,31 @@ MIN_WEBHOOK_EVENTS_DAYS = 7
 MIN_UNBILLED_HOLDS_DAYS = 7
 
 
+def _days_with_floor(t: dict[str, Any], key: str, default: int, floor: int, why: str) -> int:
+    """A ``[retention]`` period in days: 0 (keep forever) or at least ``floor``."""
+    days = _int(t.get(key, default), f"retention.{key}")
+    if 0 < days < floor:
+        raise ConfigError(f"retention.{key}: 0 (keep) or at least {floor} ({why}), got {days}")
+    return days
+
+
 def _retention_config(t: dict[str, Any]) -> RetentionConfig:
     d = RetentionConfig()
     _check_keys(t, set(RetentionConfig.__dataclass_fields__), "retention")
-    webhook_days = _int(
-        t.get("webhook_events_days", d.webhook_events_days), "retention.webhook_events_days"
+    webhook_days = _days_with_floor(
+        t,
+        "webhook_events_days",
+        d.webhook_events_days,
+        MIN_WEBHOOK_EVENTS_DAYS,
+        "a redelivered webhook must still be recognised",
     )
-    if 0 < webhook_days < MIN_WEBHOOK_EVENTS_DAYS:
-        raise ConfigError(
-            f"retention.webhook_events_days: 0 (keep) or at least {MIN_WEBHOOK_EVENTS_DAYS}"
-            " (a redelivered webhook must still be recognised), got"
-            f" {webhook_days}"
-        )
-    holds_days = _int(
-        t.get("unbilled_holds_days", d.unbilled_holds_days), "retention.unbilled_holds_days"
+    holds_days = _days_with_floor(
+        t,
+        "unbilled_holds_days",
+        d.unbilled_holds_days,
+        MIN_UNBILLED_HOLDS_DAYS,
+        "a late settlement must still find its hold",
     )
-    if 0 < holds_days < MIN_UNBILLED_HOLDS_DAYS:
-        raise ConfigError(
-            f"retention.unbilled_holds_days: 0 (keep) or at least {MIN_UNBILLED_HOLDS_DAYS}"
-            f" (a late settlement must still find its hold), got {holds_days}"
-        )
     interval = d.interval_seconds
     if "interval_seconds" in t:
         interval = _seconds(t["interval_seconds"], "retention.interval_seconds")

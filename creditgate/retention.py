@@ -35,12 +35,15 @@ class Rule:
     # The config field holding this rule's period, in days (0: keep forever).
     setting: str
     # What a row must be to go; $1 is the cutoff time. Constant SQL text.
-    condition: str
+    condition: str = ""
     # The row's key, to delete a batch by (a constant column list).
-    key: str
-    # Instead of a DELETE of this module: the database function that deletes
-    # (or counts) a batch, called as fn(cutoff, batch, dry_run).
+    key: str = ""
+    # Instead of condition and key: the database function that decides,
+    # deletes (or counts) a batch, called as fn(cutoff, batch, dry_run).
     function: str = ""
+
+    def __post_init__(self) -> None:
+        assert bool(self.function) != bool(self.condition and self.key), self.table
 
     def days(self, config: RetentionConfig) -> int:
         """This rule's period under ``config``."""
@@ -68,13 +71,7 @@ RULES: tuple[Rule, ...] = (
     # Holds released or expired with nothing charged: the record that a call
     # was reserved and charged nothing. Deleted by migration 0018's function,
     # which keeps any hold an entry names and any that ended within 7 days.
-    Rule(
-        "holds",
-        "unbilled_holds_days",
-        "outcome IN ('released', 'expired') AND ended_at < $1",
-        "id",
-        function="creditgate_prune_unbilled_holds",
-    ),
+    Rule("holds", "unbilled_holds_days", function="creditgate_prune_unbilled_holds"),
 )
 
 
